@@ -1,0 +1,146 @@
+"""Stage objects (each holds one stage's models) and the in-process engine that chains them.
+
+The Ray deployments hold one stage object each; the CLI and the tests hold an `Engine`, which runs the same stage
+objects one after another in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve import stages
+from serve.handoff import Handoff, PromptEmbeds
+from serve.models import (
+    PRESETS, ModelPair, check_compatible, latent_spec, load_pipeline, load_scheduler_config, load_transformer,
+    preset_models,
+)
+from serve.request import GenerationDefaults, GenerationParams, VideoRequest
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class EngineConfig(BaseModel):
+    """Which models, where, and how: shared by the CLI, the tests and every deployment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: Literal["tiny", "wan2.1-t2v"] = Field("tiny", description="Model pair and request defaults.")
+    sketch: str | None = Field(None, description="Sketch pipeline (hub id or diffusers dir); overrides the preset.")
+    render: str | None = Field(None, description="Render pipeline or transformer (hub id or dir); overrides the preset.")
+    device: str = Field("cpu", description="torch device of the stage models.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and activations dtype.")
+    max_tokens_per_forward: int = Field(
+        stages.DEFAULT_MAX_TOKENS_PER_FORWARD, ge=1,
+        description="Rows (CFG halves, batched requests) share one transformer forward while under this many tokens.",
+    )
+    vae_tiling: bool = Field(False, description="Decode in spatial tiles (diffusers' AutoencoderKLWan tiling).")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def defaults(self) -> GenerationDefaults:
+        return PRESETS[self.preset].defaults
+
+    def models(self) -> ModelPair:
+        base = preset_models(PRESETS[self.preset]) if not (self.sketch and self.render) else None
+        return ModelPair(sketch=self.sketch or base.sketch, render=self.render or base.render)
+
+
+class EncodeStage:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.pipe = load_pipeline(config.models().sketch, ("text_encoder", "tokenizer"), config.device,
+                                  config.torch_dtype)
+
+    def __call__(self, requests: list[GenerationParams]) -> list[PromptEmbeds]:
+        return stages.encode(self.pipe, requests, self.config.device)
+
+
+class SketchStage:
+    def __init__(self, config: EngineConfig, denoiser=None):
+        models = config.models()
+        check_compatible(models)
+        self.config = config
+        self.scheduler_config = load_scheduler_config(models.sketch)
+        self.spec = latent_spec(models.sketch)
+        self.denoiser = denoiser or stages.GuidedDenoiser(
+            load_transformer(models.sketch, "sketch", config.device, config.torch_dtype), config.max_tokens_per_forward
+        )
+
+    def __call__(self, requests: list[tuple[GenerationParams, PromptEmbeds]], on_step=None):
+        return stages.sketch(self.denoiser, requests, self.scheduler_config, self.spec, self.config.device, on_step)
+
+
+class RenderStage:
+    def __init__(self, config: EngineConfig, denoiser=None):
+        self.config = config
+        self.denoiser = denoiser or stages.GuidedDenoiser(
+            load_transformer(config.models().render, "render", config.device, config.torch_dtype),
+            config.max_tokens_per_forward,
+        )
+
+    def __call__(self, handoffs: list[Handoff], on_step=None):
+        return stages.render(self.denoiser, handoffs, self.config.device, on_step)
+
+
+class DecodeStage:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.pipe = load_pipeline(config.models().sketch, ("vae",), config.device, config.torch_dtype)
+        if config.vae_tiling:
+            self.pipe.vae.enable_tiling()
+
+    def __call__(self, latents: torch.Tensor) -> np.ndarray:
+        return stages.decode(self.pipe, latents)
+
+    def preview(self, handoff: Handoff) -> np.ndarray:
+        return stages.decode_preview(self.pipe, handoff)
+
+
+@dataclass
+class GenerationResult:
+    params: GenerationParams
+    latents: torch.Tensor  # float32 [1, C, F', H', W'], before VAE decode
+    frames: np.ndarray | None  # uint8 [F, H, W, 3]
+    switch_step: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    """All four stages in one process: what `srd generate` runs."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.encoder = EncodeStage(config)
+        self.sketcher = SketchStage(config)
+        self.renderer = RenderStage(config)
+        self.decoder = DecodeStage(config)
+
+    def resolve(self, request: VideoRequest) -> GenerationParams:
+        return request.resolve(self.config.defaults)
+
+    def generate(self, params: GenerationParams, decode: bool = True, on_step=None) -> GenerationResult:
+        timings = {}
+        t0 = time.perf_counter()
+        (embeds,) = self.encoder([params])
+        timings["encode"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        (handoff,) = self.sketcher([(params, embeds)], on_step=on_step and (lambda _, s, n: on_step("sketch", s, n)))
+        timings["sketch"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        (latents,) = self.renderer([handoff], on_step=on_step and (lambda _, s, n: on_step("render", s, n)))
+        timings["render"] = time.perf_counter() - t0
+        frames = None
+        if decode:
+            t0 = time.perf_counter()
+            frames = self.decoder(latents)[0]
+            timings["decode"] = time.perf_counter() - t0
+        return GenerationResult(params, latents, frames, handoff.step_index, timings)

@@ -1,0 +1,81 @@
+"""What the sketch stage hands the render stage.
+
+Everything needed to resume denoising exactly where sketching stopped: the latent, the step index, the sampler
+(the diffusers scheduler object itself: UniPC is multistep, so its state includes earlier model outputs and the last
+sample), the prompt embeddings and the resolved request. Tensors live on the CPU so the hand-off pickles small and
+travels through Ray's object store or a file unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from serve.request import GenerationParams
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
+
+
+def move_scheduler(scheduler, device):
+    """A copy of `scheduler` with all of its tensor state (sigmas, model_outputs, last_sample...) on `device`."""
+    moved = copy.copy(scheduler)
+    for name, value in vars(scheduler).items():
+        if isinstance(value, (torch.Tensor, list)):
+            setattr(moved, name, _to_device(value, device) if device != "cpu" else _to_cpu(value))
+    return moved
+
+
+@dataclass
+class PromptEmbeds:
+    """umT5 embeddings of one request, [1, L, D]; `negative` is None when guidance is off."""
+
+    prompt: torch.Tensor
+    negative: torch.Tensor | None
+
+    def to(self, device, dtype=None) -> PromptEmbeds:
+        neg = None if self.negative is None else self.negative.to(device, dtype)
+        return PromptEmbeds(self.prompt.to(device, dtype), neg)
+
+
+@dataclass
+class Handoff:
+    params: GenerationParams
+    embeds: PromptEmbeds
+    latents: torch.Tensor  # float32 [1, C, F', H', W'], the sample after `step_index` steps
+    step_index: int  # K: steps already taken; the render stage runs K..N-1
+    scheduler: object  # the diffusers scheduler, mid-trajectory
+    rates: list[float] = field(default_factory=list)  # adaptive policy's d_k values, for inspection
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.params.num_inference_steps
+
+    @property
+    def preview_latents(self) -> torch.Tensor:
+        """The sketch's estimate of the clean latent (UniPC keeps x0-predictions as its model outputs)."""
+        outputs = [o for o in getattr(self.scheduler, "model_outputs", []) if o is not None]
+        return outputs[-1] if outputs else self.latents
+
+    def cpu(self) -> Handoff:
+        return Handoff(
+            params=self.params, embeds=self.embeds.to("cpu"), latents=self.latents.detach().cpu(),
+            step_index=self.step_index, scheduler=move_scheduler(self.scheduler, "cpu"), rates=list(self.rates),
+            timings=dict(self.timings),
+        )
