@@ -191,10 +191,11 @@ def sketch(
     trajectories = []
     for params, embeds in requests:
         scheduler = make_scheduler(scheduler_config, params, device)
+        tracker = params.switch.tracker(scheduler.timesteps)
         trajectories.append(
             _Trajectory(
                 params=params, embeds=embeds.to(device), latents=initial_noise(params, spec, device),
-                scheduler=scheduler, step=0, tracker=params.switch.tracker(scheduler.timesteps),
+                scheduler=scheduler, step=0, tracker=tracker, stopped=tracker.switch_step == 0,
             )
         )
     with torch.inference_mode():

@@ -5,7 +5,8 @@ A policy is parsed from a short spec string (the CLI flag, the HTTP field):
     step:K                    the first K steps are sketched (K = N: no rendering)
     ratio:R                   K = round(R * N), at least 1
     adaptive:THR[:MIN:MAX]    SRDiffusion's rate-of-change rule (defaults 0.01, 5, 30)
-    boundary:R                Wan 2.2 style: steps with t >= R * 1000 are sketched
+    boundary:R                Wan 2.2 style: steps with t >= R * 1000 are sketched (none if R * 1000 > t_0,
+                              as in diffusers: then the render model runs every step)
 
 Fixed policies know K as soon as the timesteps are known; the adaptive one decides while sketching, so every
 policy is used through a per-request `SwitchTracker` (never shared between requests).
@@ -50,10 +51,10 @@ class SwitchPolicy:
         if self.kind == "ratio":
             return SwitchTracker(num_steps, fixed_step=min(num_steps, max(1, round(self.value * num_steps))))
         if self.kind == "boundary":
-            # Same rule as diffusers' WanPipeline: t >= boundary goes to the high-noise (sketch) model.
+            # Same rule as diffusers' WanPipeline: t >= boundary goes to the high-noise (sketch) model. Timesteps
+            # fall monotonically, so the sketched steps are a prefix; it may be empty (K = 0) as in diffusers.
             boundary = self.value * 1000
-            sketched = int((timesteps >= boundary).sum())
-            return SwitchTracker(num_steps, fixed_step=max(1, sketched))
+            return SwitchTracker(num_steps, fixed_step=int((timesteps >= boundary).sum()))
         return SwitchTracker(
             num_steps, threshold=self.value, min_step=self.min_step, max_step=min(self.max_step, num_steps)
         )
