@@ -53,19 +53,25 @@ def _request_fields(args) -> dict:
 
 
 def generate(args) -> None:
-    import torch
-    from tqdm import tqdm
-
-    from serve.engine import Engine, EngineConfig
+    from serve.models import PRESETS
     from serve.request import VideoRequest
-    from serve.video import encode_mp4
 
     if bool(args.sketch) != bool(args.render):
         raise ValueError("--sketch and --render must be given together")
     request = VideoRequest(**_request_fields(args))
+    # Every check on the request runs before diffusers is even imported, let alone any weights loaded.
+    params = request.resolve(PRESETS[args.preset].defaults)
+
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from tqdm import tqdm
+
+    from serve.engine import Engine, EngineConfig
+    from serve.video import encode_mp4
+
+    diffusers_logging.disable_progress_bar()  # our own bars are per stage
     config = EngineConfig(preset=args.preset, sketch=args.sketch, render=args.render, device=args.device,
                           dtype=args.dtype, vae_tiling=args.vae_tiling)
-    params = request.resolve(config.defaults)  # every check before any weights load
     engine = Engine(config)
 
     bars = {}
@@ -76,6 +82,8 @@ def generate(args) -> None:
                 bar.close()
             bars[stage] = tqdm(total=total, initial=step - 1, desc=stage, unit="step", file=sys.stderr)
         bars[stage].update(1)
+        if step == total:
+            bars[stage].close()
         return True
 
     result = engine.generate(params, on_step=on_step)

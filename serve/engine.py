@@ -118,6 +118,7 @@ class Engine:
     """All four stages in one process: what `srd generate` runs."""
 
     def __init__(self, config: EngineConfig):
+        check_compatible(config.models())  # a wrong model pair fails before any weights load
         self.config = config
         self.encoder = EncodeStage(config)
         self.sketcher = SketchStage(config)

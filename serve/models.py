@@ -11,11 +11,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
 from serve.request import GenerationDefaults
+
+# diffusers is imported inside the loaders: importing it takes seconds, and the CLI checks a request against the
+# preset defaults defined here before that, so that a bad flag fails at once.
+if TYPE_CHECKING:
+    from diffusers import WanPipeline, WanTransformer3DModel
 
 
 class ModelError(ValueError):
@@ -93,6 +98,8 @@ def _is_pipeline(source: str) -> bool:
 
 
 def _transformer_config(source: str, role: str) -> dict:
+    from diffusers import WanTransformer3DModel
+
     kwargs = {"subfolder": "transformer"} if _is_pipeline(source) else {}
     return _load(f"the {role} transformer config", source, WanTransformer3DModel.load_config, **kwargs)
 
@@ -124,6 +131,8 @@ def check_compatible(models: ModelPair) -> None:
 
 def load_pipeline(source: str, components: tuple[str, ...], device: str, dtype: torch.dtype) -> WanPipeline:
     """The sketch pipeline with only `components` loaded (others None): e.g. ("text_encoder", "tokenizer")."""
+    from diffusers import WanPipeline
+
     source = _locate(source, "sketch")
     skip = {c: None for c in ("text_encoder", "tokenizer", "vae", "transformer") if c not in components}
     pipe = _load("the pipeline", source, WanPipeline.from_pretrained, dtype=dtype, **skip)
@@ -131,6 +140,8 @@ def load_pipeline(source: str, components: tuple[str, ...], device: str, dtype: 
 
 
 def load_transformer(source: str, role: str, device: str, dtype: torch.dtype) -> WanTransformer3DModel:
+    from diffusers import WanTransformer3DModel
+
     source = _locate(source, role)
     kwargs = {"subfolder": "transformer"} if _is_pipeline(source) else {}
     model = _load(f"the {role} transformer", source, WanTransformer3DModel.from_pretrained, dtype=dtype, **kwargs)
@@ -138,6 +149,8 @@ def load_transformer(source: str, role: str, device: str, dtype: torch.dtype) ->
 
 
 def load_scheduler_config(source: str) -> dict:
+    from diffusers import UniPCMultistepScheduler
+
     source = _locate(source, "sketch")
     return dict(_load("the scheduler config", source, UniPCMultistepScheduler.load_config, subfolder="scheduler"))
 
