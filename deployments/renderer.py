@@ -1,0 +1,35 @@
+"""Renderer deployment: the small model finishes each hand-off (steps K..N-1) and returns the final latents."""
+
+from __future__ import annotations
+
+import torch
+
+from deployments.batching import StageRunner
+from deployments.config import ParallelConfig, RendererConfig
+from serve.engine import EngineConfig, RenderStage
+from serve.handoff import Handoff
+from serve.stages import Cancelled
+
+
+def build_render_stage(engine: EngineConfig, parallel: ParallelConfig) -> RenderStage:
+    """The render stage of one replica (the same seam as the sketcher's, for a multi-rank render model)."""
+    if parallel.world_size == 1:
+        return RenderStage(engine)
+    raise ValueError(
+        f"`renderer.parallel` asks for {parallel.world_size} ranks, but sequence-parallel rendering "
+        "(serve/parallel.py) is not available in this build; use degree 1"
+    )
+
+
+class Renderer:
+    def __init__(self, engine: EngineConfig, config: RendererConfig, store):
+        self._stage = build_render_stage(engine, config.parallel)
+        self._runner = StageRunner("render", config.batching, store, self._stage)
+
+    async def render(self, job_id: str, handoff: Handoff | Cancelled) -> torch.Tensor | Cancelled:
+        if isinstance(handoff, Cancelled):  # cancelled upstream: pass it on
+            return handoff
+        return await self._runner.run(job_id, handoff, handoff.params.shape_key)
+
+    async def stats(self) -> dict:
+        return self._runner.stats()

@@ -1,0 +1,40 @@
+"""Sketcher deployment: the large model's first K denoising steps; returns the Handoff (through the object store).
+
+The replica's GPUs come from its placement group (one bundle per rank, see DenoiserConfig); `build_sketch_stage`
+is the one place that decides how the model is held, so a multi-rank worker group plugs in there.
+"""
+
+from __future__ import annotations
+
+from deployments.batching import StageRunner
+from deployments.config import ParallelConfig, SketcherConfig
+from serve.engine import EngineConfig, SketchStage
+from serve.handoff import Handoff, PromptEmbeds
+from serve.request import GenerationParams
+from serve.stages import Cancelled
+
+
+def build_sketch_stage(engine: EngineConfig, parallel: ParallelConfig) -> SketchStage:
+    """The sketch stage of one replica: the model in this process, or spread over the placement group's ranks."""
+    if parallel.world_size == 1:
+        return SketchStage(engine)
+    raise ValueError(
+        f"`sketcher.parallel` asks for {parallel.world_size} ranks, but sequence-parallel sketching "
+        "(serve/parallel.py) is not available in this build; use degree 1"
+    )
+
+
+class Sketcher:
+    def __init__(self, engine: EngineConfig, config: SketcherConfig, store):
+        self._stage = build_sketch_stage(engine, config.parallel)
+        self._runner = StageRunner("sketch", config.batching, store, self._stage,
+                                   describe=lambda handoff: {"switch_step": handoff.step_index})
+
+    async def sketch(self, job_id: str, params: GenerationParams, embeds: PromptEmbeds | Cancelled
+                     ) -> Handoff | Cancelled:
+        if isinstance(embeds, Cancelled):  # cancelled upstream: pass it on
+            return embeds
+        return await self._runner.run(job_id, (params, embeds), params.shape_key)
+
+    async def stats(self) -> dict:
+        return self._runner.stats()
