@@ -1,0 +1,466 @@
+"""GPU benchmarks of the sketch/render engine (issue 5): one invocation per device call, parts chosen by --parts.
+
+    python -m bench.run --parts vae,vae_capped,models,forward,anchors,e2e,handoff,forward720 \\
+        --steps 25 --ks 5,4 --commit $(git rev-parse --short HEAD) --out $OUT/results.json
+    python -m bench.run --smoke --out /tmp/bench.json        # CPU, tiny models, seconds: tests every code path
+
+Parts (run in the order given; each guarded by a deadline and its own try/except, see measure.Guard):
+  vae         VAE decode alone on the device: untiled fp32/bf16, peak against latent frame count, the ops with the
+              largest transient memory, diffusers' spatial tiling at several tile sizes (time, peak, difference)
+  vae_capped  the untiled bf16 decode in a fresh process whose allocator is capped at weights + --vae-cap-gib, so
+              that cuDNN must pick convolution plans whose workspace fits (does the peak come from workspaces?)
+  models      load the stage models (14B, 1.3B, umT5-XXL, VAE) and keep them resident for the parts below
+  forward     per-forward time of each transformer at 480p: B=1 and B=2 (CFG batched) against two B=1 calls
+  anchors     encode and decode stage times (serve.stages.encode/decode) with every model resident
+  e2e         encode + K sketch + N-K render + decode through serve.stages, for K = N (all-14B) and each --ks,
+              next to the ideal K*C_sketch + (N-K)*C_render + encode + decode from this run's anchors
+  handoff     pickling the 480p Handoff that the first SR run's sketch produced: size and seconds
+  forward720  per-forward B=1 of both transformers at 720p/81 frames
+
+Every model is random-init with the real architecture (bench/wan.py): cost equals the real weights', and every
+result carries that label. The denoising loop is the engine's own (serve.stages.sketch/render with GuidedDenoiser);
+nothing here re-implements it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from bench import measure, wan
+from bench.measure import GIB, Guard, Peak, free_memory, repeat, timed
+from serve import stages
+from serve.models import WAN21_T2V
+from serve.request import VideoRequest
+
+PROMPT = "A red fox runs through fresh snow at dawn, cinematic, shallow depth of field."
+NEGATIVE = "blurry, low quality, distorted"
+
+# Latent-space tiles are pixels / 8. Names: rows x columns of tiles over a 480x832 frame.
+TILINGS = {
+    "real": {
+        "diffusers-default": (256, 256, 192, 192),
+        "1x2": (480, 480, 480, 416),
+        "1x3": (480, 320, 480, 288),
+        "1x4": (480, 256, 480, 208),
+        "2x2": (288, 448, 240, 416),
+        "2x2-lean": (256, 432, 240, 416),
+    },
+    "smoke": {"2x2": (24, 32, 16, 24)},
+}
+# DESIGN.md's H100 figures (diffusers 0.42.1, torch 2.11, real weights), for the side-by-side column.
+DESIGN = {
+    ("wan2.1-t2v-14b", 480, 1): 3.34, ("wan2.1-t2v-14b", 480, 2): 6.81,
+    ("wan2.1-t2v-1.3b", 480, 1): 0.64, ("wan2.1-t2v-1.3b", 480, 2): 1.26,
+    ("wan2.1-t2v-14b", 720, 1): 12.33, ("wan2.1-t2v-1.3b", 720, 1): 2.46,
+}
+
+
+class Context:
+    """What the parts share inside one invocation: arguments, sizes, resident models, anchors."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = args.device
+        self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+        self.sizes = wan.SMOKE if args.smoke else wan.REAL_480P
+        self.sizes720 = wan.SMOKE if args.smoke else wan.REAL_720P
+        self.models: dict = {}
+        self.first_handoff = None
+
+    def reps(self, warmup: int, runs: int) -> tuple[int, int]:
+        """(warmup, runs) for timing; one run and no warm-up on a smoke run, which only tests the code path."""
+        return (0, 1) if self.args.smoke else (warmup, runs)
+
+    def params(self, steps: int, k: int):
+        s = self.sizes
+        return VideoRequest(
+            prompt=PROMPT, negative_prompt=NEGATIVE, height=s.height, width=s.width, num_frames=s.num_frames,
+            num_inference_steps=steps, switch=f"step:{k}", seed=0,
+        ).resolve(WAN21_T2V.defaults)
+
+
+def latent(sizes: wan.Sizes, batch: int = 1) -> torch.Tensor:
+    generator = torch.Generator("cpu").manual_seed(0)
+    return torch.randn((batch, *sizes.latent_shape[1:]), generator=generator)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+# ----------------------------------------------------------------------------------------------------------- VAE
+def _attempt(rec: dict, key: str, fn) -> None:
+    """rec[key] = fn(), or the error: one failing measurement must not hide the ones after it."""
+    try:
+        rec[key] = fn()
+    except Exception as e:  # noqa: BLE001
+        rec[key] = {"error": f"{type(e).__name__}: {e}"}
+
+
+def part_vae(rec: dict, ctx: Context) -> None:
+    dev, z, (warmup, runs) = ctx.device, latent(ctx.sizes), ctx.reps(1, 2)
+    tilings = TILINGS["smoke" if ctx.args.smoke else "real"]
+    # The run's dtype gets the full study; float32 (what WanPipeline uses for its VAE) gets the untiled reference.
+    dtypes = [torch.float32] if ctx.dtype == torch.float32 else [torch.float32, ctx.dtype]
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        vae = wan.vae(ctx.sizes.vae, dev, dtype)
+        zz = z.to(dev, dtype)
+
+        def decode(lat=zz, vae=vae):
+            with torch.inference_mode():
+                return vae.decode(lat, return_dict=False)[0]
+
+        def measure_decode(lat=zz, warmup=warmup, runs=runs):
+            free_memory(dev)
+            with Peak(dev) as peak:
+                stats = repeat(lambda: decode(lat), dev, warmup=warmup, runs=runs)
+            return {**stats, **peak.as_dict()}
+
+        rec[f"untiled_{name}"] = measure_decode()
+        if dtype != ctx.dtype:
+            del vae, zz, decode
+            free_memory(dev)
+            continue
+        reference = decode()
+        untiled_s = rec[f"untiled_{name}"]["median_s"]
+        _attempt(rec, f"untiled_{name}_by_latent_frames",
+                 lambda: {str(f): measure_decode(zz[:, :, :f], 0, 1) for f in (1, 2, 6)})
+        _attempt(rec, "largest_transients_2_latent_frames",
+                 lambda: measure.op_transients(lambda: decode(zz[:, :, :2]), dev))
+        for label, (h, w, sh, sw) in tilings.items():
+            def tiled(h=h, w=w, sh=sh, sw=sw):
+                vae.enable_tiling(tile_sample_min_height=h, tile_sample_min_width=w,
+                                  tile_sample_stride_height=sh, tile_sample_stride_width=sw)
+                try:
+                    stats = measure_decode(zz, warmup, 1)
+                    return {"tile": [h, w, sh, sw], **stats, "slowdown_vs_untiled": stats["median_s"] / untiled_s - 1,
+                            "rel_l2_diff_vs_untiled": rel_diff(decode(), reference)}
+                finally:
+                    vae.disable_tiling()
+
+            _attempt(rec, f"tiled_{name}_{label}", tiled)
+        # The whole decode stage as the engine runs it (VAE, then postprocess to uint8 frames on the CPU).
+        pipe = wan.pipeline(None, vae)
+        _attempt(rec, f"stage_decode_untiled_{name}_s", lambda: timed(lambda: stages.decode(pipe, z), dev)[1])
+        del vae, zz, decode, reference, pipe
+        free_memory(dev)
+
+
+def part_vae_capped(rec: dict, ctx: Context) -> None:
+    """Spawn a fresh process (empty cuDNN plan cache) for `_vae_capped_inner` and merge its JSON."""
+    out = os.path.join(os.path.dirname(os.path.abspath(ctx.args.out)), "vae_capped.json")
+    cmd = [sys.executable, "-m", "bench.run", "--parts", "_vae_capped_inner", "--out", out, "--device", ctx.device,
+           "--budget-s", str(max(30, ctx.guard.left() - 10)), "--vae-cap-gib", str(ctx.args.vae_cap_gib)]
+    if ctx.args.smoke:
+        cmd.append("--smoke")
+    cmd += ["--dtype", ctx.args.dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, ctx.guard.left()))
+    rec["returncode"] = proc.returncode
+    if proc.returncode != 0:
+        rec["stderr_tail"] = proc.stderr[-2000:]
+    with open(out) as f:
+        rec.update(json.load(f)["parts"]["_vae_capped_inner"])
+
+
+def part_vae_capped_inner(rec: dict, ctx: Context) -> None:
+    dev = ctx.device
+    vae = wan.vae(ctx.sizes.vae, dev, ctx.dtype)
+    zz = latent(ctx.sizes).to(dev, ctx.dtype)
+    if measure.is_cuda(dev):
+        total = torch.cuda.get_device_properties(dev).total_memory
+        allowed = torch.cuda.memory_allocated(dev) + ctx.args.vae_cap_gib * GIB
+        torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total), dev)
+        rec["allocator_cap_gib"] = allowed / GIB
+    with Peak(dev) as peak:
+        with torch.inference_mode():
+            stats = repeat(lambda: vae.decode(zz, return_dict=False)[0], dev, *ctx.reps(1, 2))
+    rec[f"untiled_{ctx.args.dtype}_capped"] = {**stats, **peak.as_dict()}
+
+
+# -------------------------------------------------------------------------------------------------------- models
+def part_models(rec: dict, ctx: Context) -> None:
+    dev, dt, s = ctx.device, ctx.dtype, ctx.sizes
+    for role, build, name in (
+        ("sketch", wan.transformer, s.sketch), ("render", wan.transformer, s.render),
+        ("text_encoder", wan.text_encoder, s.text_encoder), ("vae", wan.vae, s.vae),
+    ):
+        model, seconds = timed(lambda b=build, n=name: b(n, dev, dt), dev)
+        ctx.models[role] = model
+        params = sum(p.numel() for p in model.parameters())
+        rec[role] = {"arch": name, "params_b": params / 1e9, "build_s": seconds,
+                     "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / GIB}
+    ctx.models["pipe"] = wan.pipeline(ctx.models["text_encoder"], ctx.models["vae"])
+    ctx.models["scheduler_config"] = wan.scheduler_config()
+    if ctx.args.vae_tile:
+        h, w, sh, sw = ctx.args.vae_tile
+        ctx.models["vae"].enable_tiling(tile_sample_min_height=h, tile_sample_min_width=w,
+                                        tile_sample_stride_height=sh, tile_sample_stride_width=sw)
+    rec["vae_tiling"] = ctx.args.vae_tile or "off"
+    if measure.is_cuda(dev):
+        rec["resident_gib"] = torch.cuda.memory_allocated(dev) / GIB
+
+
+def _forward_costs(rec: dict, ctx: Context, sizes: wan.Sizes, batches: tuple[int, ...], runs: dict) -> None:
+    dev, dt = ctx.device, ctx.dtype
+    _, _, f, h, w = sizes.latent_shape
+    tokens = f * (h // 2) * (w // 2)  # patch (1, 2, 2)
+    for role in ("sketch", "render"):
+        model = ctx.models[role]
+        arch = sizes.sketch if role == "sketch" else sizes.render
+        text_dim = model.config.text_dim
+        row = rec.setdefault(arch, {"tokens": tokens})
+        for batch in batches:
+            x = latent(sizes, batch).to(dev, dt)
+            t = torch.full((batch,), 500, device=dev, dtype=torch.int64)
+            e = torch.randn((batch, 512, text_dim), generator=torch.Generator("cpu").manual_seed(1)).to(dev, dt)
+
+            def forward(model=model, x=x, t=t, e=e):
+                with torch.inference_mode():
+                    return model(hidden_states=x, timestep=t, encoder_hidden_states=e, return_dict=False)[0]
+
+            free_memory(dev)
+            with Peak(dev) as peak:
+                stats = repeat(forward, dev, *ctx.reps(1, runs[(role, batch)]))
+            flops = wan.transformer_flops(wan.TRANSFORMERS[arch], tokens, batch=batch)
+            row[f"B{batch}"] = {**stats, **peak.as_dict(), "tflops_per_s": flops / stats["median_s"] / 1e12,
+                                "design_s": DESIGN.get((arch, sizes.height, batch))}
+            del x, t, e
+        if "B1" in row and "B2" in row:
+            row["B2_over_two_B1"] = row["B2"]["median_s"] / (2 * row["B1"]["median_s"])
+
+
+def part_forward(rec: dict, ctx: Context) -> None:
+    runs = {("sketch", 1): 3, ("sketch", 2): 2, ("render", 1): 5, ("render", 2): 3}
+    _forward_costs(rec, ctx, ctx.sizes, (1, 2) if ctx.args.batched else (1,), runs)
+
+
+def part_forward720(rec: dict, ctx: Context) -> None:
+    _forward_costs(rec, ctx, ctx.sizes720, (1,), {("sketch", 1): 2, ("render", 1): 3})
+
+
+# ------------------------------------------------------------------------------------------------ stages, e2e
+def _encode(ctx, params):
+    return stages.encode(ctx.models["pipe"], [params], ctx.device)
+
+
+def part_anchors(rec: dict, ctx: Context) -> None:
+    dev, params = ctx.device, ctx.params(2, 1)
+    with Peak(dev) as peak:
+        stats = repeat(lambda: _encode(ctx, params), dev, *ctx.reps(1, 5))
+    rec["encode"] = {**stats, **peak.as_dict()}
+    z = latent(ctx.sizes)
+    free_memory(dev)
+    with Peak(dev) as peak:
+        stats = repeat(lambda: stages.decode(ctx.models["pipe"], z), dev, *ctx.reps(1, 2))
+    rec["decode"] = {**stats, **peak.as_dict(), "vae_tiling": ctx.args.vae_tile or "off"}
+
+
+def _step_cost(ctx: Context, role: str) -> float:
+    """Seconds of transformer work per denoising step with CFG, as GuidedDenoiser runs it at this size."""
+    arch = ctx.sizes.sketch if role == "sketch" else ctx.sizes.render
+    row = ctx.results["forward"][arch]
+    tokens = row["tokens"]
+    rows_per_forward = max(1, stages.DEFAULT_MAX_TOKENS_PER_FORWARD // tokens)
+    return 2 * row["B1"]["median_s"] if rows_per_forward == 1 else row["B2"]["median_s"]
+
+
+def part_e2e(rec: dict, ctx: Context) -> None:
+    dev, n = ctx.device, ctx.args.steps
+    anchors = ctx.results["anchors"]
+    c_sketch, c_render = _step_cost(ctx, "sketch"), _step_cost(ctx, "render")
+    fixed = anchors["encode"]["median_s"] + anchors["decode"]["median_s"]
+    rec["anchors_s"] = {"sketch_step": c_sketch, "render_step": c_render, "encode": anchors["encode"]["median_s"],
+                        "decode": anchors["decode"]["median_s"]}
+    sketcher = stages.GuidedDenoiser(ctx.models["sketch"])
+    renderer = stages.GuidedDenoiser(ctx.models["render"])
+    spec = stages.LatentSpec()
+    runs = rec.setdefault("runs", {})
+    for k in [n] + [k for k in ctx.args.ks if k != n]:
+        estimate = k * c_sketch + (n - k) * c_render + fixed
+        if ctx.guard.left() < estimate * 1.1 + 5:
+            runs[str(k)] = {"skipped": f"time guard: {ctx.guard.left():.0f} s left, run needs ~{estimate:.0f} s"}
+            continue
+        params = ctx.params(n, k)
+        row, peaks = {}, {}
+        free_memory(dev)
+        wall = time.perf_counter()
+        with Peak(dev) as p:
+            (embeds,), row["encode"] = timed(lambda: _encode(ctx, params), dev)
+        peaks["encode"] = p.as_dict()
+        with Peak(dev) as p:
+            (handoff,), row["sketch"] = timed(
+                lambda: stages.sketch(sketcher, [(params, embeds)], ctx.models["scheduler_config"], spec, dev), dev)
+        peaks["sketch"] = p.as_dict()
+        with Peak(dev) as p:
+            (latents,), row["render"] = timed(lambda: stages.render(renderer, [handoff], dev), dev)
+        peaks["render"] = p.as_dict()
+        with Peak(dev) as p:
+            _, row["decode"] = timed(lambda: stages.decode(ctx.models["pipe"], latents), dev)
+        peaks["decode"] = p.as_dict()
+        measured = time.perf_counter() - wall
+        ideal = k * c_sketch + (n - k) * c_render + fixed
+        runs[str(k)] = {
+            "K": k, "N": n, "K_over_N": k / n, "switch_step": handoff.step_index, "stage_s": row,
+            "measured_s": measured, "ideal_s": ideal, "tax": measured / ideal - 1, "peak_gib": peaks,
+            "latents_finite": bool(torch.isfinite(latents).all()),
+        }
+        if k < n and ctx.first_handoff is None:
+            ctx.first_handoff = handoff
+        del embeds, handoff, latents
+    base = runs.get(str(n), {})
+    for k, r in runs.items():
+        if "measured_s" in r and "measured_s" in base:
+            r["speedup_measured"] = base["measured_s"] / r["measured_s"]
+            r["speedup_ideal"] = base["ideal_s"] / r["ideal_s"]
+            k50 = round(r["K_over_N"] * 50)
+            r["speedup_ideal_at_50_steps"] = (50 * c_sketch + fixed) / (k50 * c_sketch + (50 - k50) * c_render + fixed)
+
+
+def part_handoff(rec: dict, ctx: Context) -> None:
+    handoff = ctx.first_handoff
+    if handoff is None:
+        raise RuntimeError("no SR hand-off to pickle: the e2e part ran no K < N")
+    blob = pickle.dumps(handoff, protocol=pickle.HIGHEST_PROTOCOL)
+    dumps = repeat(lambda: pickle.dumps(handoff, protocol=pickle.HIGHEST_PROTOCOL), "cpu", warmup=1, runs=3)
+    loads = repeat(lambda: pickle.loads(blob), "cpu", warmup=1, runs=3)
+    restored = pickle.loads(blob)
+    rec.update({
+        "bytes_mb": len(blob) / 1e6, "dumps_s": dumps["median_s"], "loads_s": loads["median_s"],
+        "latents_shape": list(handoff.latents.shape), "step_index": handoff.step_index,
+        "roundtrip_equal": bool(torch.equal(restored.latents, handoff.latents)),
+        "cpu_threads": torch.get_num_threads(),
+    })
+
+
+PARTS = {
+    "vae": (part_vae, 90), "vae_capped": (part_vae_capped, 40), "_vae_capped_inner": (part_vae_capped_inner, 15),
+    "models": (part_models, 40), "forward": (part_forward, 60), "anchors": (part_anchors, 15),
+    "e2e": (part_e2e, 60), "handoff": (part_handoff, 5), "forward720": (part_forward720, 60),
+}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _f(x, fmt="{:.3f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def table(results: dict) -> str:
+    lines = []
+    for part in ("forward", "forward720"):
+        for arch, row in results.get(part, {}).items():
+            if not isinstance(row, dict) or "B1" not in row:
+                continue
+            b1, b2 = row["B1"], row.get("B2", {})
+            lines.append(
+                f"{part:10s} {arch:16s} tokens={row['tokens']:6d} B1={_f(b1['median_s'])}s "
+                f"(DESIGN {_f(b1['design_s'], '{:.2f}')}) B2={_f(b2.get('median_s'))}s 2xB1={_f(2 * b1['median_s'])}s "
+                f"B2/2B1={_f(row.get('B2_over_two_B1'))} {_f(b1['tflops_per_s'], '{:.0f}')} TFLOP/s "
+                f"peak+{_f(b1['peak_above_start_gib'], '{:.1f}')}GiB"
+            )
+    vae = results.get("vae", {})
+    for key, v in vae.items():
+        if isinstance(v, dict) and ("median_s" in v or "error" in v):
+            lines.append(
+                f"vae        {key:32s} {_f(v.get('median_s'))}s peak+{_f(v.get('peak_above_start_gib'), '{:.2f}')}GiB "
+                f"slowdown={_f(v.get('slowdown_vs_untiled'), '{:+.3f}')} diff={_f(v.get('rel_l2_diff_vs_untiled'), '{:.1e}')}"
+                + (f" ERROR {v['error']}" if "error" in v else "")
+            )
+    for key, capped in results.get("vae_capped", {}).items():
+        if not key.endswith("_capped") or not isinstance(capped, dict):
+            continue
+        lines.append(f"vae        {key:32s} {_f(capped['median_s'])}s "
+                     f"peak+{_f(capped['peak_above_start_gib'], '{:.2f}')}GiB")
+    anchors = results.get("anchors", {})
+    if "encode" in anchors:
+        lines.append(f"anchors    encode {_f(anchors['encode']['median_s'])}s decode {_f(anchors['decode']['median_s'])}s "
+                     f"(decode peak+{_f(anchors['decode']['peak_above_start_gib'], '{:.2f}')}GiB)")
+    for k, r in results.get("e2e", {}).get("runs", {}).items():
+        if "measured_s" not in r:
+            lines.append(f"e2e        K={k} {r}")
+            continue
+        st = r["stage_s"]
+        lines.append(
+            f"e2e        K={r['K']:2d}/N={r['N']} K/N={r['K_over_N']:.2f} measured={r['measured_s']:.2f}s "
+            f"ideal={r['ideal_s']:.2f}s tax={r['tax'] * 100:+.2f}% speedup={_f(r.get('speedup_measured'), '{:.3f}')}x "
+            f"(ideal {_f(r.get('speedup_ideal'), '{:.3f}')}x, ideal@50 {_f(r.get('speedup_ideal_at_50_steps'), '{:.3f}')}x) "
+            f"enc/sk/rd/dec={st['encode']:.2f}/{st['sketch']:.2f}/{st['render']:.2f}/{st['decode']:.2f}s"
+        )
+    h = results.get("handoff", {})
+    if "bytes_mb" in h:
+        lines.append(f"handoff    {h['bytes_mb']:.1f} MB pickle dumps={h['dumps_s'] * 1e3:.1f}ms loads={h['loads_s'] * 1e3:.1f}ms")
+    for name, rec in results.items():
+        for key in ("error", "skipped"):
+            if isinstance(rec, dict) and key in rec:
+                lines.append(f"{key.upper():10s} {name}: {rec[key]}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="vae,models,forward,anchors,e2e,handoff")
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: tests the code paths in seconds")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="bfloat16 (float32 with --smoke)")
+    ap.add_argument("--steps", type=int, default=25, help="N for the e2e part")
+    ap.add_argument("--ks", default="5,4", help="sketch steps K of the SR runs (all-14B, K=N, always runs first)")
+    ap.add_argument("--no-batched", dest="batched", action="store_false", help="forward: skip B=2")
+    ap.add_argument("--vae-tile", default=None, help="H,W,SH,SW: diffusers tiling for the resident VAE")
+    ap.add_argument("--vae-cap-gib", type=float, default=8.0)
+    ap.add_argument("--budget-s", type=float, default=560.0, help="deadline for all parts (time guard)")
+    ap.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", "unknown"))
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    args.device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    args.dtype = args.dtype or ("float32" if args.smoke else "bfloat16")
+    args.ks = [int(k) for k in args.ks.split(",") if k]
+    args.vae_tile = tuple(int(v) for v in args.vae_tile.split(",")) if args.vae_tile else None
+    if args.smoke:
+        args.steps, args.ks = min(args.steps, 4), [k for k in args.ks if k < 4] or [2]
+
+    ctx = Context(args)
+    results: dict = {}
+    ctx.results = results
+    ctx.guard = Guard(args.budget_s, results)
+    meta = {
+        "label": wan.LABEL, "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": args.commit, "device": torch.cuda.get_device_name() if measure.is_cuda(args.device) else "cpu",
+        "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv, "sizes": asdict(ctx.sizes),
+        "dtype": args.dtype,
+    }
+    try:
+        import diffusers
+
+        meta["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    for name in [p for p in args.parts.split(",") if p]:
+        fn, estimate = PARTS[name]
+        ctx.guard.run(name, estimate if not args.smoke else 0, fn, ctx)
+        _write(args.out, meta, results)  # after every part: a killed run still leaves what it measured
+    report = table(results)
+    print(f"# {wan.LABEL} | {meta['device']} | commit {meta['commit']} | {meta['date_utc']}")
+    print(report)
+    return {"meta": meta, "parts": results}
+
+
+def _write(path: str, meta: dict, results: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"meta": meta, "parts": results}, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()

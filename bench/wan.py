@@ -1,0 +1,139 @@
+"""Random-init models of the real Wan2.1 architectures, for benchmarks on machines with no model hub.
+
+Every model here has the layer shapes of the published checkpoint, so its cost (FLOPs, bytes, kernels, memory)
+equals the real weights'; its outputs are meaningless. Every number measured with them is labelled
+"random-init weights, real architecture" (`LABEL`).
+
+Weights are drawn by each module's own initialiser directly on the target device (in float32, as `from_pretrained`
+would build them), then cast to the run's dtype the way diffusers' `from_pretrained(torch_dtype=...)` does: the
+model's `_keep_in_fp32_modules` stay float32. The "smoke" sizes are tiny stand-ins so that the bench scripts can be
+tested on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LABEL = "random-init weights, real architecture"
+
+# diffusers' WanTransformer3DModel configs of Wan-AI/Wan2.1-T2V-{14B,1.3B}-Diffusers.
+_WAN_COMMON = dict(
+    patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+)
+TRANSFORMERS = {
+    "wan2.1-t2v-14b": dict(_WAN_COMMON, num_attention_heads=40, num_layers=40, ffn_dim=13824),
+    "wan2.1-t2v-1.3b": dict(_WAN_COMMON, num_attention_heads=12, num_layers=30, ffn_dim=8960),
+    "smoke-sketch": dict(_WAN_COMMON, attention_head_dim=16, text_dim=32, freq_dim=64, num_attention_heads=4,
+                         num_layers=2, ffn_dim=256, rope_max_seq_len=64),
+    "smoke-render": dict(_WAN_COMMON, attention_head_dim=16, text_dim=32, freq_dim=64, num_attention_heads=2,
+                         num_layers=1, ffn_dim=128, rope_max_seq_len=64),
+}
+# google/umt5-xxl encoder as Wan uses it (Wan's own t5.py: dim 4096, dim_attn 4096 = 64 heads x 64, ffn 10240,
+# 24 layers, 32 relative buckets, vocab 256384).
+TEXT_ENCODERS = {
+    "umt5-xxl": dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "smoke": dict(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                  relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+# AutoencoderKLWan's defaults are the Wan2.1 VAE (base_dim 96, z_dim 16, dim_mult 1,2,4,4, 2 res blocks).
+VAES = {
+    "wan2.1": {},
+    "smoke": dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Which models and which video size a bench run uses."""
+
+    sketch: str
+    render: str
+    text_encoder: str
+    vae: str
+    height: int
+    width: int
+    num_frames: int
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        return (1, 16, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+
+
+REAL_480P = Sizes("wan2.1-t2v-14b", "wan2.1-t2v-1.3b", "umt5-xxl", "wan2.1", 480, 832, 81)
+REAL_720P = Sizes("wan2.1-t2v-14b", "wan2.1-t2v-1.3b", "umt5-xxl", "wan2.1", 720, 1280, 81)
+SMOKE = Sizes("smoke-sketch", "smoke-render", "smoke", "smoke", 32, 48, 5)
+
+
+def materialize(factory, device, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()):
+    """Build `factory()` on `device` with its own initialisers, then cast parameters to `dtype` except those whose
+    name contains one of `keep_fp32` (diffusers' `_keep_in_fp32_modules` rule)."""
+    with torch.device(device):
+        model = factory()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not any(k in name for k in keep_fp32):
+                param.data = param.data.to(dtype)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return model.eval().requires_grad_(False)
+
+
+def transformer(name: str, device, dtype: torch.dtype):
+    from diffusers import WanTransformer3DModel
+
+    keep = tuple(WanTransformer3DModel._keep_in_fp32_modules or ()) if dtype != torch.float32 else ()
+    return materialize(lambda: WanTransformer3DModel(**TRANSFORMERS[name]), device, dtype, keep)
+
+
+def text_encoder(name: str, device, dtype: torch.dtype):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(**TEXT_ENCODERS[name], pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    # transformers keeps `_keep_in_fp32_modules` ("wo") in float32 for float16 only; bf16 casts everything.
+    keep = tuple(UMT5EncoderModel._keep_in_fp32_modules or ()) if dtype == torch.float16 else ()
+    return materialize(lambda: UMT5EncoderModel(config), device, dtype, keep)
+
+
+def vae(name: str, device, dtype: torch.dtype):
+    from diffusers import AutoencoderKLWan
+
+    return materialize(lambda: AutoencoderKLWan(**VAES[name]), device, dtype)
+
+
+def scheduler_config(flow_shift: float = 3.0) -> dict:
+    """Wan2.1-T2V's sampler (UniPC, flow prediction) as the dict `serve.stages.make_scheduler` takes."""
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=flow_shift
+    )
+    return {"_class_name": type(scheduler).__name__, **dict(scheduler.config)}
+
+
+def pipeline(text_encoder_model, vae_model):
+    """A WanPipeline holding only what `serve.stages.encode`/`decode` read (no transformer), built in memory."""
+    from diffusers import WanPipeline
+
+    from serve.tiny import _byte_tokenizer
+
+    return WanPipeline(tokenizer=_byte_tokenizer(), text_encoder=text_encoder_model, vae=vae_model,
+                       scheduler=None, transformer=None)
+
+
+def transformer_flops(config: dict, tokens: int, text_tokens: int = 512, batch: int = 1) -> float:
+    """Matmul FLOPs of one WanTransformer3DModel forward (self-attention, cross-attention, FFN; norms ignored)."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    f, n = config["ffn_dim"], config["num_layers"]
+    per_layer = (
+        8 * tokens * d * d  # self-attention q, k, v, o
+        + 4 * tokens * tokens * d  # QK^T and PV
+        + 4 * tokens * d * d + 4 * text_tokens * d * d  # cross-attention q, o and k, v
+        + 4 * tokens * text_tokens * d  # cross-attention scores and values
+        + 4 * tokens * d * f  # FFN up and down
+    )
+    return float(batch * n * per_layer)
