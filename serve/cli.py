@@ -61,6 +61,9 @@ def generate(args) -> None:
     request = VideoRequest(**_request_fields(args))
     # Every check on the request runs before diffusers is even imported, let alone any weights loaded.
     params = request.resolve(PRESETS[args.preset].defaults)
+    for flag, path in (("--out", args.out), ("--save-latents", args.save_latents)):
+        if path and not Path(path).expanduser().absolute().parent.is_dir():
+            raise ValueError(f"{flag} {path!r}: its directory does not exist")
 
     import torch
     from diffusers.utils import logging as diffusers_logging

@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve import stages
 from serve.handoff import Handoff, PromptEmbeds
@@ -40,6 +40,17 @@ class EngineConfig(BaseModel):
         description="Rows (CFG halves, batched requests) share one transformer forward while under this many tokens.",
     )
     vae_tiling: bool = Field(False, description="Decode in spatial tiles (diffusers' AutoencoderKLWan tiling).")
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, value: str) -> str:
+        # Only the spelling is checked here: a config may be built on a machine without the GPU it names (a Ray
+        # head node); the loaders check that the device is there.
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"`device` must be a torch device such as cpu, cuda or cuda:1 but is {value!r}") from None
+        return value
 
     @property
     def torch_dtype(self) -> torch.dtype:

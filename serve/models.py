@@ -129,10 +129,20 @@ def check_compatible(models: ModelPair) -> None:
                 )
 
 
+def check_device(device: str) -> None:
+    """Fail with one clear line, before any weights load, when `device` is a GPU this torch cannot use."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"`device` is {device!r} but torch {torch.__version__} sees no CUDA GPU "
+            f"({'a CPU-only build' if torch.version.cuda is None else 'no driver or no visible GPU'})"
+        )
+
+
 def load_pipeline(source: str, components: tuple[str, ...], device: str, dtype: torch.dtype) -> WanPipeline:
     """The sketch pipeline with only `components` loaded (others None): e.g. ("text_encoder", "tokenizer")."""
     from diffusers import WanPipeline
 
+    check_device(device)
     source = _locate(source, "sketch")
     skip = {c: None for c in ("text_encoder", "tokenizer", "vae", "transformer") if c not in components}
     pipe = _load("the pipeline", source, WanPipeline.from_pretrained, dtype=dtype, **skip)
@@ -142,6 +152,7 @@ def load_pipeline(source: str, components: tuple[str, ...], device: str, dtype: 
 def load_transformer(source: str, role: str, device: str, dtype: torch.dtype) -> WanTransformer3DModel:
     from diffusers import WanTransformer3DModel
 
+    check_device(device)
     source = _locate(source, role)
     kwargs = {"subfolder": "transformer"} if _is_pipeline(source) else {}
     model = _load(f"the {role} transformer", source, WanTransformer3DModel.from_pretrained, dtype=dtype, **kwargs)

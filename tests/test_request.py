@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from serve.engine import Engine, EngineConfig
@@ -96,3 +97,16 @@ def test_missing_model_directory_is_named(tiny_models, tmp_path, role):
 def test_render_directory_without_a_model_is_rejected(tiny_models, tmp_path):
     with pytest.raises(ModelError, match="cannot load the render transformer config"):
         check_compatible(ModelPair(tiny_models.sketch, str(tmp_path)))
+
+
+def test_unknown_device_is_named():
+    with pytest.raises(ValidationError) as caught:
+        EngineConfig(device="gpu")
+    assert caught.value.errors()[0]["loc"] == ("device",)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable CUDA GPU")
+def test_cuda_without_a_gpu_fails_before_loading(tiny_models):
+    config = EngineConfig(device="cuda")  # a config may name a GPU that only the replicas' machines have
+    with pytest.raises(ValueError, match="`device` is 'cuda' but torch .* sees no CUDA GPU"):
+        Engine(config)
