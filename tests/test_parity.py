@@ -152,3 +152,15 @@ def test_same_transformer_in_both_stages_gives_single_model_result(tiny_models, 
         result = same.generate(make_params(num_inference_steps=steps, seed=8, switch=f"step:{k}"), decode=False)
         assert result.switch_step == k
         assert rel_err(result.latents, single) <= TOLERANCE, f"K={k}"
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "frames"), [(48, 32, 1), (32, 64, 9)], ids=["tall-one-frame", "wide-nine-frames"]
+)
+def test_parity_holds_for_other_shapes(engine, oracle, make_params, rel_err, height, width, frames):
+    """Non-square frames and other frame counts: the noise shape and draw order follow diffusers' prepare_latents."""
+    params = make_params(height=height, width=width, num_frames=frames, switch="step:2", seed=9)
+    result = engine.generate(params, decode=False)
+    expected = oracle(params, boundary_for(oracle.scheduler_config, params, 2))
+    assert result.latents.shape == expected.shape == (1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    assert rel_err(result.latents, expected) <= TOLERANCE
