@@ -1,0 +1,241 @@
+"""Sequence-parallel (xfuser USP) and CFG-parallel denoising on CPU with gloo: the real multi-rank code path.
+
+Each worker group is N spawned processes running xfuser's Wan wrapper over torch.distributed (gloo); the driver runs
+the same stages.sketch / stages.render loops as the one-rank engine with a RemoteDenoiser. Results must equal the
+one-rank engine's (float32, relative error <= 1e-5).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("xfuser") is None, reason="needs the `parallel` extra")
+
+TOL = 1e-5
+STEPS = {"num_inference_steps": 3, "switch": "step:2"}  # 2 sketch steps, 1 render step
+
+
+@pytest.fixture(scope="module")
+def requests(make_params):
+    """Three requests: an even token count (2x2x2 = 8), an odd one (3x3x3 = 27), and one without guidance."""
+    return {
+        "even": make_params(**STEPS),
+        "odd": make_params(height=48, width=48, num_frames=9, seed=1, **STEPS),
+        "unguided": make_params(guidance_scale=1.0, seed=2, prompt="a blue cube", **STEPS),
+    }
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_config, requests):
+    """The one-rank engine's stages and, per request, its embeddings, hand-off and final latents."""
+    from serve.engine import EncodeStage, RenderStage, SketchStage
+
+    encoder, sketcher, renderer = EncodeStage(tiny_config), SketchStage(tiny_config), RenderStage(tiny_config)
+    embeds = dict(zip(requests, encoder(list(requests.values()))))
+    handoffs = {k: sketcher([(requests[k], embeds[k])])[0] for k in requests}
+    finals = {k: renderer([handoffs[k]])[0] for k in requests}
+    # A mixed batch (guided and unguided rows in one forward), as a batching deployment sends it.
+    mixed = sketcher([(requests["even"], embeds["even"]), (requests["unguided"], embeds["unguided"])])
+    return {"sketcher": sketcher, "renderer": renderer, "embeds": embeds, "handoffs": handoffs, "finals": finals,
+            "mixed": mixed}
+
+
+def _group(tiny_config, role="sketch", **degrees):
+    from serve.parallel import ParallelConfig, ProcessWorkerGroup
+
+    return ProcessWorkerGroup(tiny_config, ParallelConfig(**degrees), role=role, num_threads=1)
+
+
+def _sketch_stage(tiny_config, group):
+    from serve.engine import SketchStage
+    from serve.parallel import RemoteDenoiser
+
+    return SketchStage(tiny_config, denoiser=RemoteDenoiser(group, tiny_config.torch_dtype))
+
+
+def _assert_same_handoff(actual, expected, rel_err):
+    assert actual.step_index == expected.step_index == 2
+    assert rel_err(actual.latents, expected.latents) <= TOL
+    # The sampler state (UniPC's model outputs) carries on into rendering: it must match too.
+    for a, e in zip(actual.scheduler.model_outputs, expected.scheduler.model_outputs):
+        assert (a is None) == (e is None) and (a is None or rel_err(a, e) <= TOL)
+
+
+@pytest.fixture(scope="module")
+def ulysses_group(tiny_config):
+    group = _group(tiny_config, ulysses_degree=2)
+    yield group
+    group.shutdown()
+
+
+def test_ulysses2_sketch_equals_one_rank(tiny_config, ulysses_group, one_rank, requests, rel_err):
+    info = ulysses_group.info
+    assert [(i["rank"], i["sp_rank"], i["backend"], i["attention_backend"]) for i in info] == [
+        (0, 0, "gloo", "SDPA"), (1, 1, "gloo", "SDPA")]
+    assert len({i["pid"] for i in info} | {os.getpid()}) == 3  # two real ranks, neither is this process
+    sketcher = _sketch_stage(tiny_config, ulysses_group)
+    # "odd": 27 tokens split over 2 ranks, so xfuser pads the sequence; the padded keys must not change the result.
+    for key in ("even", "odd"):
+        (handoff,) = sketcher([(requests[key], one_rank["embeds"][key])])
+        _assert_same_handoff(handoff, one_rank["handoffs"][key], rel_err)
+        (final,) = one_rank["renderer"]([handoff])
+        assert rel_err(final, one_rank["finals"][key]) <= TOL
+
+
+def test_render_stage_uses_the_same_mechanism(tiny_config, one_rank, requests, rel_err):
+    """The render stage with its own degree: the tiny render model (2 heads) over 2 Ulysses ranks."""
+    from serve.engine import RenderStage
+    from serve.parallel import RemoteDenoiser
+
+    with _group(tiny_config, role="render", ulysses_degree=2) as group:
+        assert group.transformer_config["num_attention_heads"] == 2
+        renderer = RenderStage(tiny_config, denoiser=RemoteDenoiser(group, tiny_config.torch_dtype))
+        for key in ("even", "odd"):
+            (final,) = renderer([one_rank["handoffs"][key]])
+            assert rel_err(final, one_rank["finals"][key]) <= TOL
+
+
+def test_cfg2_sketch_equals_one_rank(tiny_config, one_rank, requests, rel_err):
+    """CFG-parallel: rank 0 runs the cond rows, rank 1 the uncond rows; predictions all-gathered, then guided."""
+    with _group(tiny_config, cfg_degree=2) as group:
+        assert [(i["cfg_rank"], i["sp_rank"]) for i in group.info] == [(0, 0), (1, 0)]
+        sketcher = _sketch_stage(tiny_config, group)
+        for key in ("even", "odd"):
+            (handoff,) = sketcher([(requests[key], one_rank["embeds"][key])])
+            _assert_same_handoff(handoff, one_rank["handoffs"][key], rel_err)
+            (final,) = one_rank["renderer"]([handoff])
+            assert rel_err(final, one_rank["finals"][key]) <= TOL
+        # Two requests in one forward, one guided and one not: 2 cond rows against 1 uncond row.
+        mixed = sketcher([(requests[k], one_rank["embeds"][k]) for k in ("even", "unguided")])
+        for actual, expected in zip(mixed, one_rank["mixed"]):
+            _assert_same_handoff(actual, expected, rel_err)
+
+
+@pytest.fixture(scope="module")
+def ring_group(tiny_config):
+    # On CPU, xfuser's SDPA_FLASH entry runs torch's CPU flash kernel, which returns the log-sum-exp ring attention
+    # merges with (serve.parallel._patch_xfuser_for_cpu, item 4); on GPUs it is torch's CUDA flash kernel.
+    group = _group(tiny_config, ring_degree=2, attention_backend="sdpa_flash")
+    yield group
+    group.shutdown()
+
+
+def test_ring2_sketch_equals_one_rank_cpu_flash_lse(tiny_config, ring_group, one_rank, requests, rel_err):
+    assert [i["attention_backend"] for i in ring_group.info] == ["SDPA_FLASH", "SDPA_FLASH"]
+    sketcher = _sketch_stage(tiny_config, ring_group)
+    (handoff,) = sketcher([(requests["even"], one_rank["embeds"]["even"])])
+    _assert_same_handoff(handoff, one_rank["handoffs"]["even"], rel_err)
+    (final,) = one_rank["renderer"]([handoff])
+    assert rel_err(final, one_rank["finals"]["even"]) <= TOL
+
+    # Ring attention cannot mask xfuser's sequence padding: an odd token count is refused, in the driver...
+    with pytest.raises(ValueError, match=r"ring_degree.*token count \(27\).*divisible by"):
+        sketcher([(requests["odd"], one_rank["embeds"]["odd"])])
+    # ...and on the ranks (the error crosses the process boundary as the same ValueError); the group stays usable.
+    latents = torch.zeros(1, 16, 3, 6, 6)
+    with pytest.raises(ValueError, match=r"token count \(27\)") as info:
+        ring_group.execute("denoise", latents, torch.tensor([999]), [one_rank["embeds"]["odd"]], [5.0])
+    assert "rank 0" in str(info.value.__notes__)
+    (again,) = sketcher([(requests["even"], one_rank["embeds"]["even"])])
+    assert torch.equal(again.latents, handoff.latents)
+
+
+def test_a_dead_rank_fails_the_call_and_stops_the_group(ring_group, one_rank):
+    from serve.parallel import WorkerDiedError
+
+    os.kill(ring_group.info[1]["pid"], signal.SIGKILL)
+    latents = torch.zeros(1, 16, 2, 4, 4)
+    start = time.monotonic()
+    with pytest.raises(WorkerDiedError, match=r"rank 1 .* died during 'denoise'"):
+        ring_group.execute("denoise", latents, torch.tensor([999]), [one_rank["embeds"]["even"]], [5.0])
+    assert time.monotonic() - start < 60
+    assert not any(p.is_alive() for p in ring_group._procs)  # rank 0, stuck in a collective, was stopped too
+    with pytest.raises(RuntimeError, match="shut down"):
+        ring_group.execute("ready")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Start-up validation: impossible degrees fail before any rank starts or any weights load
+# ---------------------------------------------------------------------------------------------------------------------
+
+WAN_14B = {"_class_name": "WanTransformer3DModel", "num_attention_heads": 40, "patch_size": [1, 2, 2]}
+WAN_1_3B = {"_class_name": "WanTransformer3DModel", "num_attention_heads": 12, "patch_size": [1, 2, 2]}
+
+
+@pytest.mark.parametrize(
+    "degrees, message",
+    [
+        ({"cfg_degree": 3}, r"`cfg_degree` must be 1 or 2 .* but is 3"),
+        ({"cfg_degree": 0}, r"`cfg_degree` must be at least 1 but is 0"),
+        ({"ulysses_degree": 0}, r"`ulysses_degree` must be at least 1"),
+        ({"ring_degree": 2}, r"`ring_degree` 2 needs an attention backend that returns log-sum-exp.*'sdpa'"),
+        ({"ring_degree": 2, "attention_backend": "auto"}, r"log-sum-exp.*'auto'"),
+        ({"attention_backend": "nope"}, r"attention_backend"),
+    ],
+)
+def test_impossible_degrees_are_refused(degrees, message):
+    from serve.parallel import ParallelConfig
+
+    with pytest.raises(ValueError, match=message):
+        ParallelConfig(**degrees)
+
+
+@pytest.mark.parametrize(
+    "transformer, degrees, bundles, message",
+    [
+        (WAN_1_3B, {"ulysses_degree": 8}, None, r"head count \(12\) must be divisible by `ulysses_degree` \(8\)"),
+        (WAN_14B, {"ulysses_degree": 3}, None, r"head count \(40\) must be divisible by `ulysses_degree` \(3\)"),
+        (WAN_14B, {"ulysses_degree": 4, "cfg_degree": 2}, 4,
+         r"2 x 4 x 1 = 8 ranks must equal the sketch replica's placement-group bundles \(4\)"),
+        ({**WAN_14B, "_class_name": "FluxTransformer2DModel"}, {}, None,
+         r"no parallel support is declared for transformer class 'FluxTransformer2DModel'"),
+    ],
+)
+def test_impossible_combinations_for_the_model_are_refused(transformer, degrees, bundles, message):
+    from serve.parallel import ParallelConfig, check_parallel
+
+    with pytest.raises(ValueError, match=message):
+        check_parallel(ParallelConfig(**degrees), transformer, bundles=bundles)
+
+
+def test_possible_combinations_pass():
+    from serve.parallel import ParallelConfig, check_parallel
+
+    check_parallel(ParallelConfig(ulysses_degree=4, cfg_degree=2), WAN_14B, bundles=8)
+    check_parallel(ParallelConfig(ulysses_degree=4, ring_degree=2, attention_backend="sdpa_flash"), WAN_1_3B, bundles=8)
+
+
+def test_worker_group_refuses_before_spawning(tiny_config):
+    """The tiny sketch model has 4 heads: Ulysses 8 fails in the driver, before any process starts."""
+    import multiprocessing
+
+    from serve.parallel import ParallelConfig, ProcessWorkerGroup
+
+    before = set(multiprocessing.active_children())
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"head count \(4\) must be divisible by `ulysses_degree` \(8\)"):
+        ProcessWorkerGroup(tiny_config, ParallelConfig(ulysses_degree=8))
+    assert time.monotonic() - start < 5 and set(multiprocessing.active_children()) <= before
+
+
+def test_xfuser_overhead_bench_smoke(tmp_path):
+    """bench/xfuser_overhead.py on CPU: both paths run on the same weights and agree; a backend with no kernel here
+    is reported, not fatal. (On the GPU it measures the 14B architecture at 480p.)"""
+    import json
+
+    from bench import xfuser_overhead
+
+    out = tmp_path / "xfuser_overhead.json"
+    assert xfuser_overhead.main(["--smoke", "--warmup", "0", "--runs", "1", "--backends", "sdpa,cudnn",
+                                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["path"] + r.get("block", ""): r for r in report["results"]}
+    assert set(rows) == {"diffusersfirst", "xfuser/sdpa", "xfuser/cudnn", "diffuserslast"}
+    assert rows["xfuser/sdpa"]["attention_backend"] == "SDPA" and rows["xfuser/sdpa"]["rel_err_vs_diffusers"] <= TOL
+    assert "vs_diffusers" in rows["xfuser/sdpa"] and "unavailable" in rows["xfuser/cudnn"]
