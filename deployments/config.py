@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve.engine import EngineConfig
+from serve.parallel import ParallelConfig  # degrees and attention backend of a stage's worker group (validated there)
 
 
 # Serve options that a typed field decides: `serve_options` may not set them a second way.
@@ -58,18 +59,6 @@ class Autoscaling(_Config):
                 f"`min_replicas` ({self.min_replicas}) must not exceed `max_replicas` ({self.max_replicas})"
             )
         return self
-
-
-class ParallelConfig(_Config):
-    """How many ranks (one GPU bundle each) a denoising stage spreads its transformer over (serve/parallel.py)."""
-
-    ulysses_degree: int = Field(1, ge=1, description="Ulysses sequence-parallel degree (splits attention heads).")
-    ring_degree: int = Field(1, ge=1, description="Ring-attention sequence-parallel degree.")
-    cfg_degree: int = Field(1, ge=1, le=2, description="2 runs the cond and uncond halves on separate rank groups.")
-
-    @property
-    def world_size(self) -> int:
-        return self.ulysses_degree * self.ring_degree * self.cfg_degree
 
 
 class DeploymentConfig(_Config):

@@ -6,25 +6,30 @@ import torch
 
 from deployments.batching import StageRunner
 from deployments.config import ParallelConfig, RendererConfig
+from deployments.worker_group import check_stage_health, parallel_denoiser, shutdown_stage
 from serve.engine import EngineConfig, RenderStage
 from serve.handoff import Handoff
 from serve.stages import Cancelled
 
 
 def build_render_stage(engine: EngineConfig, parallel: ParallelConfig) -> RenderStage:
-    """The render stage of one replica (the same seam as the sketcher's, for a multi-rank render model)."""
+    """The render stage of one replica: the model in this process, or spread over the placement group's ranks."""
     if parallel.world_size == 1:
         return RenderStage(engine)
-    raise ValueError(
-        f"`renderer.parallel` asks for {parallel.world_size} ranks, but sequence-parallel rendering "
-        "(serve/parallel.py) is not available in this build; use degree 1"
-    )
+    return RenderStage(engine, denoiser=parallel_denoiser(engine, parallel, "render"))
 
 
 class Renderer:
     def __init__(self, engine: EngineConfig, config: RendererConfig, store):
         self._stage = build_render_stage(engine, config.parallel)
         self._runner = StageRunner("render", config.batching, store, self._stage)
+
+    def check_health(self) -> None:
+        check_stage_health(self._stage)
+
+    def __del__(self):  # Serve calls it when the replica shuts down: every rank tears its process groups down
+        if hasattr(self, "_stage"):
+            shutdown_stage(self._stage)
 
     async def render(self, job_id: str, handoff: Handoff | Cancelled) -> torch.Tensor | Cancelled:
         if isinstance(handoff, Cancelled):  # cancelled upstream: pass it on

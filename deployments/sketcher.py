@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from deployments.batching import StageRunner
 from deployments.config import ParallelConfig, SketcherConfig
+from deployments.worker_group import check_stage_health, parallel_denoiser, shutdown_stage
 from serve.engine import EngineConfig, SketchStage
 from serve.handoff import Handoff, PromptEmbeds
 from serve.request import GenerationParams
@@ -18,10 +19,7 @@ def build_sketch_stage(engine: EngineConfig, parallel: ParallelConfig) -> Sketch
     """The sketch stage of one replica: the model in this process, or spread over the placement group's ranks."""
     if parallel.world_size == 1:
         return SketchStage(engine)
-    raise ValueError(
-        f"`sketcher.parallel` asks for {parallel.world_size} ranks, but sequence-parallel sketching "
-        "(serve/parallel.py) is not available in this build; use degree 1"
-    )
+    return SketchStage(engine, denoiser=parallel_denoiser(engine, parallel, "sketch"))
 
 
 class Sketcher:
@@ -29,6 +27,13 @@ class Sketcher:
         self._stage = build_sketch_stage(engine, config.parallel)
         self._runner = StageRunner("sketch", config.batching, store, self._stage,
                                    describe=lambda handoff: {"switch_step": handoff.step_index})
+
+    def check_health(self) -> None:
+        check_stage_health(self._stage)
+
+    def __del__(self):  # Serve calls it when the replica shuts down: every rank tears its process groups down
+        if hasattr(self, "_stage"):
+            shutdown_stage(self._stage)
 
     async def sketch(self, job_id: str, params: GenerationParams, embeds: PromptEmbeds | Cancelled
                      ) -> Handoff | Cancelled:
