@@ -1,14 +1,13 @@
 """GPU benchmarks of the sketch/render engine (issue 5): one invocation per device call, parts chosen by --parts.
 
-    python -m bench.run --parts vae,vae_capped,models,forward,anchors,e2e,handoff,forward720 \\
+    python -m bench.run --parts vae,models,forward,anchors,e2e,handoff,forward720 \\
         --steps 25 --ks 5,4 --commit $(git rev-parse --short HEAD) --out $OUT/results.json
     python -m bench.run --smoke --out /tmp/bench.json        # CPU, tiny models, seconds: tests every code path
 
 Parts (run in the order given; each guarded by a deadline and its own try/except, see measure.Guard):
   vae         VAE decode alone on the device: untiled fp32/bf16, peak against latent frame count, the ops with the
               largest transient memory, diffusers' spatial tiling at several tile sizes (time, peak, difference)
-  vae_capped  the untiled bf16 decode in a fresh process whose allocator is capped at weights + --vae-cap-gib, so
-              that cuDNN must pick convolution plans whose workspace fits (does the peak come from workspaces?)
+  vae720      the same at 720p/81 frames (untiled and tiled; no diagnostics)
   models      load the stage models (14B, 1.3B, umT5-XXL, VAE) and keep them resident for the parts below
   forward     per-forward time of each transformer at 480p: B=1 and B=2 (CFG batched) against two B=1 calls
   anchors     encode and decode stage times (serve.stages.encode/decode) with every model resident
@@ -29,7 +28,6 @@ import datetime
 import json
 import os
 import pickle
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -45,15 +43,22 @@ from serve.request import VideoRequest
 PROMPT = "A red fox runs through fresh snow at dawn, cinematic, shallow depth of field."
 NEGATIVE = "blurry, low quality, distorted"
 
-# Latent-space tiles are pixels / 8. Names: rows x columns of tiles over a 480x832 frame.
+# diffusers' AutoencoderKLWan.enable_tiling geometry, in pixels: (tile height, tile width, stride height, stride
+# width); overlap = tile - stride is blended. Names: rows x columns of tiles over the frame.
 TILINGS = {
-    "real": {
+    "480p": {
         "diffusers-default": (256, 256, 192, 192),
         "1x2": (480, 480, 480, 416),
         "1x3": (480, 320, 480, 288),
         "1x4": (480, 256, 480, 208),
         "2x2": (288, 448, 240, 416),
         "2x2-lean": (256, 432, 240, 416),
+        "720p-1x2-geometry": (720, 704, 720, 640),
+    },
+    "720p": {
+        "1x2": (720, 704, 720, 640),
+        "1x3": (720, 480, 720, 432),
+        "2x2": (416, 704, 368, 640),
     },
     "smoke": {"2x2": (24, 32, 16, 24)},
 }
@@ -108,14 +113,17 @@ def _attempt(rec: dict, key: str, fn) -> None:
         rec[key] = {"error": f"{type(e).__name__}: {e}"}
 
 
-def part_vae(rec: dict, ctx: Context) -> None:
-    dev, z, (warmup, runs) = ctx.device, latent(ctx.sizes), ctx.reps(1, 2)
-    tilings = TILINGS["smoke" if ctx.args.smoke else "real"]
-    # The run's dtype gets the full study; float32 (what WanPipeline uses for its VAE) gets the untiled reference.
-    dtypes = [torch.float32] if ctx.dtype == torch.float32 else [torch.float32, ctx.dtype]
-    for dtype in dtypes:
+def _vae_study(rec: dict, ctx: Context, sizes: wan.Sizes, tilings: dict, diagnostics: bool) -> None:
+    """Untiled decode in float32 (WanPipeline's VAE dtype) and in each --vae-dtypes; for the latter also diffusers'
+    spatial tiling at each geometry in `tilings` (time, peak, difference from untiled) and, with `diagnostics`,
+    the peak against latent frame count and the ops with the largest transient memory."""
+    dev, z, (warmup, runs) = ctx.device, latent(sizes), ctx.reps(1, 2)
+    if ctx.args.vae_tilings:
+        tilings = {k: v for k, v in tilings.items() if k in ctx.args.vae_tilings.split(",")}
+    full = [getattr(torch, d) for d in ctx.args.vae_dtypes]
+    for dtype in ([torch.float32] if torch.float32 not in full else []) + full:
         name = str(dtype).removeprefix("torch.")
-        vae = wan.vae(ctx.sizes.vae, dev, dtype)
+        vae = wan.vae(sizes.vae, dev, dtype)
         zz = z.to(dev, dtype)
 
         def decode(lat=zz, vae=vae):
@@ -129,16 +137,17 @@ def part_vae(rec: dict, ctx: Context) -> None:
             return {**stats, **peak.as_dict()}
 
         rec[f"untiled_{name}"] = measure_decode()
-        if dtype != ctx.dtype:
+        if dtype not in full:
             del vae, zz, decode
             free_memory(dev)
             continue
         reference = decode()
         untiled_s = rec[f"untiled_{name}"]["median_s"]
-        _attempt(rec, f"untiled_{name}_by_latent_frames",
-                 lambda: {str(f): measure_decode(zz[:, :, :f], 0, 1) for f in (1, 2, 6)})
-        _attempt(rec, "largest_transients_2_latent_frames",
-                 lambda: measure.op_transients(lambda: decode(zz[:, :, :2]), dev))
+        if diagnostics:
+            _attempt(rec, f"untiled_{name}_by_latent_frames",
+                     lambda: {str(f): measure_decode(zz[:, :, :f], 0, 1) for f in (1, 2, 6)})
+            _attempt(rec, f"largest_transients_{name}_2_latent_frames",
+                     lambda: measure.op_transients(lambda: decode(zz[:, :, :2]), dev))
         for label, (h, w, sh, sw) in tilings.items():
             def tiled(h=h, w=w, sh=sh, sw=sw):
                 vae.enable_tiling(tile_sample_min_height=h, tile_sample_min_width=w,
@@ -151,42 +160,22 @@ def part_vae(rec: dict, ctx: Context) -> None:
                     vae.disable_tiling()
 
             _attempt(rec, f"tiled_{name}_{label}", tiled)
-        # The whole decode stage as the engine runs it (VAE, then postprocess to uint8 frames on the CPU).
-        pipe = wan.pipeline(None, vae)
-        _attempt(rec, f"stage_decode_untiled_{name}_s", lambda: timed(lambda: stages.decode(pipe, z), dev)[1])
-        del vae, zz, decode, reference, pipe
+        if diagnostics:  # the whole decode stage as the engine runs it (VAE, then uint8 frames on the CPU)
+            pipe = wan.pipeline(None, vae)
+            _attempt(rec, f"stage_decode_untiled_{name}_s", lambda: timed(lambda: stages.decode(pipe, z), dev)[1])
+            del pipe
+        del vae, zz, decode, reference
         free_memory(dev)
 
 
-def part_vae_capped(rec: dict, ctx: Context) -> None:
-    """Spawn a fresh process (empty cuDNN plan cache) for `_vae_capped_inner` and merge its JSON."""
-    out = os.path.join(os.path.dirname(os.path.abspath(ctx.args.out)), "vae_capped.json")
-    cmd = [sys.executable, "-m", "bench.run", "--parts", "_vae_capped_inner", "--out", out, "--device", ctx.device,
-           "--budget-s", str(max(30, ctx.guard.left() - 10)), "--vae-cap-gib", str(ctx.args.vae_cap_gib)]
-    if ctx.args.smoke:
-        cmd.append("--smoke")
-    cmd += ["--dtype", ctx.args.dtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, ctx.guard.left()))
-    rec["returncode"] = proc.returncode
-    if proc.returncode != 0:
-        rec["stderr_tail"] = proc.stderr[-2000:]
-    with open(out) as f:
-        rec.update(json.load(f)["parts"]["_vae_capped_inner"])
+def part_vae(rec: dict, ctx: Context) -> None:
+    tilings = TILINGS["smoke" if ctx.args.smoke else "480p"]
+    _vae_study(rec, ctx, ctx.sizes, tilings, ctx.args.vae_diagnostics)
 
 
-def part_vae_capped_inner(rec: dict, ctx: Context) -> None:
-    dev = ctx.device
-    vae = wan.vae(ctx.sizes.vae, dev, ctx.dtype)
-    zz = latent(ctx.sizes).to(dev, ctx.dtype)
-    if measure.is_cuda(dev):
-        total = torch.cuda.get_device_properties(dev).total_memory
-        allowed = torch.cuda.memory_allocated(dev) + ctx.args.vae_cap_gib * GIB
-        torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total), dev)
-        rec["allocator_cap_gib"] = allowed / GIB
-    with Peak(dev) as peak:
-        with torch.inference_mode():
-            stats = repeat(lambda: vae.decode(zz, return_dict=False)[0], dev, *ctx.reps(1, 2))
-    rec[f"untiled_{ctx.args.dtype}_capped"] = {**stats, **peak.as_dict()}
+def part_vae720(rec: dict, ctx: Context) -> None:
+    tilings = TILINGS["smoke" if ctx.args.smoke else "720p"]
+    _vae_study(rec, ctx, ctx.sizes720, tilings, diagnostics=False)
 
 
 # -------------------------------------------------------------------------------------------------------- models
@@ -345,7 +334,7 @@ def part_handoff(rec: dict, ctx: Context) -> None:
 
 
 PARTS = {
-    "vae": (part_vae, 90), "vae_capped": (part_vae_capped, 40), "_vae_capped_inner": (part_vae_capped_inner, 15),
+    "vae": (part_vae, 60), "vae720": (part_vae720, 60),
     "models": (part_models, 40), "forward": (part_forward, 60), "anchors": (part_anchors, 15),
     "e2e": (part_e2e, 60), "handoff": (part_handoff, 5), "forward720": (part_forward720, 60),
 }
@@ -369,19 +358,15 @@ def table(results: dict) -> str:
                 f"B2/2B1={_f(row.get('B2_over_two_B1'))} {_f(b1['tflops_per_s'], '{:.0f}')} TFLOP/s "
                 f"peak+{_f(b1['peak_above_start_gib'], '{:.1f}')}GiB"
             )
-    vae = results.get("vae", {})
-    for key, v in vae.items():
-        if isinstance(v, dict) and ("median_s" in v or "error" in v):
-            lines.append(
-                f"vae        {key:32s} {_f(v.get('median_s'))}s peak+{_f(v.get('peak_above_start_gib'), '{:.2f}')}GiB "
-                f"slowdown={_f(v.get('slowdown_vs_untiled'), '{:+.3f}')} diff={_f(v.get('rel_l2_diff_vs_untiled'), '{:.1e}')}"
-                + (f" ERROR {v['error']}" if "error" in v else "")
-            )
-    for key, capped in results.get("vae_capped", {}).items():
-        if not key.endswith("_capped") or not isinstance(capped, dict):
-            continue
-        lines.append(f"vae        {key:32s} {_f(capped['median_s'])}s "
-                     f"peak+{_f(capped['peak_above_start_gib'], '{:.2f}')}GiB")
+    for part in ("vae", "vae720"):
+        for key, v in results.get(part, {}).items():
+            if isinstance(v, dict) and ("median_s" in v or "error" in v):
+                lines.append(
+                    f"{part:10s} {key:32s} {_f(v.get('median_s'))}s "
+                    f"peak+{_f(v.get('peak_above_start_gib'), '{:.2f}')}GiB "
+                    f"slowdown={_f(v.get('slowdown_vs_untiled'), '{:+.3f}')} "
+                    f"diff={_f(v.get('rel_l2_diff_vs_untiled'), '{:.1e}')}" + (f" ERROR {v['error']}" if "error" in v else "")
+                )
     anchors = results.get("anchors", {})
     if "encode" in anchors:
         lines.append(f"anchors    encode {_f(anchors['encode']['median_s'])}s decode {_f(anchors['decode']['median_s'])}s "
@@ -417,13 +402,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--ks", default="5,4", help="sketch steps K of the SR runs (all-14B, K=N, always runs first)")
     ap.add_argument("--no-batched", dest="batched", action="store_false", help="forward: skip B=2")
     ap.add_argument("--vae-tile", default=None, help="H,W,SH,SW: diffusers tiling for the resident VAE")
-    ap.add_argument("--vae-cap-gib", type=float, default=8.0)
+    ap.add_argument("--vae-dtypes", default="bfloat16", help="vae parts: dtypes that get the tiling study")
+    ap.add_argument("--vae-tilings", default=None, help="vae parts: names from TILINGS (default: all of the size)")
+    ap.add_argument("--no-vae-diagnostics", dest="vae_diagnostics", action="store_false",
+                    help="vae: skip the latent-frame scaling and the op transients")
     ap.add_argument("--budget-s", type=float, default=560.0, help="deadline for all parts (time guard)")
     ap.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", "unknown"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     args.device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     args.dtype = args.dtype or ("float32" if args.smoke else "bfloat16")
+    args.vae_dtypes = ["float32"] if args.smoke else [d for d in args.vae_dtypes.split(",") if d]
     args.ks = [int(k) for k in args.ks.split(",") if k]
     args.vae_tile = tuple(int(v) for v in args.vae_tile.split(",")) if args.vae_tile else None
     if args.smoke:
