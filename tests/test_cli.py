@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,15 @@ def test_unknown_flag_is_a_usage_error(capsys):
 def test_module_entry_point_matches_console_script():
     done = subprocess.run([sys.executable, "-m", "serve.cli", "generate", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--save-latents" in done.stdout and "--switch" in done.stdout
+
+
+def test_readme_set_up_commands_are_what_ci_runs():
+    """The README's two set-up commands: the first runs `srd generate --preset tiny`, the second is CI's."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Set up", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    install_and_demo, install_and_test = block.strip().splitlines()
+    assert install_and_demo.startswith("pip install torch==") and "srd generate --preset tiny" in install_and_demo
+    install, test = install_and_test.split(" && ")
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert install in ci and test + " || status=$?" in ci
