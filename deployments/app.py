@@ -12,6 +12,8 @@ The graph: Ingress -> Pipeline -> Encoder, Sketcher, Renderer, Decoder; all of t
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,13 +72,13 @@ app = build_app(AppConfig())
 
 
 def local_config(engine: EngineConfig) -> AppConfig:
-    """The app on one machine: on CUDA every stage shares GPU 0 (a quarter each), on CPU no GPU is reserved."""
-    if not engine.device.startswith("cuda"):
-        return AppConfig(engine=engine)
-    shared = Resources(num_cpus=1.0, num_gpus=0.25)
+    """The app on this one machine: the four stages share its CPUs (a quarter each, so they fit however few cores
+    it has) and, on CUDA, GPU 0 (a quarter each)."""
+    cpus = len(os.sched_getaffinity(0)) / 4
+    share = Resources(num_cpus=cpus, num_gpus=0.25 if engine.device.startswith("cuda") else 0.0)
     return AppConfig.model_validate({
         "engine": engine.model_dump(),
-        **{stage: {"resources": shared.model_dump()} for stage in ("encoder", "sketcher", "renderer", "decoder")},
+        **{stage: {"resources": share.model_dump()} for stage in ("encoder", "sketcher", "renderer", "decoder")},
     })
 
 
@@ -135,11 +137,13 @@ def generate_local(request: VideoRequest, engine: EngineConfig,
     import ray
 
     started = not ray.is_initialized()
-    if started:
-        ray.init()
+    if started:  # quiet: progress goes to `on_update`, a failure into the job's record; warnings still show
+        ray.init(logging_level=logging.WARNING)
     try:
-        serve.start(proxy_location="Disabled")
-        handle = serve.run(build_app(local_config(engine)), name=f"{APP_NAME}-generate", route_prefix=None)
+        quiet = {"log_level": "WARNING", "enable_access_log": False}
+        serve.start(proxy_location="Disabled", logging_config=quiet)
+        handle = serve.run(build_app(local_config(engine)), name=f"{APP_NAME}-generate", route_prefix=None,
+                           logging_config=quiet)
         job = handle.submit.remote(request).result()
         while job.status not in TERMINAL:
             time.sleep(poll_s)

@@ -28,6 +28,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--vae-tiling", action="store_true", help="Decode in tiles (lower peak memory).")
     p.add_argument("--out", required=True, help="Output mp4 path.")
     p.add_argument("--save-latents", help="Also save the final latents (float32 [1, C, F', H', W']) here.")
+    p.add_argument("--via-serve", action="store_true",
+                   help="Run the job through the disaggregated Ray Serve app (one deployment per stage) on a local "
+                        "Ray started and stopped by this command, instead of all four stages in this process.")
 
 
 def _serve_parser(sub) -> None:
@@ -75,6 +78,9 @@ def generate(args) -> None:
     diffusers_logging.disable_progress_bar()  # our own bars are per stage
     config = EngineConfig(preset=args.preset, sketch=args.sketch, render=args.render, device=args.device,
                           dtype=args.dtype, vae_tiling=args.vae_tiling)
+    if args.via_serve:
+        _generate_via_serve(args, request.model_copy(update={"seed": params.seed}), config)
+        return
     engine = Engine(config)
 
     bars = {}
@@ -98,6 +104,35 @@ def generate(args) -> None:
     timing = " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
     print(f"wrote {args.out}: {params.num_frames} frames {params.width}x{params.height}, seed {params.seed}, "
           f"switch {params.switch} -> sketched {result.switch_step}/{params.num_inference_steps} steps; {timing}")
+
+
+def _generate_via_serve(args, request, config) -> None:
+    """The same job through the Serve app (deployments/app.py), over its deployment handle; one progress bar."""
+    import torch
+    from tqdm import tqdm
+
+    from deployments.app import generate_local
+
+    bar = tqdm(total=100, desc="queued", unit="%", file=sys.stderr)
+
+    def on_update(job) -> None:
+        bar.set_description(job.stage or job.status)
+        bar.update(job.progress - bar.n)
+
+    result = generate_local(request, config, on_update=on_update)
+    bar.close()
+    job = result.job
+    if job.status != "completed":
+        print(f"srd generate: error: video job {job.id} {job.status}: {job.error}", file=sys.stderr)
+        raise SystemExit(1)
+    Path(args.out).write_bytes(result.video)
+    if args.save_latents:
+        torch.save(result.latents, args.save_latents)
+    timing = " ".join(f"{k}={v:.2f}s" for k, v in job.timings.items())
+    r = job.request
+    print(f"wrote {args.out}: {r['num_frames']} frames {r['width']}x{r['height']}, seed {r['seed']}, "
+          f"switch {r['switch']} -> sketched {job.switch_step}/{r['num_inference_steps']} steps "
+          f"(Serve app, job {job.id}); {timing}")
 
 
 def serve_command(args) -> None:

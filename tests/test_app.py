@@ -52,7 +52,10 @@ def app(tiny_models):
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=4, num_gpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
+        # 4 CPUs for this app's stages (0.5 each) and the rest; more for the second app that `srd generate
+        # --via-serve` deploys beside it (a quarter of this machine's cores per stage).
+        ray.init(num_cpus=4 + len(os.sched_getaffinity(0)), num_gpus=2, object_store_memory=100 * 1024**2,
+                 include_dashboard=False)
         try:
             port = _free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -281,6 +284,25 @@ def test_cancel_during_sketching(app, engine, rel_err):
     assert done["status"] == "completed"
     assert rel_err(latents_over_http(app.http, other_id), reference_latents(engine, other)) <= TOLERANCE
     assert app.http.delete(f"/v1/videos/{other_id}").status_code == 409  # completed: nothing to cancel
+
+
+def test_srd_generate_via_serve(app, engine, rel_err, tmp_path):
+    """The README's first command: `srd generate --via-serve` runs the job through the app's deployments (on its
+    own, it starts and stops a local Ray; here it joins the module's) and writes the same video and latents."""
+    import torch
+
+    from serve.cli import main
+    from serve.video import read_mp4
+
+    out, latents = tmp_path / "demo.mp4", tmp_path / "final_latents.pt"
+    argv = ["generate", "--via-serve", "--prompt", "a red ball bouncing", "--height", "32", "--width", "32",
+            "--frames", "9", "--steps", "4", "--seed", "9", "--out", str(out), "--save-latents", str(latents)]
+    assert main(argv) == 0
+    assert read_mp4(out.read_bytes()).shape == (9, 32, 32, 3)
+    request = {"prompt": "a red ball bouncing", "height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4,
+               "seed": 9}
+    assert rel_err(torch.load(latents), reference_latents(engine, request)) <= TOLERANCE
+    assert set(serve.status().applications) == {APP}  # it removed the app it deployed
 
 
 def test_ingress_restart_loses_nothing(app):

@@ -1,0 +1,105 @@
+"""The typed app config, the builder's option merging and the Serve YAMLs, without starting Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+pytest.importorskip("ray")
+
+from ray.serve.deployment import Application  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from deployments.app import app_builder, deployment_options, load_serve_config  # noqa: E402
+from deployments.config import AppConfig, SketcherConfig  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "deployments" / "configs"
+STAGES = ("encoder", "sketcher", "renderer", "decoder")
+
+
+def test_sketcher_bundles_follow_the_parallel_degree():
+    config = SketcherConfig.model_validate({
+        "resources": {"num_cpus": 2, "num_gpus": 1}, "parallel": {"ulysses_degree": 2, "cfg_degree": 2},
+    })
+    options = deployment_options("Sketcher", config)
+    assert options["placement_group_bundles"] == [{"CPU": 2, "GPU": 1}] * 4
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    # Serve places the replica actor in the first bundle: its own reservation must fit there
+    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+
+
+def test_defaults_first_typed_config_next_serve_options_last():
+    config = SketcherConfig.model_validate({
+        "max_ongoing_requests": 7,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+        "serve_options": {"health_check_period_s": 2.0, "ray_actor_options": {"runtime_env": {"env_vars": {"A": "1"}}}},
+    })
+    options = deployment_options("Sketcher", config)
+    assert options["name"] == "Sketcher" and options["max_ongoing_requests"] == 7
+    assert options["health_check_period_s"] == 2.0  # the user's override beats the builder's default
+    assert options["graceful_shutdown_timeout_s"] == 20.0  # a default nobody overrode
+    assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
+    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"A": "1"}}
+    assert options["ray_actor_options"]["num_cpus"] == 1.0  # merged, not replaced
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"sketcher": {"max_ongoing_requests": 2, "batching": {"max_batch_size": 4}}}, "`max_ongoing_requests` (2)"),
+    ({"renderer": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "`min_replicas` (3)"),
+    ({"decoder": {"serve_options": {"num_replicas": 2}}}, "`serve_options.num_replicas` is set by `num_replicas`"),
+    ({"encoder": {"serve_options": {"ray_actor_options": {"num_gpus": 1}}}},
+     "`serve_options.ray_actor_options.num_gpus` is set by `resources.num_gpus`"),
+    ({"job_store": {"num_replicas": 2}}, "`job_store` must have exactly one replica"),
+    ({"engine": {"device": "cuda"}}, "`encoder.resources.num_gpus` is 0"),
+    ({"sketcher": {"parallel": {"cfg_degree": 3}}}, "cfg_degree"),
+    ({"sketcher": {"batching": {"max_batch_size": 0}}}, "max_batch_size"),
+    ({"renderer": {"gpus": 1}}, "gpus"),
+])
+def test_bad_config_names_the_field(args, message):
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        AppConfig.model_validate(args)
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "gpu.yaml"])
+def test_serve_yamls_validate_and_build(name):
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    schema = ServeDeploySchema.model_validate(config)  # what `serve deploy` / `serve run` check first
+    (application,) = schema.applications
+    assert application.import_path == "deployments.app:app_builder"
+    app_config = AppConfig.model_validate(application.args)
+    assert isinstance(app_builder(application.args), Application)
+    ((app_name, route_prefix, built),) = load_serve_config(str(CONFIGS / name))  # what `srd serve --config` runs
+    assert (app_name, route_prefix) == ("srd", "/") and isinstance(built, Application)
+    if name == "gpu.yaml":  # sketch and render each on a GPU of their own; encoder and VAE share one
+        assert app_config.engine.device == "cuda"
+        assert app_config.sketcher.resources.num_gpus == 1 and app_config.renderer.resources.num_gpus == 1
+        assert app_config.encoder.resources.num_gpus + app_config.decoder.resources.num_gpus <= 1
+    else:
+        assert all(getattr(app_config, s).resources.num_gpus == 0 for s in STAGES)
+
+
+def test_srd_serve_refuses_deployment_overrides_it_would_ignore(tmp_path):
+    config = yaml.safe_load((CONFIGS / "tiny_cpu.yaml").read_text())
+    config["applications"][0]["deployments"] = [{"name": "Sketcher", "num_replicas": 2}]
+    path = tmp_path / "with_overrides.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="put deployment settings in `args`"):
+        load_serve_config(str(path))
+
+
+def test_serve_build_accepts_the_app(tmp_path):
+    """`serve build` (Ray's CLI) turns the default app into a config listing all seven deployments."""
+    out = tmp_path / "built.yaml"
+    serve_cli = os.path.join(sysconfig.get_path("scripts"), "serve")  # Ray's console script
+    done = subprocess.run([serve_cli, "build", "deployments.app:app", "-o", str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=CONFIGS.parent.parent)
+    assert done.returncode == 0, done.stderr
+    built = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
+    names = {d.name for d in built.applications[0].deployments}
+    assert names == {"Ingress", "Pipeline", "JobStore", "Encoder", "Sketcher", "Renderer", "Decoder"}
