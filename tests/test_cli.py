@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from serve.cli import main
+from serve.tiny import TINY_VERSION
 from serve.video import read_mp4
 
 SRD = os.path.join(sysconfig.get_path("scripts"), "srd")  # the console script `pip install` made
@@ -31,7 +32,7 @@ def test_generate_tiny_from_a_clean_cache(tmp_path, engine, make_params, rel_err
         env={**os.environ, "SRD_CACHE": str(cache)},
     )
     assert done.returncode == 0, done.stderr
-    assert (cache / "tiny-v1" / "complete").is_file()  # built from nothing, offline
+    assert (cache / f"tiny-{TINY_VERSION}" / "complete").is_file()  # built from nothing, offline
     assert "wrote" in done.stdout and "sketched 1/3 steps" in done.stdout  # tiny's default ratio:0.3 of 3 steps
 
     frames = read_mp4(out.read_bytes())
