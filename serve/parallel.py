@@ -574,6 +574,22 @@ def _worker_main(conn, worker_kwargs: dict) -> None:
             break
 
 
+def _receive(conn, waiting: dict, results: dict, errors: dict) -> bool:
+    """Read one rank's answer if there is one; False if none (nothing sent yet, or the rank exited without one)."""
+    try:
+        if not conn.poll():
+            return False
+        status, *payload = conn.recv()
+    except (EOFError, OSError):
+        return False
+    rank = waiting.pop(conn)
+    if status == "ok":
+        results[rank] = payload[0]
+    else:
+        errors[rank] = payload
+    return True
+
+
 def _portable(e: BaseException) -> BaseException:
     """The exception itself if it pickles (so a ValueError stays a ValueError in the driver), else a RuntimeError."""
     import pickle
@@ -656,12 +672,10 @@ class ProcessWorkerGroup:
                 break
             for obj in ready:
                 if obj in waiting:
-                    rank = waiting.pop(obj)
-                    status, *payload = obj.recv()
-                    (results if status == "ok" else errors)[rank] = payload[0] if status == "ok" else payload
-            for obj in ready:
-                rank = sentinels.get(obj)
-                if rank is not None and self._conns[rank] in waiting and not self._conns[rank].poll():
+                    _receive(obj, waiting, results, errors)
+            for rank in sorted(waiting.values()):
+                conn = self._conns[rank]
+                if not self._procs[rank].is_alive() and not _receive(conn, waiting, results, errors):
                     code = self._procs[rank].exitcode
                     self.shutdown()
                     raise WorkerDiedError(

@@ -88,19 +88,6 @@ def test_ulysses2_sketch_equals_one_rank(tiny_config, ulysses_group, one_rank, r
         assert rel_err(final, one_rank["finals"][key]) <= TOL
 
 
-def test_render_stage_uses_the_same_mechanism(tiny_config, one_rank, requests, rel_err):
-    """The render stage with its own degree: the tiny render model (2 heads) over 2 Ulysses ranks."""
-    from serve.engine import RenderStage
-    from serve.parallel import RemoteDenoiser
-
-    with _group(tiny_config, role="render", ulysses_degree=2) as group:
-        assert group.transformer_config["num_attention_heads"] == 2
-        renderer = RenderStage(tiny_config, denoiser=RemoteDenoiser(group, tiny_config.torch_dtype))
-        for key in ("even", "odd"):
-            (final,) = renderer([one_rank["handoffs"][key]])
-            assert rel_err(final, one_rank["finals"][key]) <= TOL
-
-
 def test_cfg2_sketch_equals_one_rank(tiny_config, one_rank, requests, rel_err):
     """CFG-parallel: rank 0 runs the cond rows, rank 1 the uncond rows; predictions all-gathered, then guided."""
     with _group(tiny_config, cfg_degree=2) as group:
@@ -119,31 +106,35 @@ def test_cfg2_sketch_equals_one_rank(tiny_config, one_rank, requests, rel_err):
 
 @pytest.fixture(scope="module")
 def ring_group(tiny_config):
-    # On CPU, xfuser's SDPA_FLASH entry runs torch's CPU flash kernel, which returns the log-sum-exp ring attention
-    # merges with (serve.parallel._patch_xfuser_for_cpu, item 4); on GPUs it is torch's CUDA flash kernel.
-    group = _group(tiny_config, ring_degree=2, attention_backend="sdpa_flash")
+    # The render stage with its own degree, over ring attention. On CPU, xfuser's SDPA_FLASH entry runs torch's CPU
+    # flash kernel, which returns the log-sum-exp that ring attention merges with (serve.parallel's CPU patch,
+    # item 4); on GPUs it is torch's CUDA flash kernel.
+    group = _group(tiny_config, role="render", ring_degree=2, attention_backend="sdpa_flash")
     yield group
     group.shutdown()
 
 
-def test_ring2_sketch_equals_one_rank_cpu_flash_lse(tiny_config, ring_group, one_rank, requests, rel_err):
-    assert [i["attention_backend"] for i in ring_group.info] == ["SDPA_FLASH", "SDPA_FLASH"]
-    sketcher = _sketch_stage(tiny_config, ring_group)
-    (handoff,) = sketcher([(requests["even"], one_rank["embeds"]["even"])])
-    _assert_same_handoff(handoff, one_rank["handoffs"]["even"], rel_err)
-    (final,) = one_rank["renderer"]([handoff])
+def test_ring2_render_equals_one_rank_cpu_flash_lse(tiny_config, ring_group, one_rank, requests, rel_err):
+    """The render stage uses the same mechanism with its own degree: ring 2 over the tiny render model."""
+    from serve.engine import RenderStage
+    from serve.parallel import RemoteDenoiser
+
+    assert ring_group.transformer_config["num_attention_heads"] == 2  # the render model, not the sketch model
+    assert [(i["sp_rank"], i["attention_backend"]) for i in ring_group.info] == [(0, "SDPA_FLASH"), (1, "SDPA_FLASH")]
+    renderer = RenderStage(tiny_config, denoiser=RemoteDenoiser(ring_group, tiny_config.torch_dtype))
+    (final,) = renderer([one_rank["handoffs"]["even"]])
     assert rel_err(final, one_rank["finals"]["even"]) <= TOL
 
     # Ring attention cannot mask xfuser's sequence padding: an odd token count is refused, in the driver...
     with pytest.raises(ValueError, match=r"ring_degree.*token count \(27\).*divisible by"):
-        sketcher([(requests["odd"], one_rank["embeds"]["odd"])])
+        renderer([one_rank["handoffs"]["odd"]])
     # ...and on the ranks (the error crosses the process boundary as the same ValueError); the group stays usable.
     latents = torch.zeros(1, 16, 3, 6, 6)
     with pytest.raises(ValueError, match=r"token count \(27\)") as info:
         ring_group.execute("denoise", latents, torch.tensor([999]), [one_rank["embeds"]["odd"]], [5.0])
     assert "rank 0" in str(info.value.__notes__)
-    (again,) = sketcher([(requests["even"], one_rank["embeds"]["even"])])
-    assert torch.equal(again.latents, handoff.latents)
+    (again,) = renderer([one_rank["handoffs"]["even"]])
+    assert torch.equal(again, final)
 
 
 def test_a_dead_rank_fails_the_call_and_stops_the_group(ring_group, one_rank):
@@ -152,7 +143,7 @@ def test_a_dead_rank_fails_the_call_and_stops_the_group(ring_group, one_rank):
     os.kill(ring_group.info[1]["pid"], signal.SIGKILL)
     latents = torch.zeros(1, 16, 2, 4, 4)
     start = time.monotonic()
-    with pytest.raises(WorkerDiedError, match=r"rank 1 .* died during 'denoise'"):
+    with pytest.raises(WorkerDiedError, match=r"render worker rank 1 .* died during 'denoise'"):
         ring_group.execute("denoise", latents, torch.tensor([999]), [one_rank["embeds"]["even"]], [5.0])
     assert time.monotonic() - start < 60
     assert not any(p.is_alive() for p in ring_group._procs)  # rank 0, stuck in a collective, was stopped too
@@ -239,3 +230,20 @@ def test_xfuser_overhead_bench_smoke(tmp_path):
     assert set(rows) == {"diffusersfirst", "xfuser/sdpa", "xfuser/cudnn", "diffuserslast"}
     assert rows["xfuser/sdpa"]["attention_backend"] == "SDPA" and rows["xfuser/sdpa"]["rel_err_vs_diffusers"] <= TOL
     assert "vs_diffusers" in rows["xfuser/sdpa"] and "unavailable" in rows["xfuser/cudnn"]
+
+
+@pytest.mark.skipif(
+    (os.cpu_count() or 1) < 4 and not os.environ.get("SRD_TEST_4_RANKS"),
+    reason="4 ranks on fewer than 4 cores take minutes; set SRD_TEST_4_RANKS=1 to run anyway",
+)
+def test_cfg2_by_ulysses2_on_4_ranks_equals_one_rank(tiny_config, one_rank, requests, rel_err):
+    """The layout of a real replica (CFG groups [0, 2] and [1, 3], sequence groups [0, 1] and [2, 3]): a padded
+    sequence, and a batch of a guided and an unguided request."""
+    with _group(tiny_config, cfg_degree=2, ulysses_degree=2) as group:
+        assert [(i["cfg_rank"], i["sp_rank"]) for i in group.info] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        sketcher = _sketch_stage(tiny_config, group)
+        (handoff,) = sketcher([(requests["odd"], one_rank["embeds"]["odd"])])
+        _assert_same_handoff(handoff, one_rank["handoffs"]["odd"], rel_err)
+        mixed = sketcher([(requests[k], one_rank["embeds"][k]) for k in ("even", "unguided")])
+        for actual, expected in zip(mixed, one_rank["mixed"]):
+            _assert_same_handoff(actual, expected, rel_err)

@@ -1,8 +1,9 @@
 """The Ray worker group (deployments/worker_group.py) on local Ray with two fake GPUs, in a replica's placement group.
 
 Rank 0 is the replica's own process (bundle 0), rank 1 an actor on bundle 1; ranks talk over gloo and xfuser's USP
-is real. First the group alone inside a placement group (start-up checks, a dead rank), then the Serve app with a
-2-rank Ulysses sketcher, compared with the one-rank engine (float32, relative error <= 1e-5).
+is real. First the start-up checks of the group inside a placement group, then the Serve app with a
+2-rank Ulysses sketcher, compared with the one-rank engine (float32, relative error <= 1e-5), through a rank's death
+and the replica's replacement, to its shutdown.
 """
 
 from __future__ import annotations
@@ -81,59 +82,6 @@ def test_start_up_checks_run_before_any_rank_starts(ray_local, tiny_config):
         remove_placement_group(pg)
 
 
-class Replica:
-    """A stand-in for a stage replica: a worker group over the placement group it was scheduled in."""
-
-    def __init__(self, engine_config, degrees: dict):
-        from deployments.worker_group import parallel_denoiser
-        from serve.engine import SketchStage
-        from serve.parallel import ParallelConfig
-
-        self.stage = SketchStage(engine_config, denoiser=parallel_denoiser(engine_config, ParallelConfig(**degrees),
-                                                                           "sketch"))
-
-    def info(self):
-        return self.stage.denoiser.group.info
-
-    def sketch(self, params, embeds):
-        return self.stage([(params, embeds)])[0]
-
-    def check_health(self):
-        self.stage.denoiser.group.check_health()
-
-
-def test_a_dead_rank_fails_the_call_and_the_health_check(ray_local, tiny_config, make_params):
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from serve.engine import EncodeStage
-    from serve.parallel import WorkerDiedError
-
-    params = make_params(**STEPS)
-    (embeds,) = EncodeStage(tiny_config)([params])
-    pg = placement_group([{"CPU": 0.5, "GPU": 1}] * 2, strategy="STRICT_PACK")
-    ray.get(pg.ready(), timeout=60)
-    replica = ray.remote(Replica).options(
-        num_cpus=0.5, num_gpus=1,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-    ).remote(tiny_config, {"ulysses_degree": 2})
-    try:
-        info = ray.get(replica.info.remote(), timeout=300)
-        assert [(i["rank"], i["sp_rank"], i["backend"]) for i in info] == [(0, 0, "gloo"), (1, 1, "gloo")]
-        assert _worker_pids() == {info[1]["pid"]}  # rank 0 is the replica itself, rank 1 an actor
-        os.kill(info[1]["pid"], 9)
-        with pytest.raises(ray.exceptions.RayTaskError) as error:
-            ray.get(replica.sketch.remote(params, embeds), timeout=120)
-        assert isinstance(error.value.cause, WorkerDiedError)
-        assert "sketch worker rank 1 died during 'denoise'" in str(error.value)
-        # From now on the replica reports itself unhealthy, so Serve replaces it (and its group).
-        with pytest.raises(ray.exceptions.RayTaskError, match="rank 1 died"):
-            ray.get(replica.check_health.remote(), timeout=30)
-    finally:
-        ray.kill(replica)
-        remove_placement_group(pg)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Through the Serve app: a sketch replica with 2 fake-GPU bundles running 2-rank Ulysses
 # ---------------------------------------------------------------------------------------------------------------------
@@ -142,7 +90,8 @@ CPU = {"resources": {"num_cpus": 0.5}}
 APP_CONFIG = {
     "encoder": CPU,
     # Two bundles of one fake GPU each: the replica (rank 0) on the first, the rank-1 actor on the second.
-    "sketcher": {"resources": {"num_cpus": 0.5, "num_gpus": 1}, "parallel": {"ulysses_degree": 2}},
+    "sketcher": {"resources": {"num_cpus": 0.5, "num_gpus": 1}, "parallel": {"ulysses_degree": 2},
+                 "serve_options": {"health_check_period_s": 1.0}},
     "renderer": CPU,
     "decoder": CPU,
 }
@@ -195,6 +144,17 @@ def test_serve_app_ulysses2_sketcher_equals_one_rank(app, tiny_config, make_para
     reference = Engine(tiny_config).generate(VideoRequest(**request).resolve(tiny_config.defaults), decode=False)
     assert rel_err(result.latents, reference.latents) <= TOL
     assert _worker_pids() == {rank1}
+
+    # A rank dies: the next call fails naming it, the replica's health check fails, and Serve replaces the replica
+    # (its ranks with it); the new replica's group computes the same result.
+    os.kill(rank1, 9)
+    job = store.create.remote(requests["even"]).result()
+    with pytest.raises(Exception, match=r"sketch worker rank 1 died during 'denoise'"):
+        sketch.sketch.remote(job.id, requests["even"], embeds["even"]).result()
+    assert _wait(lambda: len(_worker_pids()) == 1 and rank1 not in _worker_pids(), timeout_s=120), _worker_pids()
+    (new_rank1,) = _worker_pids()
+    result = app.generate.remote(request).result()
+    assert result.job.status == "completed" and rel_err(result.latents, reference.latents) <= TOL
 
     # The replica stops (Serve calls Sketcher.__del__, which shuts the group down): every rank goes away.
     serve.delete(APP)
