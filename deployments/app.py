@@ -54,7 +54,7 @@ def build_app(config: AppConfig) -> Application:
         return serve.deployment(cls, **deployment_options(name, deployment_config))
 
     engine = config.engine
-    store = deployment(JobStore, "JobStore", config.job_store).bind()
+    store = deployment(JobStore, "JobStore", config.job_store).bind(config.job_store.max_finished_jobs)
     encoder = deployment(Encoder, "Encoder", config.encoder).bind(engine, config.encoder, store)
     sketcher = deployment(Sketcher, "Sketcher", config.sketcher).bind(engine, config.sketcher, store)
     renderer = deployment(Renderer, "Renderer", config.renderer).bind(engine, config.renderer, store)

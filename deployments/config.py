@@ -162,6 +162,14 @@ class ServiceConfig(DeploymentConfig):
     )
 
 
+class JobStoreConfig(ServiceConfig):
+    max_finished_jobs: int = Field(
+        256, ge=1,
+        description="Finished jobs (records and results: mp4, latents, preview) kept in memory; the oldest go first. "
+        "A 480p/81-frame job holds ~10 MB of latents plus its mp4.",
+    )
+
+
 class AppConfig(_Config):
     """The whole app: the engine (models, device, dtype) and one config per deployment."""
 
@@ -171,8 +179,8 @@ class AppConfig(_Config):
     renderer: RendererConfig = Field(default_factory=RendererConfig, description="Small-model (render) stage.")
     decoder: DecoderConfig = Field(default_factory=DecoderConfig, description="VAE decode and mp4 stage.")
     pipeline: ServiceConfig = Field(default_factory=ServiceConfig, description="Runs each job through the stages.")
-    job_store: ServiceConfig = Field(
-        default_factory=ServiceConfig, description="Job records and results (one replica: it holds the state)."
+    job_store: JobStoreConfig = Field(
+        default_factory=JobStoreConfig, description="Job records and results (one replica: it holds the state)."
     )
     ingress: ServiceConfig = Field(default_factory=ServiceConfig, description="HTTP API (FastAPI) and handle API.")
 

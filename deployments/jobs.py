@@ -80,7 +80,7 @@ def describe_params(params: GenerationParams) -> dict:
 class JobStore:
     """All job records and results of the app, in one replica's memory, oldest finished jobs evicted first."""
 
-    def __init__(self, max_finished_jobs: int = 10_000):
+    def __init__(self, max_finished_jobs: int):
         self._jobs: OrderedDict[str, VideoJob] = OrderedDict()
         self._results: dict[str, dict[str, object]] = {}
         self._changed: dict[str, asyncio.Event] = {}
