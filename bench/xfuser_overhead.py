@@ -19,6 +19,7 @@ A backend that cannot run here (not installed, no kernel on this device) is repo
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --smoke on a CPU")
 
-    xfuser = import_xfuser()
+    import_xfuser()  # before any timing: its import takes seconds
     t0 = time.monotonic()
     model = wan.transformer(size["model"], device, dtype)
     build_s = time.monotonic() - t0
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
         "tokens": tokens,
         "dtype": str(dtype),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "xfuser": getattr(xfuser, "__version__", "?"),
+        "versions": {"torch": torch.__version__, "xfuser": importlib.metadata.version("xfuser"),
                      "diffusers": __import__("diffusers").__version__, "cuda": torch.version.cuda,
                      "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
         "warmup": args.warmup, "runs": args.runs, "build_s": build_s,

@@ -342,6 +342,8 @@ def init_rank(
         raise RuntimeError("this process already belongs to a parallel group; call teardown(ctx) before init_rank")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the process's current device (a Ray actor sees only its own GPU)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     ps.init_distributed_environment(
         world_size=world_size, rank=rank, local_rank=device.index or 0, backend=backend,
