@@ -489,7 +489,8 @@ class ParallelWorker:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.role = role
-        self.ctx = init_rank(rank, world_size, master_addr, master_port, parallel_config, device or engine_config.device)
+        device = device or engine_config.device
+        self.ctx = init_rank(rank, world_size, master_addr, master_port, parallel_config, device)
         models = engine_config.models()
         source = models.sketch if role == "sketch" else models.render
         transformer = load_parallel_transformer(source, role, self.ctx, engine_config.torch_dtype)
