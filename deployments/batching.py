@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import ray
 from ray import serve
 
 from deployments.config import Batching
@@ -72,7 +73,7 @@ class StageRunner:
         async with self.device:
             batch_id = f"{self.stage}-{self._replica}-{next(self._batch_ids)}"
             live = await self._reporter.begin(job_ids, batch_id)
-            results: list[Any] = [Cancelled(0)] * len(items)
+            results: list[Any] = [Cancelled(0)] * len(items)  # for jobs cancelled before this stage began
             todo = [i for i, go_on in enumerate(live) if go_on]
             if todo:
                 self.batches.append({"id": batch_id, "size": len(items), "shape": list(shape), "jobs": job_ids})
@@ -88,13 +89,14 @@ class StageRunner:
                     results[i] = output
         for i in todo:
             result = results[i]
-            fields = {"cancelled_at_step": result.step_index} if isinstance(result, Cancelled) else self._describe(result)
+            if isinstance(result, Cancelled):
+                fields = {"cancelled_at_step": result.step_index}
+            else:
+                fields = self._describe(result)
             await self._reporter.end(job_ids[i], finished, **fields)
         return results
 
     def stats(self) -> dict:
-        import ray
-
         return {
             "stage": self.stage,
             "pid": os.getpid(),
@@ -107,8 +109,6 @@ class StageRunner:
 
 def gpu_telemetry() -> list[dict]:
     """Memory and utilisation of this replica's GPUs through NVML (nvidia-ml-py); empty without a GPU."""
-    import ray
-
     gpu_ids = ray.get_gpu_ids()  # physical indices, which NVML uses too (it ignores CUDA_VISIBLE_DEVICES)
     if not gpu_ids:
         return []
