@@ -37,6 +37,7 @@ import torch
 from bench import measure, wan
 from bench.measure import GIB, Guard, Peak, free_memory, repeat, timed
 from serve import stages
+from serve.engine import VaeTiling
 from serve.models import WAN21_T2V
 from serve.request import VideoRequest
 
@@ -99,6 +100,12 @@ def latent(sizes: wan.Sizes, batch: int = 1) -> torch.Tensor:
     return torch.randn((batch, *sizes.latent_shape[1:]), generator=generator)
 
 
+def _tiling(h: int, w: int, sh: int, sw: int) -> dict:
+    """enable_tiling kwargs, validated by the engine's own config (serve.engine.VaeTiling)."""
+    return VaeTiling(tile_sample_min_height=h, tile_sample_min_width=w, tile_sample_stride_height=sh,
+                     tile_sample_stride_width=sw).model_dump()
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
@@ -150,8 +157,7 @@ def _vae_study(rec: dict, ctx: Context, sizes: wan.Sizes, tilings: dict, diagnos
                      lambda: measure.op_transients(lambda: decode(zz[:, :, :2]), dev))
         for label, (h, w, sh, sw) in tilings.items():
             def tiled(h=h, w=w, sh=sh, sw=sw):
-                vae.enable_tiling(tile_sample_min_height=h, tile_sample_min_width=w,
-                                  tile_sample_stride_height=sh, tile_sample_stride_width=sw)
+                vae.enable_tiling(**_tiling(h, w, sh, sw))
                 try:
                     stats = measure_decode(zz, warmup, 1)
                     return {"tile": [h, w, sh, sw], **stats, "slowdown_vs_untiled": stats["median_s"] / untiled_s - 1,
@@ -194,8 +200,7 @@ def part_models(rec: dict, ctx: Context) -> None:
     ctx.models["scheduler_config"] = wan.scheduler_config()
     if ctx.args.vae_tile:
         h, w, sh, sw = ctx.args.vae_tile
-        ctx.models["vae"].enable_tiling(tile_sample_min_height=h, tile_sample_min_width=w,
-                                        tile_sample_stride_height=sh, tile_sample_stride_width=sw)
+        ctx.models["vae"].enable_tiling(**_tiling(h, w, sh, sw))
     rec["vae_tiling"] = ctx.args.vae_tile or "off"
     if measure.is_cuda(dev):
         rec["resident_gib"] = torch.cuda.memory_allocated(dev) / GIB
@@ -365,12 +370,14 @@ def table(results: dict) -> str:
                     f"{part:10s} {key:32s} {_f(v.get('median_s'))}s "
                     f"peak+{_f(v.get('peak_above_start_gib'), '{:.2f}')}GiB "
                     f"slowdown={_f(v.get('slowdown_vs_untiled'), '{:+.3f}')} "
-                    f"diff={_f(v.get('rel_l2_diff_vs_untiled'), '{:.1e}')}" + (f" ERROR {v['error']}" if "error" in v else "")
+                    f"diff={_f(v.get('rel_l2_diff_vs_untiled'), '{:.1e}')}"
+                    + (f" ERROR {v['error']}" if "error" in v else "")
                 )
     anchors = results.get("anchors", {})
     if "encode" in anchors:
-        lines.append(f"anchors    encode {_f(anchors['encode']['median_s'])}s decode {_f(anchors['decode']['median_s'])}s "
-                     f"(decode peak+{_f(anchors['decode']['peak_above_start_gib'], '{:.2f}')}GiB)")
+        enc, dec = anchors["encode"], anchors["decode"]
+        lines.append(f"anchors    encode {_f(enc['median_s'])}s decode {_f(dec['median_s'])}s "
+                     f"(decode peak+{_f(dec['peak_above_start_gib'], '{:.2f}')}GiB)")
     for k, r in results.get("e2e", {}).get("runs", {}).items():
         if "measured_s" not in r:
             lines.append(f"e2e        K={k} {r}")
@@ -378,13 +385,15 @@ def table(results: dict) -> str:
         st = r["stage_s"]
         lines.append(
             f"e2e        K={r['K']:2d}/N={r['N']} K/N={r['K_over_N']:.2f} measured={r['measured_s']:.2f}s "
-            f"ideal={r['ideal_s']:.2f}s tax={r['tax'] * 100:+.2f}% speedup={_f(r.get('speedup_measured'), '{:.3f}')}x "
-            f"(ideal {_f(r.get('speedup_ideal'), '{:.3f}')}x, ideal@50 {_f(r.get('speedup_ideal_at_50_steps'), '{:.3f}')}x) "
+            f"ideal={r['ideal_s']:.2f}s tax={r['tax'] * 100:+.2f}% "
+            f"speedup={_f(r.get('speedup_measured'), '{:.3f}')}x (ideal {_f(r.get('speedup_ideal'), '{:.3f}')}x, "
+            f"ideal@50 {_f(r.get('speedup_ideal_at_50_steps'), '{:.3f}')}x) "
             f"enc/sk/rd/dec={st['encode']:.2f}/{st['sketch']:.2f}/{st['render']:.2f}/{st['decode']:.2f}s"
         )
     h = results.get("handoff", {})
     if "bytes_mb" in h:
-        lines.append(f"handoff    {h['bytes_mb']:.1f} MB pickle dumps={h['dumps_s'] * 1e3:.1f}ms loads={h['loads_s'] * 1e3:.1f}ms")
+        lines.append(f"handoff    {h['bytes_mb']:.1f} MB pickle dumps={h['dumps_s'] * 1e3:.1f}ms "
+                     f"loads={h['loads_s'] * 1e3:.1f}ms")
     for name, rec in results.items():
         for key in ("error", "skipped"):
             if isinstance(rec, dict) and key in rec:
