@@ -4,10 +4,11 @@ Every model here has the layer shapes of the published checkpoint, so its cost (
 equals the real weights'; its outputs are meaningless. Every number measured with them is labelled
 "random-init weights, real architecture" (`LABEL`).
 
-Weights are drawn by each module's own initialiser directly on the target device (in float32, as `from_pretrained`
-would build them), then cast to the run's dtype the way diffusers' `from_pretrained(torch_dtype=...)` does: the
-model's `_keep_in_fp32_modules` stay float32. The "smoke" sizes are tiny stand-ins so that the bench scripts can be
-tested on a CPU in seconds.
+Weights are drawn by each module's own initialiser directly on the target device and in the run's dtype, with the
+modules that `from_pretrained(dtype=...)` keeps in float32 in float32 (`serve.models.random_init`, the engine's
+`weights="random-init"`). `write_config_only` writes the same architectures as config-only model directories in
+diffusers' layout (a few KB), so that the engine and the Serve app load them with `weights="random-init"`.
+The "smoke" sizes are tiny stand-ins so that the bench scripts can be tested on a CPU in seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from serve.models import ModelPair, random_init
 
 LABEL = "random-init weights, real architecture"
 
@@ -69,50 +72,76 @@ REAL_720P = Sizes("wan2.1-t2v-14b", "wan2.1-t2v-1.3b", "umt5-xxl", "wan2.1", 720
 SMOKE = Sizes("smoke-sketch", "smoke-render", "smoke", "smoke", 32, 48, 5)
 
 
-def materialize(factory, device, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()):
-    """Build `factory()` on `device` with its own initialisers, then cast parameters to `dtype` except those whose
-    name contains one of `keep_fp32` (diffusers' `_keep_in_fp32_modules` rule)."""
-    with torch.device(device):
-        model = factory()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not any(k in name for k in keep_fp32):
-                param.data = param.data.to(dtype)
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-    return model.eval().requires_grad_(False)
-
-
 def transformer(name: str, device, dtype: torch.dtype):
     from diffusers import WanTransformer3DModel
 
-    keep = tuple(WanTransformer3DModel._keep_in_fp32_modules or ()) if dtype != torch.float32 else ()
-    return materialize(lambda: WanTransformer3DModel(**TRANSFORMERS[name]), device, dtype, keep)
+    return random_init(WanTransformer3DModel, TRANSFORMERS[name], device, dtype)
+
+
+def _umt5_config(name: str):
+    from transformers import UMT5Config
+
+    return UMT5Config(**TEXT_ENCODERS[name], pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
 def text_encoder(name: str, device, dtype: torch.dtype):
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
-    config = UMT5Config(**TEXT_ENCODERS[name], pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    # transformers keeps `_keep_in_fp32_modules` ("wo") in float32 for float16 only; bf16 casts everything.
-    keep = tuple(UMT5EncoderModel._keep_in_fp32_modules or ()) if dtype == torch.float16 else ()
-    return materialize(lambda: UMT5EncoderModel(config), device, dtype, keep)
+    return random_init(UMT5EncoderModel, _umt5_config(name), device, dtype)
 
 
 def vae(name: str, device, dtype: torch.dtype):
     from diffusers import AutoencoderKLWan
 
-    return materialize(lambda: AutoencoderKLWan(**VAES[name]), device, dtype)
+    return random_init(AutoencoderKLWan, VAES[name], device, dtype)
+
+
+def scheduler(flow_shift: float = 3.0):
+    """Wan2.1-T2V's sampler: UniPC with flow prediction."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=flow_shift
+    )
 
 
 def scheduler_config(flow_shift: float = 3.0) -> dict:
-    """Wan2.1-T2V's sampler (UniPC, flow prediction) as the dict `serve.stages.make_scheduler` takes."""
-    from diffusers import UniPCMultistepScheduler
+    """Wan2.1-T2V's sampler as the dict `serve.stages.make_scheduler` takes."""
+    sampler = scheduler(flow_shift)
+    return {"_class_name": type(sampler).__name__, **dict(sampler.config)}
 
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=flow_shift
-    )
-    return {"_class_name": type(scheduler).__name__, **dict(scheduler.config)}
+
+def write_config_only(sizes: Sizes, root, flow_shift: float = 3.0) -> ModelPair:
+    """Config-only model directories in diffusers' layout for `sizes`' architectures: a sketch pipeline
+    (model_index.json, transformer/, text_encoder/, vae/, scheduler/ configs and the byte tokenizer of serve/tiny.py)
+    and a render transformer directory. No weight files: load them with `EngineConfig(weights="random-init")`.
+
+    The configs are written by the libraries themselves, from models built on the meta device (no memory)."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    from serve.tiny import _byte_tokenizer
+
+    root = Path(root)
+    sketch_dir, render_dir = root / "sketch", root / "render"
+    with torch.device("meta"):
+        sketch = WanTransformer3DModel(**TRANSFORMERS[sizes.sketch])
+        render = WanTransformer3DModel(**TRANSFORMERS[sizes.render])
+        encoder = UMT5EncoderModel(_umt5_config(sizes.text_encoder))
+        autoencoder = AutoencoderKLWan(**VAES[sizes.vae])
+    sampler, tokenizer = scheduler(flow_shift), _byte_tokenizer()
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=autoencoder, scheduler=sampler,
+                       transformer=sketch)
+    pipe.save_config(sketch_dir)  # model_index.json
+    sketch.save_config(sketch_dir / "transformer")
+    encoder.config.save_pretrained(sketch_dir / "text_encoder")
+    autoencoder.save_config(sketch_dir / "vae")
+    sampler.save_config(sketch_dir / "scheduler")
+    tokenizer.save_pretrained(sketch_dir / "tokenizer")
+    render.save_config(render_dir)
+    return ModelPair(sketch=str(sketch_dir), render=str(render_dir))
 
 
 def pipeline(text_encoder_model, vae_model):

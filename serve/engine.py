@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from serve import stages
 from serve.handoff import Handoff, PromptEmbeds
 from serve.models import (
-    PRESETS, ModelPair, check_compatible, latent_spec, load_pipeline, load_scheduler_config, load_transformer,
-    preset_models,
+    PRESETS, ModelPair, Weights, check_compatible, latent_spec, load_pipeline, load_scheduler_config,
+    load_transformer, preset_models,
 )
 from serve.request import GenerationDefaults, GenerationParams, VideoRequest
 
@@ -75,6 +75,11 @@ class EngineConfig(BaseModel):
         stages.DEFAULT_MAX_TOKENS_PER_FORWARD, ge=1,
         description="Rows (CFG halves, batched requests) share one transformer forward while under this many tokens.",
     )
+    weights: Weights = Field(
+        "pretrained",
+        description="random-init builds each model from the sources' configs with random weights, for benchmarks "
+        "where no checkpoint is reachable: the cost equals the real weights', the outputs are noise.",
+    )
     vae_tiling: bool = Field(False, description="Decode in spatial tiles (diffusers' AutoencoderKLWan tiling).")
     vae_tile: VaeTiling = Field(default_factory=VaeTiling, description="Tile geometry when `vae_tiling` is on.")
 
@@ -106,7 +111,7 @@ class EncodeStage:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.pipe = load_pipeline(config.models().sketch, ("text_encoder", "tokenizer"), config.device,
-                                  config.torch_dtype)
+                                  config.torch_dtype, config.weights)
 
     def __call__(self, requests: list[GenerationParams]) -> list[PromptEmbeds]:
         return stages.encode(self.pipe, requests, self.config.device)
@@ -120,7 +125,8 @@ class SketchStage:
         self.scheduler_config = load_scheduler_config(models.sketch)
         self.spec = latent_spec(models.sketch)
         self.denoiser = denoiser or stages.GuidedDenoiser(
-            load_transformer(models.sketch, "sketch", config.device, config.torch_dtype), config.max_tokens_per_forward
+            load_transformer(models.sketch, "sketch", config.device, config.torch_dtype, config.weights),
+            config.max_tokens_per_forward,
         )
 
     def __call__(self, requests: list[tuple[GenerationParams, PromptEmbeds]], on_step=None):
@@ -131,7 +137,7 @@ class RenderStage:
     def __init__(self, config: EngineConfig, denoiser=None):
         self.config = config
         self.denoiser = denoiser or stages.GuidedDenoiser(
-            load_transformer(config.models().render, "render", config.device, config.torch_dtype),
+            load_transformer(config.models().render, "render", config.device, config.torch_dtype, config.weights),
             config.max_tokens_per_forward,
         )
 
@@ -142,7 +148,7 @@ class RenderStage:
 class DecodeStage:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.pipe = load_pipeline(config.models().sketch, ("vae",), config.device, config.torch_dtype)
+        self.pipe = load_pipeline(config.models().sketch, ("vae",), config.device, config.torch_dtype, config.weights)
         if config.vae_tiling:
             self.pipe.vae.enable_tiling(**config.vae_tile.model_dump())
 

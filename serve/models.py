@@ -4,14 +4,20 @@ A model source is a hub id ("Wan-AI/Wan2.1-T2V-14B-Diffusers") or a local direct
 sketch source is a full pipeline (text encoder, tokenizer, VAE, scheduler, transformer); the render source is a full
 pipeline or a bare transformer directory. Everything loads through diffusers' `from_pretrained`, on the tiny preset
 as on the real checkpoints; each stage loads only the components it uses.
+
+With `weights="random-init"` (benchmarks on machines that reach no checkpoint) the same sources need only their
+configs and tokenizer files: `random_init` builds each model from its config, with random weights, directly on the
+target device and in the target dtype. Its cost equals the real weights'; its outputs are noise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -21,6 +27,9 @@ from serve.request import GenerationDefaults
 # preset defaults defined here before that, so that a bad flag fails at once.
 if TYPE_CHECKING:
     from diffusers import WanPipeline, WanTransformer3DModel
+
+
+Weights = Literal["pretrained", "random-init"]
 
 
 class ModelError(ValueError):
@@ -87,7 +96,10 @@ def _load(what: str, source: str, loader, **kwargs):
     try:
         return loader(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelError(f"cannot load {what} from {source!r}: {e}") from e
+        hint = ""
+        if "no file named" in str(e):
+            hint = " (a directory with configs but no weight files loads only with weights='random-init')"
+        raise ModelError(f"cannot load {what} from {source!r}: {e}{hint}") from e
 
 
 def _is_pipeline(source: str) -> bool:
@@ -138,25 +150,99 @@ def check_device(device: str) -> None:
         )
 
 
-def load_pipeline(source: str, components: tuple[str, ...], device: str, dtype: torch.dtype) -> WanPipeline:
+def load_pipeline(source: str, components: tuple[str, ...], device: str, dtype: torch.dtype,
+                  weights: Weights = "pretrained") -> WanPipeline:
     """The sketch pipeline with only `components` loaded (others None): e.g. ("text_encoder", "tokenizer")."""
     from diffusers import WanPipeline
 
     check_device(device)
     source = _locate(source, "sketch")
     skip = {c: None for c in ("text_encoder", "tokenizer", "vae", "transformer") if c not in components}
-    pipe = _load("the pipeline", source, WanPipeline.from_pretrained, dtype=dtype, **skip)
+    built = {}
+    if weights == "random-init":  # the models from their configs; tokenizer and scheduler load from their files
+        index = _load("the pipeline index", source, WanPipeline.load_config)
+        for name in components:
+            library, class_name = index.get(name) or (None, None)
+            if library in ("diffusers", "transformers") and name != "tokenizer":
+                cls = getattr(importlib.import_module(library), class_name)
+                built[name] = random_init(cls, _model_config(cls, source, name, f"the {name}"), device, dtype)
+    pipe = _load("the pipeline", source, WanPipeline.from_pretrained, dtype=dtype, **skip, **built)
     return pipe.to(device)
 
 
-def load_transformer(source: str, role: str, device: str, dtype: torch.dtype) -> WanTransformer3DModel:
+def load_transformer(source: str, role: str, device: str, dtype: torch.dtype,
+                     weights: Weights = "pretrained") -> WanTransformer3DModel:
     from diffusers import WanTransformer3DModel
 
     check_device(device)
     source = _locate(source, role)
+    if weights == "random-init":
+        return random_init(WanTransformer3DModel, _transformer_config(source, role), device, dtype)
     kwargs = {"subfolder": "transformer"} if _is_pipeline(source) else {}
     model = _load(f"the {role} transformer", source, WanTransformer3DModel.from_pretrained, dtype=dtype, **kwargs)
     return model.to(device).eval().requires_grad_(False)
+
+
+def _is_diffusers(cls) -> bool:
+    from diffusers import ModelMixin
+
+    return issubclass(cls, ModelMixin)
+
+
+def _model_config(cls, source: str, subfolder: str, what: str):
+    """A component's config as its class reads it: a dict (diffusers) or a PretrainedConfig (transformers)."""
+    if _is_diffusers(cls):
+        return _load(f"{what} config", source, cls.load_config, subfolder=subfolder)
+    return _load(f"{what} config", source, cls.config_class.from_pretrained, subfolder=subfolder)
+
+
+def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
+    """Module names that `from_pretrained(dtype=dtype)` keeps in float32. diffusers keeps `_keep_in_fp32_modules`
+    for any reduced dtype; transformers keeps them for float16 only, and `_keep_in_fp32_modules_strict` for float16
+    and bfloat16."""
+    if dtype == torch.float32:
+        return ()
+    if _is_diffusers(type(model)):
+        return tuple(model._keep_in_fp32_modules or ())
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return tuple(sorted(keep))
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def random_init(cls, config, device, dtype: torch.dtype) -> torch.nn.Module:
+    """`cls` (a diffusers or transformers model class) built from `config` with its own random initialisers, for
+    benchmarks with no reachable checkpoint: the layer shapes, dtypes and so the cost of the real weights.
+
+    Built directly on `device` and in `dtype` (the 14B transformer never exists in float32 or on the CPU), then the
+    modules that from_pretrained keeps in float32 (`keep_in_fp32`, matched like diffusers against the dotted name's
+    components) are cast up, so every parameter and buffer has the dtype that from_pretrained would give it.
+    """
+    check_device(str(device))
+    with torch.device(device), _default_dtype(dtype):
+        if _is_diffusers(cls):
+            model = cls.from_config(config)
+        else:  # transformers: _from_config applies the dtype itself and records it in the config
+            model = cls._from_config(config, dtype=dtype)
+    keep = keep_in_fp32(model, dtype)
+    if keep:
+        with torch.no_grad():
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                if tensor.is_floating_point() and any(k in name.split(".") for k in keep):
+                    tensor.data = tensor.data.float()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return model.eval().requires_grad_(False)
 
 
 def load_scheduler_config(source: str) -> dict:

@@ -420,11 +420,13 @@ def to_sequence_parallel(model, ctx: ParallelContext):
     return wrapped
 
 
-def load_parallel_transformer(source: str, role: str, ctx: ParallelContext, dtype: torch.dtype):
-    """The transformer loaded by serve.models (diffusers' from_pretrained), adopted by xfuser's wrapper."""
+def load_parallel_transformer(source: str, role: str, ctx: ParallelContext, dtype: torch.dtype,
+                              weights: str = "pretrained"):
+    """The transformer loaded by serve.models (diffusers' from_pretrained, or random-init from its config), adopted
+    by xfuser's wrapper."""
     from serve.models import load_transformer
 
-    return to_sequence_parallel(load_transformer(source, role, str(ctx.device), dtype), ctx)
+    return to_sequence_parallel(load_transformer(source, role, str(ctx.device), dtype, weights), ctx)
 
 
 class ParallelDenoiser(stages.GuidedDenoiser):
@@ -493,7 +495,9 @@ class ParallelWorker:
         self.ctx = init_rank(rank, world_size, master_addr, master_port, parallel_config, device)
         models = engine_config.models()
         source = models.sketch if role == "sketch" else models.render
-        transformer = load_parallel_transformer(source, role, self.ctx, engine_config.torch_dtype)
+        transformer = load_parallel_transformer(
+            source, role, self.ctx, engine_config.torch_dtype, engine_config.weights
+        )
         self.denoiser = ParallelDenoiser(transformer, self.ctx, engine_config.max_tokens_per_forward)
 
     def ready(self) -> dict:
