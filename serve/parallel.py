@@ -495,10 +495,14 @@ class ParallelWorker:
         self.ctx = init_rank(rank, world_size, master_addr, master_port, parallel_config, device)
         models = engine_config.models()
         source = models.sketch if role == "sketch" else models.render
-        transformer = load_parallel_transformer(
-            source, role, self.ctx, engine_config.torch_dtype, engine_config.weights
-        )
+        self.weights = engine_config.weights
+        transformer = self.load_transformer(source, role, engine_config.torch_dtype)
         self.denoiser = ParallelDenoiser(transformer, self.ctx, engine_config.max_tokens_per_forward)
+
+    def load_transformer(self, source: str, role: str, dtype: torch.dtype):
+        """The stage transformer on this rank's device, adopted by xfuser's wrapper (a subclass may wrap this:
+        bench/sketch_scaling.py seeds the random-init build so that every rank draws the same weights)."""
+        return load_parallel_transformer(source, role, self.ctx, dtype, self.weights)
 
     def ready(self) -> dict:
         return {
@@ -560,10 +564,10 @@ def to_cpu(value):
     return value
 
 
-def _worker_main(conn, worker_kwargs: dict) -> None:
+def _worker_main(conn, worker_kwargs: dict, worker_cls: type[ParallelWorker] = ParallelWorker) -> None:
     """A spawned rank: build the worker, answer READY, then run (method, args, kwargs) messages until shutdown."""
     try:
-        worker = ParallelWorker(**worker_kwargs)
+        worker = worker_cls(**worker_kwargs)
         conn.send(("ok", worker.ready()))
     except BaseException as e:  # report, then exit: the driver raises it
         conn.send(("error", _portable(e), traceback.format_exc()))
@@ -613,12 +617,14 @@ class ProcessWorkerGroup:
 
     Validates the degrees against the model before spawning, waits for every rank's READY, fans methods out by name,
     returns rank 0's result, and watches the processes: a rank that dies fails the call with WorkerDiedError and
-    takes the group down.
+    takes the group down. `worker_cls` (a ParallelWorker subclass, importable by the spawned ranks) is vLLM's
+    `worker_cls`: benchmarks use it to seed and time the ranks.
     """
 
     def __init__(
         self, engine_config, parallel_config: ParallelConfig, role: str = "sketch", devices: list[str] | None = None,
         num_threads: int | None = None, start_timeout_s: float = 600.0, error_grace_s: float = 30.0,
+        worker_cls: type[ParallelWorker] = ParallelWorker,
     ):
         self.transformer_config = load_transformer_config(engine_config, role)
         check_parallel(parallel_config, self.transformer_config, role=role)
@@ -640,7 +646,9 @@ class ProcessWorkerGroup:
                 rank=rank, world_size=n, master_addr="127.0.0.1", master_port=port, engine_config=engine_config,
                 parallel_config=parallel_config, role=role, device=devices[rank], num_threads=num_threads,
             )
-            proc = ctx.Process(target=_worker_main, args=(child, kwargs), daemon=True, name=f"srd-{role}-rank{rank}")
+            proc = ctx.Process(
+                target=_worker_main, args=(child, kwargs, worker_cls), daemon=True, name=f"srd-{role}-rank{rank}"
+            )
             proc.start()
             child.close()
             self._conns.append(parent)
