@@ -285,7 +285,7 @@ class Context:
     def __init__(self, args, handle, telemetry: Telemetry, results: dict, guard: Guard):
         self.args, self.handle, self.telemetry, self.results, self.guard = args, handle, telemetry, results, guard
         self.next_index = 0
-        self.per_step: dict[str, float] = {}  # seconds per sketch and per render step, from the warm-up
+        self.per_step: dict[str, float] = {}  # stage seconds (per step for sketch, render) of a lone request
 
     def requests(self, count: int, steps: int, switch: str, frames: int | None = None) -> list[dict]:
         first, self.next_index = self.next_index, self.next_index + count
