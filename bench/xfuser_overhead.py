@@ -44,6 +44,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def top_kernels(forward, count: int = 8) -> list[dict]:
+    """The GPU kernels that took the most time over one forward: where a slower path spends its extra time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forward()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:count]
+    return [{"name": e.key, "ms": e.device_time_total / 1e3, "calls": e.count} for e in events]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, float32: tests the script.")
@@ -52,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget-s", type=float, default=420.0, help="Skip blocks that would start after this.")
+    parser.add_argument("--profile", action="store_true",
+                        help="Also record each path's top GPU kernels over one forward (torch.profiler).")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "xfuser_overhead.json"))
     args = parser.parse_args(argv)
 
@@ -93,8 +106,9 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             outputs.setdefault("diffusers", forward())
             timing = repeat(forward, device, args.warmup, args.runs)
+            kernels = top_kernels(forward) if args.profile else None
         results.append({"path": "diffusers", "block": label, "attention_backend": "diffusers native (torch SDPA)",
-                        **timing})
+                        **timing, **({"top_kernels": kernels} if kernels else {})})
 
     with torch.inference_mode():
         diffusers_block("first")
@@ -115,6 +129,8 @@ def main(argv=None) -> int:
                 entry["attention_backend"] = wrapped.attention_backend
                 entry["rel_err_vs_diffusers"] = rel_err(out, outputs["diffusers"])
                 entry.update(repeat(forward, device, args.warmup, args.runs))
+                if args.profile:
+                    entry["top_kernels"] = top_kernels(forward)
         except Exception as e:  # e.g. a backend with no kernel on this device: report, go on
             entry["unavailable"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             entry["traceback"] = traceback.format_exc()
@@ -152,6 +168,9 @@ def main(argv=None) -> int:
         "wall_s": time.monotonic() - started,
     }
     print(table(report))
+    for r in results:
+        for k in r.get("top_kernels") or []:
+            print(f"{r['path']:<20} {k['ms']:9.1f} ms {k['calls']:5d}x  {k['name'][:110]}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.out}")

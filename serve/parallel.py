@@ -389,6 +389,15 @@ def _import_attr(path: str):
     return getattr(__import__(module, fromlist=[attr]), attr)
 
 
+def _contiguous_hidden_states(block, args):
+    """xfuser's Wan forward hands the blocks the patch embedding's transposed view ([B, S, D] with strides
+    (S*D, 1, S)); elementwise ops keep that layout, so every residual add and copy of every block ran as a strided,
+    unvectorised kernel: +7% per 14B forward at 480p on an H100 (bench/RESULTS.md, profile). diffusers' own forward
+    hands the blocks a contiguous tensor; making the first block's input contiguous restores that everywhere."""
+    hidden_states, *rest = args
+    return (hidden_states.contiguous(), *rest)
+
+
 def to_sequence_parallel(model, ctx: ParallelContext):
     """xfuser's wrapper around `model`'s weights (no copy): the same module tree with USP attention processors.
 
@@ -415,6 +424,7 @@ def to_sequence_parallel(model, ctx: ParallelContext):
     if leftover:
         raise RuntimeError(f"xfuser's wrapper has tensors the diffusers model lacks: {leftover[:5]}")
     wrapped.eval().requires_grad_(False)
+    wrapped.blocks[0].register_forward_pre_hook(_contiguous_hidden_states)
     initialize_runtime_state(pipeline=SimpleNamespace(transformer=wrapped), engine_config=ctx.xfuser_config)
     wrapped.attention_backend = get_runtime_state().attention_backend.name  # what USP calls, for reports
     return wrapped
