@@ -16,17 +16,9 @@ import torch
 from serve.request import GenerationParams
 
 
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, list):
-        return [_to_cpu(v) for v in value]
-    return value
-
-
 def _to_device(value, device):
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.detach().to(device)
     if isinstance(value, list):
         return [_to_device(v, device) for v in value]
     return value
@@ -37,7 +29,7 @@ def move_scheduler(scheduler, device):
     moved = copy.copy(scheduler)
     for name, value in vars(scheduler).items():
         if isinstance(value, (torch.Tensor, list)):
-            setattr(moved, name, _to_device(value, device) if device != "cpu" else _to_cpu(value))
+            setattr(moved, name, _to_device(value, device))
     return moved
 
 
