@@ -5,23 +5,16 @@ from __future__ import annotations
 import torch
 
 from deployments.batching import StageRunner
-from deployments.config import ParallelConfig, RendererConfig
-from deployments.worker_group import check_stage_health, parallel_denoiser, shutdown_stage
+from deployments.config import RendererConfig
+from deployments.worker_group import build_denoising_stage, check_stage_health, shutdown_stage
 from serve.engine import EngineConfig, RenderStage
 from serve.handoff import Handoff
 from serve.stages import Cancelled
 
 
-def build_render_stage(engine: EngineConfig, parallel: ParallelConfig) -> RenderStage:
-    """The render stage of one replica: the model in this process, or spread over the placement group's ranks."""
-    if parallel.world_size == 1:
-        return RenderStage(engine)
-    return RenderStage(engine, denoiser=parallel_denoiser(engine, parallel, "render"))
-
-
 class Renderer:
     def __init__(self, engine: EngineConfig, config: RendererConfig, store):
-        self._stage = build_render_stage(engine, config.parallel)
+        self._stage = build_denoising_stage(RenderStage, "render", engine, config.parallel)
         self._runner = StageRunner("render", config.batching, store, self._stage)
 
     def check_health(self) -> None:

@@ -1,30 +1,23 @@
 """Sketcher deployment: the large model's first K denoising steps; returns the Handoff (through the object store).
 
-The replica's GPUs come from its placement group (one bundle per rank, see DenoiserConfig); `build_sketch_stage`
+The replica's GPUs come from its placement group (one bundle per rank, see DenoiserConfig); `worker_group.build_denoising_stage`
 is the one place that decides how the model is held, so a multi-rank worker group plugs in there.
 """
 
 from __future__ import annotations
 
 from deployments.batching import StageRunner
-from deployments.config import ParallelConfig, SketcherConfig
-from deployments.worker_group import check_stage_health, parallel_denoiser, shutdown_stage
+from deployments.config import SketcherConfig
+from deployments.worker_group import build_denoising_stage, check_stage_health, shutdown_stage
 from serve.engine import EngineConfig, SketchStage
 from serve.handoff import Handoff, PromptEmbeds
 from serve.request import GenerationParams
 from serve.stages import Cancelled
 
 
-def build_sketch_stage(engine: EngineConfig, parallel: ParallelConfig) -> SketchStage:
-    """The sketch stage of one replica: the model in this process, or spread over the placement group's ranks."""
-    if parallel.world_size == 1:
-        return SketchStage(engine)
-    return SketchStage(engine, denoiser=parallel_denoiser(engine, parallel, "sketch"))
-
-
 class Sketcher:
     def __init__(self, engine: EngineConfig, config: SketcherConfig, store):
-        self._stage = build_sketch_stage(engine, config.parallel)
+        self._stage = build_denoising_stage(SketchStage, "sketch", engine, config.parallel)
         self._runner = StageRunner("sketch", config.batching, store, self._stage,
                                    describe=lambda handoff: {"switch_step": handoff.step_index})
 

@@ -169,6 +169,13 @@ def _unwrap(error: ray.exceptions.RayTaskError, rank: int, role: str, what: str)
     return cause
 
 
+def build_denoising_stage(stage_cls, role: str, engine_config, parallel_config: ParallelConfig):
+    """A replica's sketch or render stage: the model in this process, or spread over the placement group's ranks."""
+    if parallel_config.world_size == 1:
+        return stage_cls(engine_config)
+    return stage_cls(engine_config, denoiser=parallel_denoiser(engine_config, parallel_config, role))
+
+
 def parallel_denoiser(engine_config, parallel_config: ParallelConfig, role: str):
     """A stage's denoiser over a worker group on this replica's placement group (rank 0 in this process)."""
     from serve.parallel import RemoteDenoiser
