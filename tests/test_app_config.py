@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sysconfig
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import ValidationError
+from ray.serve.deployment import Application
+from ray.serve.schema import ServeDeploySchema
 
-pytest.importorskip("ray")
-
-from ray.serve.deployment import Application  # noqa: E402
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
-
-from deployments.app import app_builder, deployment_options, load_serve_config  # noqa: E402
-from deployments.config import AppConfig, SketcherConfig  # noqa: E402
+from deployments.app import app_builder, deployment_options, load_serve_config
+from deployments.config import AppConfig, SketcherConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "deployments" / "configs"
 STAGES = ("encoder", "sketcher", "renderer", "decoder")
@@ -96,8 +92,10 @@ def test_srd_serve_refuses_deployment_overrides_it_would_ignore(tmp_path):
 def test_serve_build_accepts_the_app(tmp_path):
     """`serve build` (Ray's CLI) turns the default app into a config listing all seven deployments."""
     out = tmp_path / "built.yaml"
-    serve_cli = os.path.join(sysconfig.get_path("scripts"), "serve")  # Ray's console script
-    done = subprocess.run([serve_cli, "build", "deployments.app:app", "-o", str(out)], capture_output=True,
+    # Ray's `serve` console script (entry point ray.serve.scripts:cli), run through this interpreter so that it is
+    # found wherever Ray was installed (a venv over system packages puts the script outside the venv).
+    serve_cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli(prog_name='serve')"]
+    done = subprocess.run([*serve_cli, "build", "deployments.app:app", "-o", str(out)], capture_output=True,
                           text=True, timeout=300, cwd=CONFIGS.parent.parent)
     assert done.returncode == 0, done.stderr
     built = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
