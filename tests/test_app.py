@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
-httpx = pytest.importorskip("httpx")
+import httpx
+import ray
 
-from ray import serve  # noqa: E402
+from ray import serve
 
 TOLERANCE = 1e-5
 APP = "srd-test"

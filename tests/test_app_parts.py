@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
-pytest.importorskip("ray")
-
-from deployments.config import EncoderConfig  # noqa: E402
-from deployments.encoder import Encoder, cache_key  # noqa: E402
-from deployments.jobs import JobStore  # noqa: E402
+from deployments.config import EncoderConfig
+from deployments.encoder import Encoder, cache_key
+from deployments.jobs import JobStore
 
 
 def run(coroutine):

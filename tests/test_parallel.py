@@ -7,7 +7,6 @@ one-rank engine's (float32, relative error <= 1e-5).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import time
@@ -15,7 +14,6 @@ import time
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("xfuser") is None, reason="needs the `parallel` extra")
 
 TOL = 1e-5
 STEPS = {"num_inference_steps": 3, "switch": "step:2"}  # 2 sketch steps, 1 render step

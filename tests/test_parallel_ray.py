@@ -8,14 +8,12 @@ and the replica's replacement, to its shutdown.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 
 import pytest
 
-ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("xfuser") is None, reason="needs the `parallel` extra")
+import ray
 
 TOL = 1e-5
 STEPS = {"num_inference_steps": 3, "switch": "step:2"}  # 2 sketch steps, 1 render step

@@ -24,7 +24,6 @@ def frames(count: int = 9, height: int = 32, width: int = 48) -> np.ndarray:
 
 
 def test_pyav_h264_round_trip():
-    pytest.importorskip("av")
     assert video.mp4_encoder() == "pyav-h264"
     decoded = video.read_mp4(video.encode_mp4(frames(), fps=16))
     assert decoded.shape == (9, 32, 48, 3)
