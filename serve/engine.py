@@ -20,7 +20,7 @@ from serve.models import (
     PRESETS, ModelPair, Weights, check_compatible, latent_spec, load_pipeline, load_scheduler_config,
     load_transformer, preset_models,
 )
-from serve.request import GenerationDefaults, GenerationParams, VideoRequest
+from serve.request import GenerationDefaults, GenerationParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -178,9 +178,6 @@ class Engine:
         self.sketcher = SketchStage(config)
         self.renderer = RenderStage(config)
         self.decoder = DecodeStage(config)
-
-    def resolve(self, request: VideoRequest) -> GenerationParams:
-        return request.resolve(self.config.defaults)
 
     def generate(self, params: GenerationParams, decode: bool = True, on_step=None) -> GenerationResult:
         timings = {}
