@@ -9,10 +9,12 @@ from pathlib import Path
 
 
 def _generate_parser(sub) -> None:
+    from serve.models import PRESETS
+
     p = sub.add_parser("generate", help="Generate one video in this process (all four stages).")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")
-    p.add_argument("--preset", choices=["tiny", "wan2.1-t2v"], default="tiny")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
     p.add_argument("--sketch", help="Sketch pipeline: hub id or diffusers directory (with --render).")
     p.add_argument("--render", help="Render pipeline or transformer: hub id or diffusers directory.")
     p.add_argument("--height", type=int)
@@ -34,9 +36,11 @@ def _generate_parser(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
+    from serve.models import PRESETS
+
     p = sub.add_parser("serve", help="Start local Ray and the disaggregated Serve app.")
     p.add_argument("--config", help="Serve config YAML (as for `serve deploy`).")
-    p.add_argument("--preset", choices=["tiny", "wan2.1-t2v"], default="tiny")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
 

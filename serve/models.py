@@ -67,7 +67,17 @@ TINY = Preset(
         switch="ratio:0.3",
     ),
 )
-PRESETS = {p.name: p for p in (WAN21_T2V, TINY)}
+# Trained by this project (toy/train.py) on procedural clips; committed in float16 (bench/RESULTS.md has its table).
+TOY_DIR = Path(__file__).resolve().parent / "presets" / "toy"
+TOY = Preset(
+    "toy",
+    ModelPair(str(TOY_DIR / "sketch"), str(TOY_DIR / "render")),
+    GenerationDefaults(
+        width=64, height=64, num_frames=17, num_inference_steps=20, guidance_scale=5.0, flow_shift=1.0,
+        switch="ratio:0.25", fps=8,
+    ),
+)
+PRESETS = {p.name: p for p in (WAN21_T2V, TOY, TINY)}
 
 
 def preset_models(preset: Preset) -> ModelPair:

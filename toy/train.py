@@ -1,0 +1,268 @@
+"""Train the toy sketch/render pair on procedural clips and save it in diffusers' layout.
+
+    python -m toy.train --out serve/presets/toy --device cuda          # one H100, under 10 minutes
+    python -m toy.train --out /tmp/toy --device cpu --vae-steps 2 --dit-steps 2 --bank 8 --vae-batch 2 --dit-batch 4
+
+Phases, all on `--device`:
+  1. VAE: the tiny AutoencoderKLWan (toy/pair.py) on fresh clips every step (toy/data.py, training split),
+     reconstruction MSE plus a small KL term. Then the per-channel latent mean and std over held-in clips go into
+     its config (`latents_mean`/`latents_std`, which WanPipeline and the engine use to scale latents).
+  2. DiTs: a bank of `--bank` training clips is encoded once; the large and the small WanTransformer3DModel train
+     side by side on the same batches with Wan's flow-matching objective (x_t = (1 - s) x_0 + s e, target e - x_0,
+     timestep 1000 s, s drawn uniformly then shifted by `--flow-shift` as the sampler's schedule is) and 10% of the
+     prompts replaced by the empty prompt's embedding (classifier-free guidance). Weights are averaged (EMA) and the
+     averages are saved.
+Prompt embeddings come from WanPipeline.encode_prompt, the code path the engine runs, over every prompt of the
+grammar. Each phase stops at its step count or at its `--*-seconds` guard, whichever comes first; training.json
+records the steps that ran, so a run can be repeated exactly with those counts.
+
+Output: OUT/sketch (a full WanPipeline: tokenizer, text encoder, VAE, scheduler, large transformer), OUT/render
+(the small transformer) and OUT/training.json; weights stored in float16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from toy import data, pair
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def all_prompts() -> list[str]:
+    """Every prompt of the grammar (held-out ones included: the table is shared with evaluation)."""
+    return [
+        data.Scene(shape=sh, colour=c, size=si, direction=d, speed=sp, background=b, start_x=0.0, start_y=0.0).prompt
+        for si, c, sh, d, sp, b in itertools.product(
+            data.SIZES, data.COLOURS, data.SHAPES, data.DIRECTIONS, data.SPEEDS, data.BACKGROUNDS
+        )
+    ]
+
+
+def encode_prompts(pipe, prompts: list[str], device, chunk: int = 128) -> torch.Tensor:
+    """[len(prompts), 512, TEXT_DIM] float32, through diffusers' encode_prompt (as serve.stages.encode)."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(prompts), chunk):
+            embeds, _ = pipe.encode_prompt(
+                prompt=prompts[i : i + chunk], do_classifier_free_guidance=False,
+                max_sequence_length=pair.MAX_SEQUENCE_LENGTH, device=device,
+            )
+            out.append(embeds.float())
+    return torch.cat(out).clone()
+
+
+def _lr(step: int, base: float, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup)
+
+
+def train_vae(vae, args, device) -> dict:
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    start, log = time.perf_counter(), []
+    step = 0
+    for step in range(args.vae_steps):
+        if time.perf_counter() - start > args.vae_seconds:
+            break
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, args.vae_lr, 100)
+        clips = data.render_clips(data.sample_scenes(args.vae_batch, seed=args.seed * 1_000_003 + step), device=device)
+        with _autocast(device):
+            posterior = vae.encode(clips).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon.float(), clips)
+        mean, logvar = posterior.mean.float(), posterior.logvar.float()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        loss = mse + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == args.vae_steps - 1:
+            log.append({"step": step, "mse": mse.item(), "kl": kl.item(), "s": time.perf_counter() - start})
+            print(f"vae {step:6d}  mse {mse.item():.5f}  kl {kl.item():.3f}  {time.perf_counter() - start:6.1f} s",
+                  flush=True)
+    vae.eval().requires_grad_(False)
+    return {"steps": step + 1 if args.vae_steps else 0, "seconds": time.perf_counter() - start, "log": log}
+
+
+@torch.no_grad()
+def encode_clips(vae, scenes: list[data.Scene], device, chunk: int = 256) -> torch.Tensor:
+    """Posterior means, unscaled, float32 on `device`."""
+    out = []
+    for i in range(0, len(scenes), chunk):
+        clips = data.render_clips(scenes[i : i + chunk], device=device)
+        with _autocast(device):
+            out.append(vae.encode(clips).latent_dist.mode().float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def set_latent_stats(vae, device, seed: int, count: int) -> dict:
+    z = encode_clips(vae, data.sample_scenes(count, seed=seed), device)
+    mean = z.mean(dim=(0, 2, 3, 4))
+    std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+    vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()],
+                           latents_std=[round(v, 5) for v in std.tolist()])
+    return {"latents_mean": vae.config.latents_mean, "latents_std": vae.config.latents_std}
+
+
+@torch.no_grad()
+def reconstruction_error(vae, device, seed: int, count: int) -> float:
+    """Pixel MSE (in [-1, 1]) of encode-mode-decode on held-out clips."""
+    scenes = data.sample_scenes(count, seed=seed, split="eval")
+    clips = data.render_clips(scenes, device=device)
+    with _autocast(device):
+        recon = vae.decode(vae.encode(clips).latent_dist.mode()).sample
+    return F.mse_loss(recon.float(), clips).item()
+
+
+def train_dits(models: dict, bank: torch.Tensor, bank_prompts: torch.Tensor, embeds: torch.Tensor,
+               null_embed: torch.Tensor, args, device) -> dict:
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=args.dit_lr, weight_decay=0.0) for n, m in models.items()}
+    emas = {n: [p.detach().clone() for p in m.parameters()] for n, m in models.items()}
+    for m in models.values():
+        m.train().requires_grad_(True)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    start, log, step = time.perf_counter(), [], 0
+    for step in range(args.dit_steps):
+        if time.perf_counter() - start > args.dit_seconds:
+            break
+        idx = torch.randint(len(bank), (args.dit_batch,), device=device, generator=gen)
+        x0 = bank[idx].float()
+        text = embeds[bank_prompts[idx]]
+        drop = torch.rand(args.dit_batch, device=device, generator=gen) < args.uncond_prob
+        text = torch.where(drop[:, None, None], null_embed.expand_as(text), text)
+        u = torch.rand(args.dit_batch, device=device, generator=gen)
+        sigma = args.flow_shift * u / (1 + (args.flow_shift - 1) * u)
+        noise = torch.randn(x0.shape, device=device, generator=gen)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        log_now = step % 100 == 0 or step == args.dit_steps - 1
+        losses = {}
+        for name, model in models.items():
+            for group in opts[name].param_groups:
+                group["lr"] = _lr(step, args.dit_lr, 200)
+            with _autocast(device):
+                pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise - x0)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opts[name].step()
+            with torch.no_grad():
+                torch._foreach_lerp_(emas[name], [p.detach() for p in model.parameters()], 1 - args.ema)
+            if log_now:
+                losses[name] = loss.item()
+        if log_now:
+            row = {"step": step, **losses, "s": time.perf_counter() - start}
+            log.append(row)
+            print("dit " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                  flush=True)
+    with torch.no_grad():
+        for name, model in models.items():
+            for p, e in zip(model.parameters(), emas[name]):
+                p.copy_(e)
+            model.eval().requires_grad_(False)
+    return {"steps": step + 1 if args.dit_steps else 0, "seconds": time.perf_counter() - start, "log": log}
+
+
+def save(out: Path, tokenizer, text_encoder, vae, large, small, flow_shift: float) -> dict:
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=large,
+                       scheduler=pair.scheduler(flow_shift))
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out / "sketch")
+    small.to(torch.float16).save_pretrained(out / "render")
+    sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    return {"bytes_total": sum(sizes.values()), "files": sizes}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory for sketch/, render/ and training.json")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-steps", type=int, default=3000)
+    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-kl", type=float, default=1e-5, help="weight of the per-element KL term")
+    ap.add_argument("--vae-seconds", type=float, default=150.0, help="guard: the VAE phase stops after this long")
+    ap.add_argument("--bank", type=int, default=60_000, help="training clips encoded once for the DiTs")
+    ap.add_argument("--dit-steps", type=int, default=20_000)
+    ap.add_argument("--dit-batch", type=int, default=128)
+    ap.add_argument("--dit-lr", type=float, default=3e-4)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--uncond-prob", type=float, default=0.1)
+    ap.add_argument("--flow-shift", type=float, default=1.0,
+                    help="the sampler's shift, which the toy preset uses too (Wan uses 3 at 480p and 5 at 720p: "
+                    "the shift grows with resolution, and 64x64 is 1%% of 480p)")
+    ap.add_argument("--dit-seconds", type=float, default=300.0, help="guard: the DiT phase stops after this long")
+    ap.add_argument("--commit", default=os.environ.get("BENCH_COMMIT"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    t_start = time.perf_counter()
+    from diffusers import WanPipeline
+
+    tokenizer = pair.word_tokenizer()
+    text_encoder = pair.text_encoder(len(tokenizer), seed=args.seed).to(device)
+    vae = pair.vae(seed=args.seed + 1).to(device)
+    models = {"large": pair.transformer("large", seed=args.seed + 2).to(device),
+              "small": pair.transformer("small", seed=args.seed + 3).to(device)}
+    report: dict = {"args": vars(args), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else platform.processor() or "cpu", "torch": torch.__version__,
+                    "parameters": {"text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+                                   "vae": sum(p.numel() for p in vae.parameters()),
+                                   **{n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}}}
+    print(f"parameters: {report['parameters']}", flush=True)
+
+    report["vae"] = train_vae(vae, args, device)
+    report["vae"].update(set_latent_stats(vae, device, seed=args.seed + 7, count=min(2048, max(8, args.bank))))
+    report["vae"]["eval_mse"] = reconstruction_error(vae, device, seed=args.seed + 8, count=64)
+    print(f"vae: {report['vae']['steps']} steps, held-out mse {report['vae']['eval_mse']:.5f}", flush=True)
+
+    t0 = time.perf_counter()
+    text_pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None,
+                            scheduler=pair.scheduler(args.flow_shift))
+    prompts = all_prompts()
+    embeds = encode_prompts(text_pipe, prompts + [""], device)
+    embeds, null_embed = embeds[:-1], embeds[-1:]
+    index = {p: i for i, p in enumerate(prompts)}
+    scenes = data.sample_scenes(args.bank, seed=args.seed + 9, split="train")
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+    bank = ((encode_clips(vae, scenes, device) - mean) / std).half()
+    bank_prompts = torch.tensor([index[s.prompt] for s in scenes], device=device)
+    report["bank"] = {"clips": len(scenes), "prompts": len(set(bank_prompts.tolist())), "seconds": time.perf_counter() - t0}
+    print(f"bank: {report['bank']}", flush=True)
+
+    report["dit"] = train_dits(models, bank, bank_prompts, embeds, null_embed, args, device)
+    report["save"] = save(out, tokenizer, text_encoder, vae, models["large"], models["small"], args.flow_shift)
+    report["seconds_total"] = time.perf_counter() - t_start
+    (out / "training.json").write_text(json.dumps(report, indent=1))
+    print(f"saved {out} ({report['save']['bytes_total'] / 2**20:.1f} MiB) in {report['seconds_total']:.0f} s",
+          flush=True)
+    if not all(math.isfinite(row[name]) for row in report["dit"]["log"] for name in models):
+        raise SystemExit("training diverged: a DiT's loss is not finite (see training.json)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
