@@ -67,7 +67,8 @@ TINY = Preset(
         switch="ratio:0.3",
     ),
 )
-# Trained by this project (toy/train.py) on procedural clips; committed in float16 (bench/RESULTS.md has its table).
+# Trained by this project (`python -m toy.train --out serve/presets/toy`) on procedural clips (issue 6). Its weights
+# are not in the repository yet: no training run so far produced a pair worth shipping (bench/RESULTS.md).
 TOY_DIR = Path(__file__).resolve().parent / "presets" / "toy"
 TOY = Preset(
     "toy",
@@ -81,6 +82,11 @@ PRESETS = {p.name: p for p in (WAN21_T2V, TOY, TINY)}
 
 
 def preset_models(preset: Preset) -> ModelPair:
+    if preset is TOY and not (TOY_DIR / "sketch").is_dir():
+        raise ModelError(
+            f"the toy preset's weights are not in {TOY_DIR}: train them with "
+            f"`python -m toy.train --out {TOY_DIR}` on a GPU, or pass --sketch/--render"
+        )
     if preset.models is not None:
         return preset.models
     from serve.tiny import ensure_tiny_models

@@ -1,0 +1,73 @@
+"""The toy pair's training command and its benchmark, on the CPU with a few steps: the VAE gate stops an
+untrained VAE before the DiTs, a second run reuses that VAE, the saved pair stays under the 20 MB that may be
+committed and loads through the engine like any checkpoint, and bench.toy_quality scores it setting by setting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import toy_quality
+from serve.engine import Engine, EngineConfig
+from serve.request import VideoRequest
+from toy import train
+
+FEW = ["--device", "cpu", "--vae-batch", "2", "--dit-batch", "2", "--bank", "4", "--check-clips", "4"]
+MAX_BYTES = 20 * 10**6  # issue 6: all committed weights together
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    with pytest.raises(SystemExit, match="min-vae-adherence 90"):
+        train.main(["--out", str(out / "gated"), "--vae-steps", "1", "--dit-steps", "1", *FEW])
+    gated = json.loads((out / "gated" / "training.json").read_text())
+    pair = out / "pair"
+    report = train.main(["--out", str(pair), "--vae-from", str(out / "gated" / "sketch"), "--min-vae-adherence", "0",
+                         "--dit-steps", "2", *FEW])
+    return gated, report, pair
+
+
+def test_the_vae_gate_stops_before_the_dits_and_keeps_the_vae(trained):
+    gated, _, _ = trained
+    assert gated["vae"]["steps"] == 1 and gated["vae"]["check"]["adherence"] < 90
+    assert "dit" not in gated
+    assert gated["vae"]["latents_std"] != [1.0] * len(gated["vae"]["latents_std"])  # measured, not the placeholder
+
+
+def test_reused_vae_and_two_dit_steps_give_a_pair_under_the_size_cap(trained):
+    gated, report, pair = trained
+    assert report["vae"]["from"].endswith("gated/sketch")
+    # the same VAE, read back from disk (stored in float16, so equal up to that rounding)
+    assert report["vae"]["check"]["mse"] == pytest.approx(gated["vae"]["check"]["mse"], rel=1e-3)
+    assert report["dit"]["steps"] == 2 and {"large", "small"} <= report["dit"]["log"][-1].keys()
+    assert report["parameters"]["large"] > 9 * report["parameters"]["small"]
+    assert 0 < report["save"]["bytes_total"] <= MAX_BYTES
+    assert (pair / "sketch" / "model_index.json").is_file() and (pair / "render" / "config.json").is_file()
+
+
+def test_the_pair_loads_and_generates_through_the_engine(trained):
+    _, _, pair = trained
+    config = EngineConfig(preset="toy", sketch=str(pair / "sketch"), render=str(pair / "render"))
+    engine = Engine(config)
+    params = VideoRequest(prompt="a large red circle moving left slowly on a black background", seed=1,
+                          num_inference_steps=3, switch="step:1").resolve(config.defaults)
+    result = engine.generate(params)
+    assert result.frames.shape == (17, 64, 64, 3) and result.switch_step == 1
+    assert engine.sketcher.spec.spatial == 4 and result.latents.shape == (1, 8, 5, 16, 16)
+
+
+def test_toy_quality_scores_every_setting(trained, tmp_path):
+    _, _, pair = trained
+    result = toy_quality.main(["--models", str(pair), "--device", "cpu", "--videos", "2", "--batch", "2",
+                               "--ks", "5", "--adaptive", "adaptive:0.05:2:12", "--cost-runs", "1",
+                               "--out", str(tmp_path / "q.json")])
+    rows = result["rows"]
+    assert rows["ground truth"]["adherence"]["all"] == 100.0
+    assert rows["all-large"]["k"] == {20: 2} and rows["all-large"]["cost_ratio"] == pytest.approx(1.0)
+    assert rows["all-small"]["k"] == {0: 2} and rows["all-small"]["cost_ratio"] < 1.0
+    assert rows["SR K=5"]["k"] == {5: 2}
+    assert rows["all-small"]["cost_ratio"] < rows["SR K=5"]["cost_ratio"] < 1.0
+    assert all(0 <= row["adherence"][a] <= 100 for row in rows.values() for a in toy_quality.ATTRIBUTES)
+    assert json.loads((tmp_path / "q.json").read_text())["rows"].keys() == rows.keys()
