@@ -65,6 +65,17 @@ def encode_prompts(pipe, prompts: list[str], device, chunk: int = 128) -> torch.
     return torch.cat(out).clone()
 
 
+def flow_matching_example(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
+    """Wan's flow-matching training example: (x_t, the timestep the model sees, the velocity it must predict).
+
+    The sampler (diffusers' UniPC with flow sigmas) feeds the model timestep = 1000 sigma and reads its output as
+    noise - x_0; tests/test_toy_train.py checks that a model answering exactly this target lets the engine's sampler
+    land on x_0.
+    """
+    s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - s) * x0 + s * noise, sigma * 1000, noise - x0
+
+
 def _lr(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
 
@@ -162,16 +173,15 @@ def train_dits(models: dict, bank: torch.Tensor, bank_prompts: torch.Tensor, emb
         u = torch.rand(args.dit_batch, device=device, generator=gen)
         sigma = args.flow_shift * u / (1 + (args.flow_shift - 1) * u)
         noise = torch.randn(x0.shape, device=device, generator=gen)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
+        xt, timestep, target = flow_matching_example(x0, noise, sigma)
         log_now = step % 100 == 0 or step == args.dit_steps - 1
         losses = {}
         for name, model in models.items():
             for group in opts[name].param_groups:
                 group["lr"] = _lr(step, args.dit_lr, 200)
             with _autocast(device):
-                pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise - x0)
+                pred = model(hidden_states=xt, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), target)
             opts[name].zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
