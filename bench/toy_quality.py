@@ -1,6 +1,6 @@
 """Prompt adherence of the trained toy pair against the switch step (issue 6): the paper's claim, measured here.
 
-    python -m bench.toy_quality --device cuda --videos 200 --out $OUT/toy_quality.json    # one H100, ~1 min
+    python -m bench.toy_quality --device cuda --videos 200 --out $OUT/toy_quality.json    # one H100, ~2 min
     python -m bench.toy_quality --device cpu --videos 4 --ks 2 --out /tmp/toy_quality.json  # CPU smoke
 
 Every setting generates the same `--videos` videos: prompts from the held-out split of the grammar (attribute
