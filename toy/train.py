@@ -1,12 +1,16 @@
 """Train the toy sketch/render pair on procedural clips and save it in diffusers' layout.
 
     python -m toy.train --out serve/presets/toy --device cuda          # one H100, under 10 minutes
+    python -m toy.train --out DIR --dit-steps 0                        # the VAE alone (one device call) ...
+    python -m toy.train --out DIR2 --vae-from DIR/sketch               # ... then the DiTs on it (another)
     python -m toy.train --out /tmp/toy --device cpu --vae-steps 2 --dit-steps 2 --bank 8 --vae-batch 2 --dit-batch 4
 
 Phases, all on `--device`:
-  1. VAE: the tiny AutoencoderKLWan (toy/pair.py) on fresh clips every step (toy/data.py, training split),
-     reconstruction MSE plus a small KL term. Then the per-channel latent mean and std over held-in clips go into
-     its config (`latents_mean`/`latents_std`, which WanPipeline and the engine use to scale latents).
+  1. VAE: the tiny AutoencoderKLWan (toy/pair.py) on fresh clips every step (toy/data.py, training split), with
+     the reconstruction MSE of the decoder's raw output (`train_vae` says why). Then the per-channel latent mean and
+     std over training clips go into its config (`latents_mean`/`latents_std`, which WanPipeline and the engine use
+     to scale latents), and a gate: the detector must read the prompt back from >= `--min-vae-adherence` % of
+     held-out reconstructions, else the run stops before the DiTs (exit 1), keeping the VAE.
   2. DiTs: a bank of `--bank` training clips is encoded once; the large and the small WanTransformer3DModel train
      side by side on the same batches with Wan's flow-matching objective (x_t = (1 - s) x_0 + s e, target e - x_0,
      timestep 1000 s, s drawn uniformly then shifted by `--flow-shift` as the sampler's schedule is) and 10% of the
@@ -221,7 +225,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=3000)
-    ap.add_argument("--vae-batch", type=int, default=48)
+    ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--vae-frames", type=int, default=17,
                     help="frames of the VAE's training clips; keep the clips' full length: a VAE trained on 9 "
                     "frames reconstructs frames 10-17 with 5-10x the error (bench/RESULTS.md, toy run 2)")
