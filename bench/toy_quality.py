@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from bench.measure import repeat
-from serve.engine import DecodeStage, EncodeStage, EngineConfig, RenderStage, SketchStage
+from serve.engine import Engine, EngineConfig
 from serve.request import VideoRequest
 from toy import data
 from toy.detector import adherence, detect
@@ -48,37 +48,33 @@ def score(frames: list[np.ndarray], scenes: list[data.Scene]) -> dict:
     return {a: 100.0 * hits[a] / len(scenes) for a in ATTRIBUTES}
 
 
-class ToyBench:
-    def __init__(self, config: EngineConfig, batch: int):
-        self.config, self.batch = config, batch
-        self.encoder, self.sketcher = EncodeStage(config), SketchStage(config)
-        self.renderer, self.decoder = RenderStage(config), DecodeStage(config)
+def generate(engine: Engine, scenes: list[data.Scene], switch: str, guidance: float, seed0: int, batch: int):
+    """Frames and the switch step of each scene's video, `batch` requests per stage call."""
+    frames, ks = [], []
+    for i in range(0, len(scenes), batch):
+        chunk = scenes[i : i + batch]
+        params = [
+            VideoRequest(prompt=s.prompt, seed=seed0 + i + j, switch=switch, guidance_scale=guidance)
+            .resolve(engine.config.defaults) for j, s in enumerate(chunk)
+        ]
+        embeds = engine.encoder(params)
+        handoffs = engine.sketcher(list(zip(params, embeds)))
+        latents = engine.renderer(handoffs)
+        frames.extend(engine.decoder(torch.cat(latents)))
+        ks.extend(h.step_index for h in handoffs)
+    return frames, ks
 
-    def generate(self, scenes: list[data.Scene], switch: str, guidance: float, seed0: int):
-        """Frames and the switch step of each scene's video, `batch` requests per stage call."""
-        frames, ks = [], []
-        for i in range(0, len(scenes), self.batch):
-            chunk = scenes[i : i + self.batch]
-            params = [
-                VideoRequest(prompt=s.prompt, seed=seed0 + i + j, switch=switch, guidance_scale=guidance)
-                .resolve(self.config.defaults) for j, s in enumerate(chunk)
-            ]
-            embeds = self.encoder(params)
-            handoffs = self.sketcher(list(zip(params, embeds)))
-            latents = self.renderer(handoffs)
-            frames.extend(self.decoder(torch.cat(latents)))
-            ks.extend(h.step_index for h in handoffs)
-        return frames, ks
 
-    def step_cost(self, denoiser, params, runs: int) -> float:
-        """Median seconds of one guided step of one request."""
-        (embeds,) = self.encoder([params])
-        embeds = embeds.to(self.config.device)
-        x = torch.randn(self.sketcher.spec.shape(params), device=self.config.device)
-        t = torch.tensor([500.0], device=self.config.device)
-        with torch.inference_mode():
-            return repeat(lambda: denoiser(x, t, [embeds], [params.guidance_scale]), self.config.device,
-                          warmup=3, runs=runs)["median_s"]
+def step_cost(engine: Engine, denoiser, params, runs: int) -> float:
+    """Median seconds of one guided step of one request."""
+    device = engine.config.device
+    (embeds,) = engine.encoder([params])
+    embeds = embeds.to(device)
+    x = torch.randn(engine.sketcher.spec.shape(params), device=device)
+    t = torch.tensor([500.0], device=device)
+    with torch.inference_mode():
+        return repeat(lambda: denoiser(x, t, [embeds], [params.guidance_scale]), device, warmup=3,
+                      runs=runs)["median_s"]
 
 
 def main(argv=None) -> dict:
@@ -104,7 +100,7 @@ def main(argv=None) -> dict:
     defaults = config.defaults
     n = defaults.num_inference_steps
     guidance = defaults.guidance_scale if args.guidance is None else args.guidance
-    bench = ToyBench(config, args.batch)
+    engine = Engine(config)
     scenes = data.sample_scenes(args.videos, seed=args.seed, split="eval", height=defaults.height, width=defaults.width)
     meta = {
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -118,14 +114,14 @@ def main(argv=None) -> dict:
     clips = data.render_clips(scenes, frames=defaults.num_frames, height=defaults.height, width=defaults.width)
     rows["ground truth"] = {"adherence": score([data.frames_uint8(c) for c in clips], scenes)}
     with torch.inference_mode():
-        vae = bench.decoder.pipe.vae
+        vae = engine.decoder.pipe.vae
         z = torch.cat([vae.encode(c[None].to(vae.device)).latent_dist.mode() for c in clips])
-        recon = bench.decoder.pipe.video_processor.postprocess_video(vae.decode(z).sample, output_type="np")
+        recon = engine.decoder.pipe.video_processor.postprocess_video(vae.decode(z).sample, output_type="np")
     rows["VAE reconstruction"] = {"adherence": score(list((np.asarray(recon) * 255).round().astype(np.uint8)), scenes)}
 
     probe = VideoRequest(prompt=scenes[0].prompt, seed=0, guidance_scale=guidance).resolve(defaults)
-    cost = {"large_s": bench.step_cost(bench.sketcher.denoiser, probe, args.cost_runs),
-            "small_s": bench.step_cost(bench.renderer.denoiser, probe, args.cost_runs)}
+    cost = {"large_s": step_cost(engine, engine.sketcher.denoiser, probe, args.cost_runs),
+            "small_s": step_cost(engine, engine.renderer.denoiser, probe, args.cost_runs)}
     meta["step_cost"] = cost
 
     settings = [("all-large", f"step:{n}"), ("all-small", "boundary:1.0")]
@@ -133,7 +129,7 @@ def main(argv=None) -> dict:
     settings += [(spec, spec) for spec in args.adaptive.split(",") if spec]
     for name, switch in settings:
         start = time.perf_counter()
-        frames, ks = bench.generate(scenes, switch, guidance, seed0=args.seed * 1000)
+        frames, ks = generate(engine, scenes, switch, guidance, seed0=args.seed * 1000, batch=args.batch)
         ratio = [(k * cost["large_s"] + (n - k) * cost["small_s"]) / (n * cost["large_s"]) for k in ks]
         rows[name] = {"switch": switch, "adherence": score(frames, scenes), "cost_ratio": float(np.mean(ratio)),
                       "k": dict(sorted(collections.Counter(ks).items())), "wall_s": time.perf_counter() - start}
