@@ -20,7 +20,7 @@ TEXT_DIM = 64
 LATENT_CHANNELS = 8
 MAX_SEQUENCE_LENGTH = 512  # what the engine pads prompts to (serve.stages.encode), as WanPipeline does
 GRAMMAR_WORDS = ("a", "moving", "on", "background", *SIZES, *COLOURS, *SHAPES, *DIRECTIONS, *SPEEDS, *BACKGROUNDS)
-DIT_SIZES = {"large": {"heads": 4, "layers": 6}, "small": {"heads": 2, "layers": 6}}
+DIT_SIZES = {"large": {"heads": 4, "layers": 6}, "small": {"heads": 2, "layers": 2}}
 
 
 def word_tokenizer():

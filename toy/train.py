@@ -206,7 +206,6 @@ def train_dits(models: dict, bank: torch.Tensor, bank_prompts: torch.Tensor, emb
         m.train().requires_grad_(True)
     gen = torch.Generator(device).manual_seed(args.seed)
     plan, log, step = StepPlan(args.dit_steps, args.dit_seconds, warmup=200), [], 0
-    max_sigma = {"large": 1.0, "small": args.small_max_sigma}
     while plan.keep_going(step):
         idx = torch.randint(len(bank), (args.dit_batch,), device=device, generator=gen)
         x0 = bank[idx].float()
@@ -216,10 +215,10 @@ def train_dits(models: dict, bank: torch.Tensor, bank_prompts: torch.Tensor, emb
         u = torch.rand(args.dit_batch, device=device, generator=gen)
         sigma = args.flow_shift * u / (1 + (args.flow_shift - 1) * u)
         noise = torch.randn(x0.shape, device=device, generator=gen)
+        xt, timestep, target = flow_matching_example(x0, noise, sigma)
         log_now = step % 100 == 0
         losses = {}
         for name, model in models.items():
-            xt, timestep, target = flow_matching_example(x0, noise, sigma * max_sigma[name])
             for group in opts[name].param_groups:
                 group["lr"] = plan.lr(step, args.dit_lr)
             with _autocast(device):
@@ -287,10 +286,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--flow-shift", type=float, default=1.0,
                     help="the sampler's shift, which the toy preset uses too (Wan uses 3 at 480p and 5 at 720p: "
                     "the shift grows with resolution, and 64x64 is 1%% of 480p)")
-    ap.add_argument("--small-max-sigma", type=float, default=1.0,
-                    help="train the small DiT only on noise levels up to this sigma (1: all of them, as the paper's "
-                    "off-the-shelf small model; below 1: a renderer trained only where it renders, as a low-noise "
-                    "expert)")
     ap.add_argument("--dit-seconds", type=float, default=180.0, help="guard: the DiT phase stops after this long")
     ap.add_argument("--commit", default=os.environ.get("BENCH_COMMIT"))
     args = ap.parse_args(argv)
