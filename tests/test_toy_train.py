@@ -26,7 +26,7 @@ MAX_BYTES = 20 * 10**6  # issue 6: all committed weights together
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    with pytest.raises(SystemExit, match="min-vae-adherence 90"):
+    with pytest.raises(SystemExit, match="min-vae-adherence 80"):
         train.main(["--out", str(out / "gated"), "--vae-steps", "1", "--dit-steps", "1", *FEW])
     gated = json.loads((out / "gated" / "training.json").read_text())
     pair = out / "pair"
@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
 
 def test_the_vae_gate_stops_before_the_dits_and_keeps_the_vae(trained):
     gated, _, _ = trained
-    assert gated["vae"]["steps"] == 1 and gated["vae"]["check"]["adherence"] < 90
+    assert gated["vae"]["steps"] == 1 and gated["vae"]["check"]["adherence"] < 80
     assert "dit" not in gated
     assert gated["vae"]["latents_std"] != [1.0] * len(gated["vae"]["latents_std"])  # measured, not the placeholder
 
@@ -118,3 +118,31 @@ def test_the_training_target_is_what_the_engines_sampler_reads():
     assert handoff.step_index == 5
     (latents,) = stages.render(denoiser, [handoff], "cpu")
     assert (latents - x0).norm() / x0.norm() < 0.005  # 0.0014 measured; 0.03 with timesteps off by 30%
+
+
+def test_step_plan_fits_the_time_budget_and_decays_to_its_floor():
+    import time
+
+    plan = train.StepPlan(max_steps=1000, seconds=1.0, warmup=5)
+    step = 0
+    while plan.keep_going(step):
+        time.sleep(0.02)
+        step += 1
+    assert step <= plan.total < 1000  # the measured 20 ms steps fit ~50 in a second, not 1000
+    fixed = train.StepPlan(max_steps=100, seconds=1e9, warmup=10)
+    lrs = [fixed.lr(s, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then it only decays
+    assert lrs[-1] == pytest.approx(0.05, abs=1e-3)  # to 5% of the base
+
+
+def test_foreground_is_the_shape_and_never_the_background():
+    from toy import data
+
+    scenes = data.sample_scenes(6, seed=3)
+    clips = data.render_clips(scenes)
+    mask = train.foreground(clips)[:, 0]
+    background = torch.tensor([data.BACKGROUND_RGB[s.background] for s in scenes]).view(-1, 3, 1, 1, 1) * 2 - 1
+    off_background = (clips - background).abs().amax(dim=1) > 0.05
+    assert torch.equal(mask, off_background)
+    assert 0.01 < mask.float().mean() < 0.2  # a shape covers 2-14% of a frame

@@ -1,7 +1,9 @@
 """The toy pair's architectures, untrained: a word-level tokenizer, a frozen umT5, a tiny Wan VAE, two Wan DiTs.
 
 Sizes are set by the 20 MB that may be committed (weights stored in float16): the "large" DiT has 7.0M parameters
-(256 wide, 6 blocks), the "small" one 0.71M (128 wide, 2 blocks), about 10x less compute per step. The VAE
+(256 wide, 6 blocks), the "small" one 0.71M (128 wide, 2 blocks), the ratio of Wan2.1 14B to 1.3B. At this size a
+step is bound by kernel launches, not FLOPs: on an H100 a small step costs 0.39-0.42 of a large one, and a 6-block
+small DiT cost as much as the large one (bench/RESULTS.md, toy run 5). The VAE
 compresses 64x64x17 clips 4x in space and time into 8 channels (16x16x5 latents, 320 tokens with Wan's 1x2x2
 patches): a finer grid than the real Wan VAE's 8x, so that a 7-pixel shape spans several latent cells.
 
