@@ -104,7 +104,7 @@ def load_serve_config(config_path: str) -> list[tuple[str, str | None, Applicati
     return apps
 
 
-def run_local(config_path: str | None = None, preset: str = "tiny", host: str = "127.0.0.1", port: int = 8000) -> None:
+def run_local(config_path: str | None = None, preset: str = "toy", host: str = "127.0.0.1", port: int = 8000) -> None:
     """`srd serve`: start (or join, with RAY_ADDRESS) Ray, deploy the app, serve HTTP on host:port until Ctrl-C."""
     import ray
 

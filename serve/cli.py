@@ -14,7 +14,7 @@ def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="Generate one video in this process (all four stages).")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
     p.add_argument("--sketch", help="Sketch pipeline: hub id or diffusers directory (with --render).")
     p.add_argument("--render", help="Render pipeline or transformer: hub id or diffusers directory.")
     p.add_argument("--height", type=int)
@@ -40,7 +40,7 @@ def _serve_parser(sub) -> None:
 
     p = sub.add_parser("serve", help="Start local Ray and the disaggregated Serve app.")
     p.add_argument("--config", help="Serve config YAML (as for `serve deploy`).")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
 

@@ -66,7 +66,7 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    preset: Literal["toy", "tiny", "wan2.1-t2v"] = Field("tiny", description="Model pair and request defaults.")
+    preset: Literal["toy", "tiny", "wan2.1-t2v"] = Field("toy", description="Model pair and request defaults.")
     sketch: str | None = Field(None, description="Sketch pipeline (hub id or diffusers dir); overrides the preset.")
     render: str | None = Field(None, description="Render pipeline or transformer (hub id or dir); overrides the preset.")
     device: str = Field("cpu", description="torch device of the stage models.")

@@ -124,12 +124,12 @@ def test_module_entry_point_matches_console_script():
 
 
 def test_readme_set_up_commands_are_what_ci_runs():
-    """The README's two set-up commands: the first runs `srd generate --preset tiny`, the second is CI's."""
+    """The README's two set-up commands: the first runs `srd generate --preset toy`, the second is CI's."""
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
     block = readme.split("## Set up", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     install_and_demo, install_and_test = block.strip().splitlines()
-    assert install_and_demo.startswith("pip install torch==") and "srd generate --preset tiny" in install_and_demo
+    assert install_and_demo.startswith("pip install torch==") and "srd generate --preset toy" in install_and_demo
     install, test = install_and_test.split(" && ")
     ci = (root / ".ci" / "run").read_text().splitlines()
     assert install in ci and test + " || status=$?" in ci

@@ -110,11 +110,3 @@ def test_cuda_without_a_gpu_fails_before_loading(tiny_models):
     config = EngineConfig(device="cuda")  # a config may name a GPU that only the replicas' machines have
     with pytest.raises(ValueError, match="`device` is 'cuda' but torch .* sees no CUDA GPU"):
         Engine(config)
-
-
-def test_toy_preset_without_its_weights_names_the_training_command(tmp_path, monkeypatch):
-    import serve.models
-
-    monkeypatch.setattr(serve.models, "TOY_DIR", tmp_path / "toy")
-    with pytest.raises(ModelError, match=r"toy preset's weights are not in .*toy: train them with `python -m toy.train"):
-        EngineConfig(preset="toy").models()

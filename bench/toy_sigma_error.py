@@ -1,0 +1,71 @@
+"""Where the toy pair's small DiT falls behind its large one: the x0 error of each at fixed noise levels.
+
+    python -m bench.toy_sigma_error --out bench/results/2026-11-25-toy-sigma-error.json    # CPU, ~1 min
+
+On held-out clips (encoded and scaled as the training bank is), for each sigma: x_t = (1 - sigma) x_0 + sigma e,
+each model's velocity v at timestep 1000 sigma with the prompt's embedding (no guidance), and the MSE of its x_0
+estimate x_t - sigma v. Sketch-then-render only keeps all-large quality from a switch at sigma_K if the small
+model's error is close to the large one's below sigma_K: this measures how close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from serve.engine import Engine, EngineConfig
+from serve.request import VideoRequest
+from toy import data, train
+
+SIGMAS = (0.05, 0.15, 0.3, 0.5, 0.65, 0.75, 0.85, 0.95)
+
+
+@torch.no_grad()
+def x0_errors(models: str | None, clips: int, seed: int) -> list[dict]:
+    sketch = render = None
+    if models:
+        sketch, render = os.path.join(models, "sketch"), os.path.join(models, "render")
+    engine = Engine(EngineConfig(preset="toy", sketch=sketch, render=render))
+    config = engine.config
+    scenes = data.sample_scenes(clips, seed=seed, split="eval")
+    params = [VideoRequest(prompt=s.prompt, seed=0, guidance_scale=1.0).resolve(config.defaults) for s in scenes]
+    embeds = torch.cat([e.prompt for e in engine.encoder(params)])
+    vae = engine.decoder.pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    x0 = (train.encode_clips(vae, scenes, torch.device("cpu"), chunk=32) - mean) / std
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for sigma in SIGMAS:
+        xt, timestep, _ = train.flow_matching_example(x0, noise, torch.full((clips,), sigma))
+        row = {"sigma": sigma}
+        for name, stage in (("large", engine.sketcher), ("small", engine.renderer)):
+            v = stage.denoiser.transformer(hidden_states=xt, timestep=timestep, encoder_hidden_states=embeds,
+                                  return_dict=False)[0]
+            row[name] = ((xt - sigma * v - x0) ** 2).mean().item()
+        row["small/large"] = row["small"] / row["large"]
+        print("  ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=None, help="a directory with sketch/ and render/ (default: the toy preset)")
+    ap.add_argument("--clips", type=int, default=96)
+    ap.add_argument("--seed", type=int, default=123)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    result = {"models": args.models or "toy preset", "clips": args.clips, "seed": args.seed,
+              "rows": x0_errors(args.models, args.clips, args.seed)}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
