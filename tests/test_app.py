@@ -29,6 +29,7 @@ STAGE = {"resources": {"num_cpus": 0.5}}
 # Sketch batches wait long enough to gather jobs submitted together; render batches start at once, so that a
 # render can begin while the next shape's sketch batch still runs.
 TEST_CONFIG = {
+    "engine": {"preset": "tiny"},
     "encoder": {**STAGE, "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.2}},
     "sketcher": {"resources": {"num_cpus": 0.5, "num_gpus": 1},
                  "batching": {"max_batch_size": 3, "batch_wait_timeout_s": 0.3}},
@@ -295,8 +296,9 @@ def test_srd_generate_via_serve(app, engine, rel_err, tmp_path):
     from serve.video import read_mp4
 
     out, latents = tmp_path / "demo.mp4", tmp_path / "final_latents.pt"
-    argv = ["generate", "--via-serve", "--prompt", "a red ball bouncing", "--height", "32", "--width", "32",
-            "--frames", "9", "--steps", "4", "--seed", "9", "--out", str(out), "--save-latents", str(latents)]
+    argv = ["generate", "--via-serve", "--preset", "tiny", "--prompt", "a red ball bouncing", "--height", "32",
+            "--width", "32", "--frames", "9", "--steps", "4", "--seed", "9", "--out", str(out),
+            "--save-latents", str(latents)]
     assert main(argv) == 0
     assert read_mp4(out.read_bytes()).shape == (9, 32, 32, 3)
     request = {"prompt": "a red ball bouncing", "height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4,

@@ -86,6 +86,7 @@ def test_start_up_checks_run_before_any_rank_starts(ray_local, tiny_config):
 
 CPU = {"resources": {"num_cpus": 0.5}}
 APP_CONFIG = {
+    "engine": {"preset": "tiny"},
     "encoder": CPU,
     # Two bundles of one fake GPU each: the replica (rank 0) on the first, the rank-1 actor on the second.
     "sketcher": {"resources": {"num_cpus": 0.5, "num_gpus": 1}, "parallel": {"ulysses_degree": 2},

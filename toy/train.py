@@ -7,8 +7,8 @@
 
 Phases, all on `--device`:
   1. VAE: the tiny AutoencoderKLWan (toy/pair.py) on fresh clips every step (toy/data.py, training split), with
-     a reconstruction MSE on the decoder's raw output that weighs the moving shape's pixels up (`train_vae`). Then the per-channel latent mean and
-     std over training clips go into its config (`latents_mean`/`latents_std`, which WanPipeline and the engine use
+     a reconstruction MSE on the decoder's raw output that weighs the moving shape's pixels up (`train_vae`). Then
+     the per-channel latent mean and std over training clips go into its config (`latents_mean`/`latents_std`, which WanPipeline and the engine use
      to scale latents), and a gate: the detector must read the prompt back from >= `--min-vae-adherence` % of
      held-out reconstructions, else the run stops before the DiTs (exit 1), keeping the VAE.
   2. DiTs: a bank of `--bank` training clips is encoded once; the large and the small WanTransformer3DModel train
@@ -315,6 +315,11 @@ def main(argv=None) -> dict:
                                    **{n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}}}
     print(f"parameters: {report['parameters']}", flush=True)
 
+    def save_all() -> None:
+        report["save"] = save(out, tokenizer, text_encoder, vae, models["large"], models["small"], args.flow_shift)
+        report["seconds_total"] = time.perf_counter() - t_start
+        (out / "training.json").write_text(json.dumps(report, indent=1))
+
     if args.vae_from:
         from diffusers import AutoencoderKLWan
 
@@ -326,15 +331,13 @@ def main(argv=None) -> dict:
     report["vae"]["check"] = check_vae(vae, device, seed=args.seed + 8, count=args.check_clips)
     print(f"vae: {report['vae'].get('steps', 0)} steps, held-out {report['vae']['check']}", flush=True)
     if report["vae"]["check"]["adherence"] < args.min_vae_adherence:
-        report["save"] = save(out, tokenizer, text_encoder, vae, models["large"], models["small"], args.flow_shift)
-        (out / "training.json").write_text(json.dumps(report, indent=1))
+        save_all()
         raise SystemExit(f"the VAE's held-out reconstructions are read correctly {report['vae']['check']['adherence']:.1f}% "
                          f"of the time (< --min-vae-adherence {args.min_vae_adherence:g}): DiTs not trained; "
                          f"the VAE is saved in {out}/sketch/vae")
 
     if args.dit_steps == 0:  # the VAE alone (`--vae-from` reads it back): no bank to encode
-        report["save"] = save(out, tokenizer, text_encoder, vae, models["large"], models["small"], args.flow_shift)
-        (out / "training.json").write_text(json.dumps(report, indent=1))
+        save_all()
         return report
     t0 = time.perf_counter()
     text_pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None,
@@ -352,9 +355,7 @@ def main(argv=None) -> dict:
     print(f"bank: {report['bank']}", flush=True)
 
     report["dit"] = train_dits(models, bank, bank_prompts, embeds, null_embed, args, device)
-    report["save"] = save(out, tokenizer, text_encoder, vae, models["large"], models["small"], args.flow_shift)
-    report["seconds_total"] = time.perf_counter() - t_start
-    (out / "training.json").write_text(json.dumps(report, indent=1))
+    save_all()
     print(f"saved {out} ({report['save']['bytes_total'] / 2**20:.1f} MiB) in {report['seconds_total']:.0f} s",
           flush=True)
     if not all(math.isfinite(row[name]) for row in report["dit"]["log"] for name in models):
