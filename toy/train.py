@@ -8,9 +8,10 @@
 Phases, all on `--device`:
   1. VAE: the tiny AutoencoderKLWan (toy/pair.py) on fresh clips every step (toy/data.py, training split), with
      a reconstruction MSE on the decoder's raw output that weighs the moving shape's pixels up (`train_vae`). Then
-     the per-channel latent mean and std over training clips go into its config (`latents_mean`/`latents_std`, which WanPipeline and the engine use
-     to scale latents), and a gate: the detector must read the prompt back from >= `--min-vae-adherence` % of
-     held-out reconstructions, else the run stops before the DiTs (exit 1), keeping the VAE.
+     the per-channel latent mean and std over training clips go into its config (`latents_mean`/`latents_std`,
+     which WanPipeline and the engine use to scale latents), and a gate: the detector must read the prompt back
+     from >= `--min-vae-adherence` % of held-out reconstructions, else the run stops before the DiTs (exit 1),
+     keeping the VAE.
   2. DiTs: a bank of `--bank` training clips is encoded once; the large and the small WanTransformer3DModel train
      side by side on the same batches with Wan's flow-matching objective (x_t = (1 - s) x_0 + s e, target e - x_0,
      timestep 1000 s, s drawn uniformly then shifted by `--flow-shift` as the sampler's schedule is) and 10% of the
