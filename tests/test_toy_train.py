@@ -50,6 +50,7 @@ def test_reused_vae_and_two_dit_steps_give_a_pair_under_the_size_cap(trained):
     assert report["dit"]["steps"] == 2 and {"large", "small"} <= report["dit"]["log"][-1].keys()
     assert report["parameters"]["large"] > 9 * report["parameters"]["small"]
     assert 0 < report["save"]["bytes_total"] <= MAX_BYTES
+    assert max(report["save"]["files"].values()) < 5 * 10**6  # sharded: the repository keeps no large files
     assert (pair / "sketch" / "model_index.json").is_file() and (pair / "render" / "config.json").is_file()
 
 

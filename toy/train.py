@@ -255,8 +255,9 @@ def save(out: Path, tokenizer, text_encoder, vae, large, small, flow_shift: floa
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=large,
                        scheduler=pair.scheduler(flow_shift))
     pipe.to(torch.float16)
-    pipe.save_pretrained(out / "sketch")
-    small.to(torch.float16).save_pretrained(out / "render")
+    # shards under 5 MB: the repository keeps no large files (the large DiT alone is 14 MB)
+    pipe.save_pretrained(out / "sketch", max_shard_size="4MB")
+    small.to(torch.float16).save_pretrained(out / "render", max_shard_size="4MB")
     sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     return {"bytes_total": sum(sizes.values()), "files": sizes}
 
