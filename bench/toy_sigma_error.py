@@ -29,14 +29,11 @@ def x0_errors(models: str | None, clips: int, seed: int) -> list[dict]:
     if models:
         sketch, render = os.path.join(models, "sketch"), os.path.join(models, "render")
     engine = Engine(EngineConfig(preset="toy", sketch=sketch, render=render))
-    config = engine.config
     scenes = data.sample_scenes(clips, seed=seed, split="eval")
-    params = [VideoRequest(prompt=s.prompt, seed=0, guidance_scale=1.0).resolve(config.defaults) for s in scenes]
+    params = [VideoRequest(prompt=s.prompt, seed=0, guidance_scale=1.0).resolve(engine.config.defaults) for s in scenes]
     embeds = torch.cat([e.prompt for e in engine.encoder(params)])
     vae = engine.decoder.pipe.vae
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    x0 = (train.encode_clips(vae, scenes, torch.device("cpu"), chunk=32) - mean) / std
+    x0 = train.scaled_latents(vae, scenes, torch.device("cpu"))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     rows = []
     for sigma in SIGMAS:
@@ -44,7 +41,7 @@ def x0_errors(models: str | None, clips: int, seed: int) -> list[dict]:
         row = {"sigma": sigma}
         for name, stage in (("large", engine.sketcher), ("small", engine.renderer)):
             v = stage.denoiser.transformer(hidden_states=xt, timestep=timestep, encoder_hidden_states=embeds,
-                                  return_dict=False)[0]
+                                           return_dict=False)[0]
             row[name] = ((xt - sigma * v - x0) ** 2).mean().item()
         row["small/large"] = row["small"] / row["large"]
         print("  ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)

@@ -179,6 +179,13 @@ def encode_clips(vae, scenes: list[data.Scene], device, chunk: int = 256) -> tor
     return torch.cat(out)
 
 
+def scaled_latents(vae, scenes: list[data.Scene], device) -> torch.Tensor:
+    """The latents the DiTs see: posterior means scaled by the VAE config's per-channel mean and std."""
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+    return (encode_clips(vae, scenes, device) - mean) / std
+
+
 @torch.no_grad()
 def set_latent_stats(vae, device, seed: int, count: int) -> dict:
     z = encode_clips(vae, data.sample_scenes(count, seed=seed), device)
@@ -349,9 +356,7 @@ def main(argv=None) -> dict:
     embeds, null_embed = embeds[:-1], embeds[-1:]
     index = {p: i for i, p in enumerate(prompts)}
     scenes = data.sample_scenes(args.bank, seed=args.seed + 9, split="train")
-    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
-    bank = ((encode_clips(vae, scenes, device) - mean) / std).half()
+    bank = scaled_latents(vae, scenes, device).half()
     bank_prompts = torch.tensor([index[s.prompt] for s in scenes], device=device)
     report["bank"] = {"clips": len(scenes), "prompts": len(set(bank_prompts.tolist())), "seconds": time.perf_counter() - t0}
     print(f"bank: {report['bank']}", flush=True)
