@@ -43,7 +43,7 @@ def score(frames: list[np.ndarray], scenes: list[data.Scene]) -> dict:
     """Per-attribute adherence (%) of videos [F, H, W, 3] uint8 to their scenes' prompts."""
     hits = collections.Counter()
     for video, scene in zip(frames, scenes):
-        for attribute, ok in adherence(detect(video), data.parse_prompt(scene.prompt)).items():
+        for attribute, ok in adherence(detect(video), scene.attributes).items():
             hits[attribute] += bool(ok)
     return {a: 100.0 * hits[a] / len(scenes) for a in ATTRIBUTES}
 
