@@ -244,7 +244,7 @@ def train_dits(models: dict, bank: torch.Tensor, bank_prompts: torch.Tensor, emb
             if log_now:
                 losses[name] = loss.item()
         if log_now:
-            row = {"step": step, **losses, "s": plan.elapsed(), "lr": opts["large"].param_groups[0]["lr"]}
+            row = {"step": step, **losses, "s": plan.elapsed(), "lr": plan.lr(step, args.dit_lr)}
             log.append(row)
             print("dit " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
         step += 1
@@ -257,6 +257,7 @@ def train_dits(models: dict, bank: torch.Tensor, bank_prompts: torch.Tensor, emb
 
 
 def save(out: Path, tokenizer, text_encoder, vae, large, small, flow_shift: float) -> dict:
+    """OUT/sketch (the pipeline, without a transformer if `large` is None) and OUT/render (unless `small` is None)."""
     from diffusers import WanPipeline
 
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=large,
@@ -264,7 +265,8 @@ def save(out: Path, tokenizer, text_encoder, vae, large, small, flow_shift: floa
     pipe.to(torch.float16)
     # shards under 5 MB: the repository keeps no large files (the large DiT alone is 14 MB)
     pipe.save_pretrained(out / "sketch", max_shard_size="4MB")
-    small.to(torch.float16).save_pretrained(out / "render", max_shard_size="4MB")
+    if small is not None:
+        small.to(torch.float16).save_pretrained(out / "render", max_shard_size="4MB")
     sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     return {"bytes_total": sum(sizes.values()), "files": sizes}
 
@@ -301,6 +303,9 @@ def main(argv=None) -> dict:
                     help="the sampler's shift, which the toy preset uses too (Wan uses 3 at 480p and 5 at 720p: "
                     "the shift grows with resolution, and 64x64 is 1%% of 480p)")
     ap.add_argument("--dit-seconds", type=float, default=280.0, help="the DiT phase's time budget")
+    ap.add_argument("--dits", default="large,small", type=lambda s: [n for n in s.split(",") if n],
+                    help="which DiTs to train, comma-separated. Two processes, one DiT each on its own GPU, give "
+                    "each DiT every step that fits its time budget; side by side they share one GPU's steps")
     ap.add_argument("--commit", default=os.environ.get("BENCH_COMMIT"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -315,8 +320,11 @@ def main(argv=None) -> dict:
     tokenizer = pair.word_tokenizer()
     text_encoder = pair.text_encoder(len(tokenizer), seed=args.seed).to(device)
     vae = pair.vae(seed=args.seed + 1).to(device)
-    models = {"large": pair.transformer("large", seed=args.seed + 2).to(device),
-              "small": pair.transformer("small", seed=args.seed + 3).to(device)}
+    unknown = set(args.dits) - {"large", "small"}
+    if unknown or not args.dits:
+        ap.error(f"--dits: expected 'large', 'small' or both, got {','.join(args.dits) or 'nothing'}")
+    seeds = {"large": args.seed + 2, "small": args.seed + 3}
+    models = {name: pair.transformer(name, seed=seeds[name]).to(device) for name in args.dits}
     report: dict = {"args": vars(args), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                     else platform.processor() or "cpu", "torch": torch.__version__,
                     "parameters": {"text_encoder": sum(p.numel() for p in text_encoder.parameters()),
@@ -325,7 +333,8 @@ def main(argv=None) -> dict:
     print(f"parameters: {report['parameters']}", flush=True)
 
     def save_all() -> None:
-        report["save"] = save(out, tokenizer, text_encoder, vae, models["large"], models["small"], args.flow_shift)
+        report["save"] = save(out, tokenizer, text_encoder, vae, models.get("large"), models.get("small"),
+                              args.flow_shift)
         report["seconds_total"] = time.perf_counter() - t_start
         (out / "training.json").write_text(json.dumps(report, indent=1))
 
