@@ -10,8 +10,9 @@ colour, shape and motion direction back from each video; adherence is the share 
 
 Settings (N = the preset's steps): all-large (step:N), all-small (boundary:1.0, so the render model runs every
 step), SR at each K of --ks (step:K), and each adaptive spec of --adaptive (with the distribution of the K it chose).
-Reference rows: the detector on the ground-truth clips of the same scenes, and on their VAE reconstructions (the
-best any generator can do through this VAE).
+Reference rows: the detector on the ground-truth clips of the same scenes, and on their VAE reconstructions (what
+this VAE loses of a real clip; a generator may draw clearer shapes than the clips it learnt from, and the shipped
+pair's all-large row reads higher).
 
 Cost ratio of a setting = (K C_large + (N - K) C_small) / (N C_large), with C the median time of one guided step
 (cond and uncond rows) of one request, measured here for each model on --device.

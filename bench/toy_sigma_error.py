@@ -1,6 +1,6 @@
 """Where the toy pair's small DiT falls behind its large one: the x0 error of each at fixed noise levels.
 
-    python -m bench.toy_sigma_error --out bench/results/2026-11-25-toy-sigma-error.json    # CPU, ~1 min
+    python -m bench.toy_sigma_error --out bench/results/2026-11-26-toy-run7-sigma-error.json    # CPU, ~2 min
 
 On held-out clips (encoded and scaled as the training bank is), for each sigma: x_t = (1 - sigma) x_0 + sigma e,
 each model's velocity v at timestep 1000 sigma with the prompt's embedding (no guidance), and the MSE of its x_0
