@@ -1,9 +1,10 @@
-"""The toy pair shipped in serve/presets/toy, loaded through the engine like any checkpoint and run on the CPU: its
-videos follow held-out prompts at the preset's default switch, and the small model alone does far worse, so the pair
-exercises sketch -> render (issue 6; the 200-video table is in bench/RESULTS.md)."""
+"""The toy pair shipped in serve/presets/toy, loaded through the engine like any checkpoint and run on the CPU: at the
+preset's default switch its videos follow held-out prompts and keep the layout the large model sketched (issue 6;
+the 1,200-video table is in bench/RESULTS.md)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from bench.toy_quality import generate, score
@@ -11,6 +12,7 @@ from serve.engine import Engine, EngineConfig
 from toy import data
 
 VIDEOS = 16
+ALL_LARGE, ALL_SMALL = "step:20", "boundary:1.0"
 
 
 @pytest.fixture(scope="module")
@@ -20,30 +22,44 @@ def toy():
     return engine, scenes
 
 
-def test_the_default_switch_follows_held_out_prompts(toy):
+@pytest.fixture(scope="module")
+def videos(toy):
+    """{switch: (frames, K per video)} for the default switch, all-large and all-small, on the same noise."""
     engine, scenes = toy
     defaults = engine.config.defaults
-    frames, ks = generate(engine, scenes, defaults.switch, defaults.guidance_scale, seed0=0, batch=VIDEOS)
-    assert ks == [round(0.7 * defaults.num_inference_steps)] * VIDEOS
+    return {
+        switch: generate(engine, scenes, switch, defaults.guidance_scale, seed0=0, batch=VIDEOS)
+        for switch in (defaults.switch, ALL_LARGE, ALL_SMALL)
+    }
+
+
+def test_the_default_switch_follows_held_out_prompts(toy, videos):
+    engine, scenes = toy
+    frames, ks = videos[engine.config.defaults.switch]
+    assert ks == [5] * VIDEOS  # the paper's 20-30% of N = 20
     assert all(f.shape == (17, 64, 64, 3) for f in frames)
     adherence = score(frames, scenes)
-    # 200 videos on the H100: colour 97.5, direction 93.5, all three 75.5 (bench/RESULTS.md)
-    assert adherence["colour"] >= 80 and adherence["direction"] >= 75 and adherence["all"] >= 50, adherence
+    # 1,200 videos on the GPU: colour 98.0, direction 95.5, all three 89.6 (bench/RESULTS.md, toy run 8)
+    assert adherence["colour"] >= 85 and adherence["direction"] >= 80 and adherence["all"] >= 70, adherence
 
 
-def test_the_small_model_alone_does_far_worse(toy):
-    engine, scenes = toy
-    frames, ks = generate(engine, scenes, "boundary:1.0", engine.config.defaults.guidance_scale, seed0=0,
-                          batch=VIDEOS)
-    assert ks == [0] * VIDEOS
-    assert score(frames, scenes)["all"] <= 25  # 200 videos on the H100: 2.5
+def test_rendering_keeps_the_layout_the_large_model_sketched(toy, videos):
+    """Against all-large on the same noise, the sketch -> render videos differ far less than all-small's do: the
+    first 5 large steps settle where the shape is and where it goes, and the small model keeps it."""
+    engine, _ = toy
+    large = np.stack(videos[ALL_LARGE][0]).astype(np.float32)
+    sketched = ((np.stack(videos[engine.config.defaults.switch][0]) - large) ** 2).mean(axis=(1, 2, 3, 4))
+    unsketched = ((np.stack(videos[ALL_SMALL][0]) - large) ** 2).mean(axis=(1, 2, 3, 4))
+    assert videos[ALL_SMALL][1] == [0] * VIDEOS and videos[ALL_LARGE][1] == [20] * VIDEOS
+    # measured on this machine: 16 of 16 videos closer, mean squared difference 4x smaller
+    assert (sketched < unsketched).sum() >= VIDEOS - 2, (sketched, unsketched)
+    assert sketched.mean() < 0.5 * unsketched.mean(), (sketched.mean(), unsketched.mean())
 
 
-def test_the_small_model_is_furthest_behind_at_middle_noise():
+def test_the_large_model_is_the_better_denoiser_at_every_noise_level():
     from bench import toy_sigma_error
 
     rows = {r["sigma"]: r for r in toy_sigma_error.main(["--clips", "8"])["rows"]}
     assert list(rows) == list(toy_sigma_error.SIGMAS)
-    assert all(r["large"] < r["small"] for r in rows.values())
-    # 96 clips: 2.3x at sigma 0.05, 4.4-4.7x at 0.5-0.75, 1.8x at 0.95 (bench/RESULTS.md)
-    assert rows[0.5]["small/large"] > max(rows[0.05]["small/large"], rows[0.95]["small/large"])
+    # 96 clips: the small model's x_0 error is 1.17-1.32x the large one's at every sigma (bench/RESULTS.md)
+    assert all(r["large"] < r["small"] for r in rows.values()), rows

@@ -1,6 +1,7 @@
 """The toy pair's training command and its benchmark, on the CPU with a few steps: the VAE gate stops an
-untrained VAE before the DiTs, a second run reuses that VAE, the saved pair stays under the 20 MB that may be
-committed and loads through the engine like any checkpoint, and bench.toy_quality scores it setting by setting."""
+untrained VAE before the DiTs, a second run reuses that VAE, one DiT can train alone, the saved pair stays under
+the 20 MB that may be committed and loads through the engine like any checkpoint, and bench.toy_quality scores it
+setting by setting."""
 
 from __future__ import annotations
 
@@ -48,10 +49,24 @@ def test_reused_vae_and_two_dit_steps_give_a_pair_under_the_size_cap(trained):
     # the same VAE, read back from disk (stored in float16, so equal up to that rounding)
     assert report["vae"]["check"]["mse"] == pytest.approx(gated["vae"]["check"]["mse"], rel=1e-3)
     assert report["dit"]["steps"] == 2 and {"large", "small"} <= report["dit"]["log"][-1].keys()
-    assert report["parameters"]["large"] > 9 * report["parameters"]["small"]
+    assert report["parameters"]["large"] > 2 * report["parameters"]["small"]
     assert 0 < report["save"]["bytes_total"] <= MAX_BYTES
     assert max(report["save"]["files"].values()) < 5 * 10**6  # sharded: the repository keeps no large files
     assert (pair / "sketch" / "model_index.json").is_file() and (pair / "render" / "config.json").is_file()
+
+
+def test_one_dit_trains_alone_and_saves_only_its_part(trained, tmp_path, capsys):
+    _, _, pair = trained
+    args = ["--vae-from", str(pair / "sketch"), "--min-vae-adherence", "0", "--dit-steps", "1", *FEW]
+    report = train.main(["--out", str(tmp_path / "small"), "--dits", "small", *args])
+    assert report["parameters"].keys() == {"text_encoder", "vae", "small"}
+    assert report["dit"]["log"][0].keys() >= {"small"} and "large" not in report["dit"]["log"][0]
+    assert (tmp_path / "small" / "render" / "config.json").is_file()
+    assert (tmp_path / "small" / "sketch" / "vae" / "config.json").is_file()
+    assert not (tmp_path / "small" / "sketch" / "transformer").exists()
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--out", str(tmp_path / "bad"), "--dits", "medium", *args])
+    assert stop.value.code == 2 and "--dits: expected 'large', 'small' or both, got medium" in capsys.readouterr().err
 
 
 def test_the_pair_loads_and_generates_through_the_engine(trained):

@@ -1,11 +1,12 @@
 """The toy pair's architectures, untrained: a word-level tokenizer, a frozen umT5, a tiny Wan VAE, two Wan DiTs.
 
-Sizes are set by the 20 MB that may be committed (weights stored in float16): the "large" DiT has 7.0M parameters
-(256 wide, 6 blocks), the "small" one 0.71M (128 wide, 2 blocks), the ratio of Wan2.1 14B to 1.3B. At this size a
-step is bound by kernel launches, not FLOPs: on an H100 a small step costs 0.39-0.42 of a large one, and a 6-block
-small DiT cost as much as the large one (bench/RESULTS.md, toy run 5). The VAE
-compresses 64x64x17 clips 4x in space and time into 8 channels (16x16x5 latents, 320 tokens with Wan's 1x2x2
-patches): a finer grid than the real Wan VAE's 8x, so that a 7-pixel shape spans several latent cells.
+Sizes are set by the 20 MB that may be committed (weights stored in float16): the "large" DiT has 5.9M parameters
+(256 wide, 5 blocks), the "small" one 2.7M (256 wide, 2 blocks). At this size a step is bound by kernel launches,
+not FLOPs, so depth sets its cost: a small step costs 0.46-0.52 of a large one (bench/RESULTS.md, toy runs 7-8).
+Narrower small DiTs (128 and 192 wide: toy runs 4-6) drew the wrong shape too often on their own, and since the
+shape is settled late, no early switch saved them. The VAE compresses 64x64x17 clips 4x in space and time into 8
+channels (16x16x5 latents, 320 tokens with Wan's 1x2x2 patches): a finer grid than the real Wan VAE's 8x, so that a
+7-pixel shape spans several latent cells.
 
 The text encoder is a randomly initialised umT5 that is never trained (the DiTs learn to read it). Its tokenizer
 is word-level over the prompt grammar, so each word is one token: a byte-level tokenizer would make the DiTs learn
@@ -22,7 +23,7 @@ TEXT_DIM = 64
 LATENT_CHANNELS = 8
 MAX_SEQUENCE_LENGTH = 512  # what the engine pads prompts to (serve.stages.encode), as WanPipeline does
 GRAMMAR_WORDS = ("a", "moving", "on", "background", *SIZES, *COLOURS, *SHAPES, *DIRECTIONS, *SPEEDS, *BACKGROUNDS)
-DIT_SIZES = {"large": {"heads": 4, "layers": 6}, "small": {"heads": 2, "layers": 2}}
+DIT_SIZES = {"large": {"heads": 4, "layers": 5}, "small": {"heads": 4, "layers": 2}}
 
 
 def word_tokenizer():

@@ -1,7 +1,9 @@
 """Train the toy sketch/render pair on procedural clips and save it in diffusers' layout.
 
-    python -m toy.train --out DIR --dit-steps 0                # the VAE alone: one H100, 8 minutes ...
-    python -m toy.train --out DIR2 --vae-from DIR/sketch       # ... then the DiTs on it: 5 minutes
+    python -m toy.train --out DIR --dit-steps 0          # the VAE alone: one H100, 8 minutes. Then each DiT alone
+    CUDA_VISIBLE_DEVICES=0 python -m toy.train --out L --vae-from DIR/sketch --dits large &  # on its own GPU, both
+    CUDA_VISIBLE_DEVICES=1 python -m toy.train --out S --vae-from DIR/sketch --dits small    # at once: 7 minutes
+                                                         # the pair is then L/sketch with S/render
     python -m toy.train --out /tmp/toy --device cpu --vae-steps 2 --dit-steps 2 --bank 8 --vae-batch 2 --dit-batch 4 \
         --min-vae-adherence 0                                   # CPU smoke test, gate off
 
@@ -12,20 +14,20 @@ Phases, all on `--device`:
      which WanPipeline and the engine use to scale latents), and a gate: the detector must read the prompt back
      from >= `--min-vae-adherence` % of held-out reconstructions, else the run stops before the DiTs (exit 1),
      keeping the VAE.
-  2. DiTs: a bank of `--bank` training clips is encoded once; the large and the small WanTransformer3DModel train
-     side by side on the same batches with Wan's flow-matching objective (x_t = (1 - s) x_0 + s e, target e - x_0,
-     timestep 1000 s, s drawn uniformly then shifted by `--flow-shift` as the sampler's schedule is) and 10% of the
-     prompts replaced by the empty prompt's embedding (classifier-free guidance). Weights are averaged (EMA) and the
-     averages are saved.
+  2. DiTs: a bank of `--bank` training clips is encoded once; the WanTransformer3DModels named by `--dits` train
+     on the same batches (a seed gives every process the same ones) with Wan's flow-matching objective (x_t =
+     (1 - s) x_0 + s e, target e - x_0, timestep 1000 s, s drawn uniformly then shifted by `--flow-shift` as the
+     sampler's schedule is) and 10% of the prompts replaced by the empty prompt's embedding (classifier-free
+     guidance). Weights are averaged (EMA) and the averages are saved.
 Prompt embeddings come from WanPipeline.encode_prompt, the code path the engine runs, over every prompt of the
 grammar. Each phase runs the steps that fit its `--*-seconds` (at most its step count; `StepPlan`); training.json
 records the steps planned and run, and the loss curves.
 
-The shipped pair (serve/presets/toy, bench/RESULTS.md toy runs 3-4) came from these defaults, the VAE on one H100
-in one call and the DiTs in the next.
+The shipped pair (serve/presets/toy, bench/RESULTS.md toy runs 3 and 7) came from these defaults: the VAE on one
+H100 in one call, then the two DiTs in the next, one process per GPU.
 
-Output: OUT/sketch (a full WanPipeline: tokenizer, text encoder, VAE, scheduler, large transformer), OUT/render
-(the small transformer) and OUT/training.json; weights stored in float16.
+Output: OUT/sketch (a full WanPipeline: tokenizer, text encoder, VAE, scheduler, and the large transformer if it
+was trained), OUT/render (the small transformer, if trained) and OUT/training.json; weights stored in float16.
 """
 
 from __future__ import annotations
@@ -302,7 +304,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--flow-shift", type=float, default=1.0,
                     help="the sampler's shift, which the toy preset uses too (Wan uses 3 at 480p and 5 at 720p: "
                     "the shift grows with resolution, and 64x64 is 1%% of 480p)")
-    ap.add_argument("--dit-seconds", type=float, default=280.0, help="the DiT phase's time budget")
+    ap.add_argument("--dit-seconds", type=float, default=340.0, help="the DiT phase's time budget")
     ap.add_argument("--dits", default="large,small", type=lambda s: [n for n in s.split(",") if n],
                     help="which DiTs to train, comma-separated. Two processes, one DiT each on its own GPU, give "
                     "each DiT every step that fits its time budget; side by side they share one GPU's steps")
