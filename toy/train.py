@@ -24,7 +24,7 @@ grammar. Each phase runs the steps that fit its `--*-seconds` (at most its step 
 records the steps planned and run, and the loss curves.
 
 The shipped pair (serve/presets/toy, bench/RESULTS.md toy runs 3 and 7) came from these defaults: the VAE on one
-H100 in one call, then the two DiTs in the next, one process per GPU.
+H100 in one call, then the two DiTs in a later one, one process per GPU.
 
 Output: OUT/sketch (a full WanPipeline: tokenizer, text encoder, VAE, scheduler, and the large transformer if it
 was trained), OUT/render (the small transformer, if trained) and OUT/training.json; weights stored in float16.
@@ -265,7 +265,7 @@ def save(out: Path, tokenizer, text_encoder, vae, large, small, flow_shift: floa
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=large,
                        scheduler=pair.scheduler(flow_shift))
     pipe.to(torch.float16)
-    # shards under 5 MB: the repository keeps no large files (the large DiT alone is 14 MB)
+    # shards under 5 MB: the repository keeps no large files (the large DiT alone is 12 MB)
     pipe.save_pretrained(out / "sketch", max_shard_size="4MB")
     if small is not None:
         small.to(torch.float16).save_pretrained(out / "render", max_shard_size="4MB")
