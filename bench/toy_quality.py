@@ -40,6 +40,13 @@ from toy.detector import adherence, detect
 ATTRIBUTES = ("colour", "shape", "direction", "all")
 
 
+def pair_dirs(models: str | None) -> dict:
+    """EngineConfig's `sketch` and `render` for a directory holding both, or the toy preset's own for None."""
+    if not models:
+        return {"sketch": None, "render": None}
+    return {"sketch": os.path.join(models, "sketch"), "render": os.path.join(models, "render")}
+
+
 def score(frames: list[np.ndarray], scenes: list[data.Scene]) -> dict:
     """Per-attribute adherence (%) of videos [F, H, W, 3] uint8 to their scenes' prompts."""
     hits = collections.Counter()
@@ -93,10 +100,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=default_out)
     args = ap.parse_args(argv)
 
-    sketch = render = None
-    if args.models:
-        sketch, render = os.path.join(args.models, "sketch"), os.path.join(args.models, "render")
-    config = EngineConfig(preset="toy", sketch=sketch, render=render, device=args.device, dtype="float32",
+    config = EngineConfig(preset="toy", **pair_dirs(args.models), device=args.device, dtype="float32",
                           max_tokens_per_forward=2 * args.batch * 320)
     defaults = config.defaults
     n = defaults.num_inference_steps

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
+from bench.toy_quality import pair_dirs
 from serve.engine import Engine, EngineConfig
 from serve.request import VideoRequest
 from toy import data, train
@@ -25,10 +25,7 @@ SIGMAS = (0.05, 0.15, 0.3, 0.5, 0.65, 0.75, 0.85, 0.95)
 
 @torch.no_grad()
 def x0_errors(models: str | None, clips: int, seed: int) -> list[dict]:
-    sketch = render = None
-    if models:
-        sketch, render = os.path.join(models, "sketch"), os.path.join(models, "render")
-    engine = Engine(EngineConfig(preset="toy", sketch=sketch, render=render))
+    engine = Engine(EngineConfig(preset="toy", **pair_dirs(models)))
     scenes = data.sample_scenes(clips, seed=seed, split="eval")
     params = [VideoRequest(prompt=s.prompt, seed=0, guidance_scale=1.0).resolve(engine.config.defaults) for s in scenes]
     embeds = torch.cat([e.prompt for e in engine.encoder(params)])
