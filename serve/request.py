@@ -8,7 +8,7 @@ returns a frozen `GenerationParams` that every stage reads.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -156,3 +156,18 @@ class GenerationParams:
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data (the switch policy as its spec string), for checkpoints that must not be pickles."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["switch"] = str(self.switch)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GenerationParams:
+        """The inverse of `to_dict`; raise ValueError on missing or unknown keys (a checkpoint from another version)."""
+        names = {f.name for f in fields(cls)}
+        missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
+        if missing or unknown:
+            raise ValueError(f"GenerationParams data has missing keys {missing} and unknown keys {unknown}")
+        return cls(**{**data, "switch": parse_switch(data["switch"])})

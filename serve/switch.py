@@ -22,6 +22,12 @@ import torch
 SWITCH_SYNTAX = "step:K | ratio:R | adaptive:THR[:MIN:MAX] | boundary:R"
 
 
+def _number(value: float) -> str:
+    """Short form ("0.25", "1") where it is exact, else the shortest text that reads back to the same float."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 @dataclass(frozen=True)
 class SwitchPolicy:
     kind: str  # "step" | "ratio" | "adaptive" | "boundary"
@@ -30,11 +36,12 @@ class SwitchPolicy:
     max_step: int = 30
 
     def __str__(self) -> str:
+        """The spec string; `parse_switch(str(policy)) == policy` (checkpoints store the policy this way)."""
         if self.kind == "step":
             return f"step:{int(self.value)}"
         if self.kind == "adaptive":
-            return f"adaptive:{self.value:g}:{self.min_step}:{self.max_step}"
-        return f"{self.kind}:{self.value:g}"
+            return f"adaptive:{_number(self.value)}:{self.min_step}:{self.max_step}"
+        return f"{self.kind}:{_number(self.value)}"
 
     def check_steps(self, num_steps: int) -> None:
         """Raise ValueError if this policy cannot run with `num_steps` denoising steps."""
