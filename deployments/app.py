@@ -3,17 +3,22 @@
     build_app(AppConfig) -> Application     the deployment graph, each deployment's options from its typed config
     app_builder(args)                       for a Serve config YAML: `import_path: deployments.app:app_builder`
     app                                     the default (tiny, CPU) app, for `serve build deployments.app:app`
-    run_local(...)                          `srd serve`: local Ray, the app over HTTP, until Ctrl-C
+    run_local(...)                          `srd serve`: local Ray, the app over HTTP, until SIGINT/SIGTERM/SIGHUP
     generate_local(...)                     `srd generate --via-serve`: one job through the app on local Ray
 
-The graph: Ingress -> Pipeline -> Encoder, Sketcher, Renderer, Decoder; all of them -> JobStore.
+The graph: Ingress -> Orchestrator -> Encoder, Sketcher, Renderer, Decoder. No deployment holds job state: every
+replica opens the job store (SQLite file or PostgreSQL, `jobs.store_url`) and the results location itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import re
+import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,14 +31,14 @@ from deployments.config import AppConfig, DeploymentConfig, Resources
 from deployments.decoder import Decoder
 from deployments.encoder import Encoder
 from deployments.ingress import Ingress
-from deployments.jobs import TERMINAL, JobStore, VideoJob, VideoResult
-from deployments.pipeline import Pipeline
+from deployments.api import VideoResult
+from deployments.orchestrator import Orchestrator
 from deployments.renderer import Renderer
 from deployments.sketcher import Sketcher
 from serve.engine import EngineConfig
 from serve.request import VideoRequest
 
-__all__ = ["AppConfig", "app", "app_builder", "build_app", "generate_local", "run_local"]
+__all__ = ["AppConfig", "AppStartError", "app", "app_builder", "build_app", "generate_local", "run_local"]
 
 APP_NAME = "srd"
 # Defaults every deployment starts from; its typed config comes next, its `serve_options` last.
@@ -53,14 +58,14 @@ def build_app(config: AppConfig) -> Application:
     def deployment(cls, name: str, deployment_config: DeploymentConfig):
         return serve.deployment(cls, **deployment_options(name, deployment_config))
 
-    engine = config.engine
-    store = deployment(JobStore, "JobStore", config.job_store).bind(config.job_store.max_finished_jobs)
-    encoder = deployment(Encoder, "Encoder", config.encoder).bind(engine, config.encoder, store)
-    sketcher = deployment(Sketcher, "Sketcher", config.sketcher).bind(engine, config.sketcher, store)
-    renderer = deployment(Renderer, "Renderer", config.renderer).bind(engine, config.renderer, store)
-    decoder = deployment(Decoder, "Decoder", config.decoder).bind(engine, config.decoder, store)
-    pipeline = deployment(Pipeline, "Pipeline", config.pipeline).bind(encoder, sketcher, renderer, decoder, store)
-    return deployment(Ingress, "Ingress", config.ingress).bind(pipeline, store, engine.defaults)
+    engine, jobs = config.engine, config.jobs
+    encoder = deployment(Encoder, "Encoder", config.encoder).bind(engine, config.encoder, jobs)
+    sketcher = deployment(Sketcher, "Sketcher", config.sketcher).bind(engine, config.sketcher, jobs)
+    renderer = deployment(Renderer, "Renderer", config.renderer).bind(engine, config.renderer, jobs)
+    decoder = deployment(Decoder, "Decoder", config.decoder).bind(engine, config.decoder, jobs)
+    orchestrator = deployment(Orchestrator, "Orchestrator", config.orchestrator).bind(
+        encoder, sketcher, renderer, decoder, config.orchestrator, jobs)
+    return deployment(Ingress, "Ingress", config.ingress).bind(orchestrator, config)
 
 
 def app_builder(args: dict) -> Application:
@@ -104,57 +109,225 @@ def load_serve_config(config_path: str) -> list[tuple[str, str | None, Applicati
     return apps
 
 
-def run_local(config_path: str | None = None, preset: str = "toy", host: str = "127.0.0.1", port: int = 8000) -> None:
-    """`srd serve`: start (or join, with RAY_ADDRESS) Ray, deploy the app, serve HTTP on host:port until Ctrl-C."""
+class AppStartError(RuntimeError):
+    """A deployment of the app failed to start (its model would not load, say); the message is one line."""
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _local_auth_env(host: str) -> None:
+    """A Ray this command starts for itself, reachable only on loopback, needs no token: RAY_AUTH_MODE=disabled
+    unless the user set RAY_AUTH_MODE or joins a cluster (RAY_ADDRESS), where the cluster's auth applies."""
+    if not os.environ.get("RAY_ADDRESS") and (host in _LOOPBACK or host.startswith("127.")):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, start time) of every live (non-zombie) process, from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] not in ("Z", "X"):  # state; then ppid ... starttime (field 22 of stat)
+            table[int(entry)] = (int(fields[1]), fields[19])
+    return table
+
+
+def _descendants() -> set[tuple[int, str]]:
+    """(pid, start time) of every live process below this one (the start time tells a reused pid apart)."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add((child, table[child][1]))
+            todo.append(child)
+    return found
+
+
+def _stop_processes(processes: set[tuple[int, str]], grace_s: float = 10.0) -> None:
+    """Wait up to `grace_s` for these processes to exit, SIGTERM the rest, then SIGKILL what is left after 5 s."""
+
+    def alive() -> set[int]:
+        table = _process_table()
+        return {pid for pid, start in processes if pid in table and table[pid][1] == start}
+
+    for sig, wait_s in ((None, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        left = alive()
+        if not left:
+            return
+        for pid in left if sig is not None else ():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and alive():
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _local_ray(host: str, before_shutdown: Callable[[], None] | None = None):
+    """Ray for one command. Already initialised in this process: used as is (yields False). Otherwise started, or
+    joined with RAY_ADDRESS, quietly (Ray's and the replicas' logs stay in Ray's log directory, not on this
+    terminal), and on the way out shut down with everything it left behind: `ray.shutdown()` stops the processes it
+    started itself, not always what those started (workers, dashboard and runtime-env agents), so any process born
+    below this one since `ray.init` is waited for, then terminated (yields True)."""
     import ray
 
+    if ray.is_initialized():
+        yield False
+        return
+    _local_auth_env(host)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not "Started Serve in namespace ..."
+    before = _descendants()
+    try:
+        ray.init(logging_level=logging.WARNING, log_to_driver=False)
+        yield True
+    finally:
+        if before_shutdown is not None:
+            before_shutdown()
+        spawned = _descendants() - before
+        # No serve.shutdown(): the cluster goes with the app (and Serve's controller, killed while its own graceful
+        # shutdown task runs, would print a retry warning).
+        ray.shutdown()
+        _stop_processes(spawned | (_descendants() - before))
+
+
+class _StopSignals:
+    """SIGINT, SIGTERM and SIGHUP raise `_Stop` in the main thread. Installed explicitly: a background job (`cmd &`,
+    nohup, setsid, a service manager) may inherit SIGINT ignored, and `ray.init` sets SIGTERM to a bare `sys.exit`."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+    def __init__(self) -> None:
+        self.saved = {s: signal.getsignal(s) for s in self.SIGNALS}
+
+    @staticmethod
+    def _raise(signum, _frame) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    def arm(self) -> None:
+        for s in self.SIGNALS:
+            signal.signal(s, self._raise)
+
+    def hold(self) -> None:
+        """While shutting down: a second Ctrl-C must not cut the shutdown short and leave Ray processes behind."""
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for s, handler in self.saved.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+class _Stop(BaseException):
+    """A stop signal arrived. Not an Exception, so that no `except Exception` on the way up swallows it."""
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt))(?:\((\w+)\))?: (.+)$")
+
+
+def _cause(message: str) -> str:
+    """`Cause: first line of its message` from a deployment's status message (which holds a traceback): the last
+    exception line in it, with a RayTaskError unwrapped to the exception it wraps."""
+    lines = [line.strip() for line in message.splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        match = _EXCEPTION_LINE.match(lines[i])
+        if match and not match.group(1).endswith("RayTaskError"):
+            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(3)}"
+    return next((line for line in lines if line), "no message")
+
+
+def _start_failure(app_name: str) -> str | None:
+    """'<Deployment> failed to start: <Cause>: <message>' for the first failed deployment of the app, if any."""
+    try:
+        app_status = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - only used to word an error that is already being raised
+        return None
+    if app_status is None:
+        return None
+    for name, deployment in app_status.deployments.items():
+        if str(deployment.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+            return f"{name} failed to start: {_cause(deployment.message or '')}"
+    return None
+
+
+def _deploy(application: Application, name: str, **options):
+    """`serve.run`, with a deployment that fails to start (Serve raises RuntimeError "Deploying application ...
+    failed" and logs the controller's tracebacks) turned into one AppStartError naming the deployment and the cause."""
+    serve_logger = logging.getLogger("ray.serve")
+    level = serve_logger.level
+    serve_logger.setLevel(logging.CRITICAL)  # the failure is reported once, below
+    try:
+        return serve.run(application, name=name, **options)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AppStartError(_start_failure(name) or first) from None
+    finally:
+        serve_logger.setLevel(level)
+
+
+QUIET_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
+
+
+def run_local(config_path: str | None = None, preset: str = "toy", host: str = "127.0.0.1", port: int = 8000) -> None:
+    """`srd serve`: start (or join, with RAY_ADDRESS) Ray, deploy the app, serve HTTP on host:port until SIGINT,
+    SIGTERM or SIGHUP; then shut the app and Ray down, leaving no Ray process behind. A deployment that fails to
+    start raises AppStartError (one line)."""
     if config_path:
         apps = load_serve_config(config_path)
     else:
         apps = [(APP_NAME, "/", build_app(local_config(EngineConfig(preset=preset))))]
-    ray.init()
+    stop = _StopSignals()
+    stop.arm()
     try:
-        serve.start(http_options={"host": host, "port": port})
-        for name, route_prefix, application in apps:
-            serve.run(application, name=name, route_prefix=route_prefix)
-        print(f"srd serve: {', '.join(n for n, _, _ in apps)} ready on http://{host}:{port} "
-              f"(API docs at /docs); Ctrl-C stops", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        with _local_ray(host, before_shutdown=stop.hold):
+            stop.arm()  # again: ray.init replaced SIGTERM's handler
+            serve.start(http_options={"host": host, "port": port}, logging_config=QUIET_LOGGING)
+            for name, route_prefix, application in apps:
+                _deploy(application, name, route_prefix=route_prefix, logging_config=QUIET_LOGGING)
+            print(f"srd serve: {', '.join(n for n, _, _ in apps)} ready on http://{host}:{port} "
+                  f"(API docs at /docs); Ctrl-C or SIGTERM stops", flush=True)
+            while True:
+                signal.pause()
+    except _Stop as e:
+        print(f"srd serve: {e}: stopped", file=sys.stderr, flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop.restore()
 
 
 def generate_local(request: VideoRequest, engine: EngineConfig,
-                   on_update: Callable[[VideoJob], None] | None = None, poll_s: float = 0.2) -> VideoResult:
+                   on_update: Callable[[object], None] | None = None, poll_s: float = 0.2) -> VideoResult:
     """One job through the disaggregated app on a local Ray (no HTTP proxy), over its deployment handle.
 
-    Starts Ray and the app, submits, reports every status change to `on_update`, and shuts down what it started.
+    Starts Ray and the app (unless Ray is already initialised here: then only the app, deleted afterwards), submits,
+    reports every change of the job's status, stage or progress to `on_update`, and shuts down what it started. A
+    deployment that fails to start raises AppStartError (one line).
     """
-    import ray
-
-    started = not ray.is_initialized()
-    if started:  # quiet: progress goes to `on_update`, a failure into the job's record; warnings still show
-        ray.init(logging_level=logging.WARNING)
-    try:
-        quiet = {"log_level": "WARNING", "enable_access_log": False}
-        serve.start(proxy_location="Disabled", logging_config=quiet)
-        handle = serve.run(build_app(local_config(engine)), name=f"{APP_NAME}-generate", route_prefix=None,
-                           logging_config=quiet)
-        job = handle.submit.remote(request).result()
-        while job.status not in TERMINAL:
-            time.sleep(poll_s)
-            updated = handle.status.remote(job.id).result()
-            if on_update is not None and updated.version != job.version:
-                on_update(updated)
-            job = updated
-        return handle.result.remote(job.id).result()
-    finally:
-        if started:
-            serve.shutdown()
-            ray.shutdown()
-        else:
-            serve.delete(f"{APP_NAME}-generate")
+    name = f"{APP_NAME}-generate"
+    with _local_ray("127.0.0.1") as started:
+        try:
+            if started:
+                serve.start(proxy_location="Disabled", logging_config=QUIET_LOGGING)
+            handle = _deploy(build_app(local_config(engine)), name, route_prefix=None, logging_config=QUIET_LOGGING)
+            job = handle.submit.remote(request).result()
+            seen = (job.status, job.stage, job.progress)
+            while job.status not in ("completed", "failed", "cancelled"):
+                time.sleep(poll_s)
+                job = handle.status.remote(job.id).result()
+                if on_update is not None and (job.status, job.stage, job.progress) != seen:
+                    on_update(job)
+                seen = (job.status, job.stage, job.progress)
+            return handle.result.remote(job.id).result()
+        finally:
+            if not started:
+                serve.delete(name)

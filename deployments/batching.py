@@ -1,51 +1,131 @@
 """What every stage deployment does around its engine call, written once.
 
 - Batching by shape: one `@serve.batch` queue per latent shape (created on first use), so a batch only ever holds
-  requests of one shape; requests of another shape wait in their own queue instead of splitting a batch. (The
-  engine would also accept a mixed list and group it internally, but then one shape's requests would wait for the
-  other's forwards and the batch size would say nothing.)
+  requests of one shape; requests of another shape wait in their own queue instead of splitting a batch.
 - One batch on the device at a time: a replica holds one copy of the model, so batches of different shapes take
   turns (FIFO) rather than time-slicing the device.
-- The engine call runs in a worker thread, keeping the replica's event loop free for new requests and for the job
-  store round-trips of the step callback.
-- Job bookkeeping: a batch reports its start (jobs cancelled by then are skipped), its steps and its end.
+- The engine call runs in a worker thread, keeping the replica's event loop free for new requests.
+- One call per job at a time: if an orchestrator that took a job over asks again for a stage this replica is already
+  running for it, the second call waits for the first one's result instead of computing it twice.
+- Progress and cancel off the critical path: a denoising step only writes its count into this replica's memory and
+  reads the job's cancel flag from it; `ProgressReporter`'s own thread writes the counts to the job store and reads
+  the cancel flags back every `progress_interval_s`. A step never waits on the store.
+
+Stages take and give checkpoints through the results location (serve/results.py), so a call carries only a job id
+and its parameters, and returns a small `StageDone` record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray import serve
 
-from deployments.config import Batching
-from deployments.jobs import JobReporter, StageName
+from deployments.config import Batching, JobsConfig
+from serve import jobs
+from serve.job_store import JobStore
 from serve.stages import Cancelled, StepCallback
 
-# (payloads of the live requests of one batch, their step callback or None) -> one result per payload
-Compute = Callable[[list[Any], StepCallback | None], list[Any]]
+logger = logging.getLogger("ray.serve")
+
+# (job ids of one batch, the payloads of those jobs, their step callback) -> one result per job
+Compute = Callable[[list[str], list[Any], StepCallback], list[Any]]
+
+
+@dataclass(frozen=True)
+class StageDone:
+    """A stage stored its output for one job."""
+
+    start: float
+    end: float
+    batch_id: str
+    batch_size: int
+    switch_step: int | None = None  # sketch only: the K it took
+
+
+class ProgressReporter:
+    """Step counts out to the job store and cancel flags back, on a thread of its own (see the module docstring)."""
+
+    def __init__(self, store: JobStore, interval_s: float):
+        self._store = store
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._pending: dict[str, int] = {}  # job id -> steps done, not yet written
+        self._watched: set[str] = set()  # jobs in a running batch
+        self._cancelled: set[str] = set()
+        self._wake = threading.Event()
+        threading.Thread(target=self._run, name="progress-reporter", daemon=True).start()
+
+    def watch(self, job_ids: list[str]) -> set[str]:
+        """Jobs of a batch about to start; returns those already cancelled (one store read, before computing)."""
+        with self._lock:
+            self._watched.update(job_ids)
+        self._refresh_cancel_flags(job_ids)
+        with self._lock:
+            return self._cancelled & set(job_ids)
+
+    def step(self, job_id: str, steps_done: int) -> bool:
+        """Called by the denoising loop at every step boundary: records the count, answers "go on?" from memory."""
+        with self._lock:
+            self._pending[job_id] = steps_done
+            return job_id not in self._cancelled
+
+    def done(self, job_ids: list[str]) -> None:
+        """The batch ended: write its last counts now (so `steps_done` agrees with a cancel's step) and forget it."""
+        self._flush(job_ids)
+        with self._lock:
+            self._watched.difference_update(job_ids)
+            self._cancelled.difference_update(job_ids)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._interval_s)
+            try:
+                self._flush()
+                with self._lock:
+                    watched = list(self._watched)
+                self._refresh_cancel_flags(watched)
+            except Exception:  # the store is unreachable for a moment: steps go on, counts are written later
+                logger.exception("progress reporter: job store not reachable")
+
+    def _flush(self, job_ids: list[str] | None = None) -> None:
+        with self._lock:
+            ids = list(self._pending) if job_ids is None else [i for i in job_ids if i in self._pending]
+            counts = {i: self._pending.pop(i) for i in ids}
+        for job_id, steps_done in counts.items():
+            self._store.update(job_id, lambda job, n=steps_done: None if job.terminal else jobs.with_progress(job, n))
+
+    def _refresh_cancel_flags(self, job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        records = self._store.get_many(job_ids)
+        stop = {i for i in job_ids if i not in records or records[i].cancel_requested or records[i].terminal}
+        with self._lock:
+            self._cancelled.update(stop)
 
 
 class StageRunner:
-    def __init__(self, stage: StageName, batching: Batching, store, compute: Compute,
-                 describe: Callable[[Any], dict] | None = None):
+    def __init__(self, stage: jobs.StageName, batching: Batching, jobs_config: JobsConfig, compute: Compute):
         self.stage = stage
         self._batching = batching
-        self._reporter = JobReporter(store, stage)
         self._compute = compute
-        self._describe = describe or (lambda result: {})
+        self._reporter = ProgressReporter(JobStore(jobs_config.store, jobs_config.store_table),
+                                          jobs_config.progress_interval_s)
         self._queues: dict[Hashable, Callable] = {}
+        self._running: dict[str, asyncio.Future] = {}  # job id -> the call computing it on this replica
         self._device: asyncio.Lock | None = None
         self._batch_ids = itertools.count()
-        self._replica = f"{os.getpid()}"
         self.batches: deque[dict] = deque(maxlen=1000)  # recent batches: id, size, shape, jobs (stats, tests)
-        self.in_flight: set[str] = set()  # jobs whose batch is computing now
 
     @property
     def device(self) -> asyncio.Lock:
@@ -53,79 +133,53 @@ class StageRunner:
             self._device = asyncio.Lock()
         return self._device
 
-    async def run(self, job_id: str, payload: Any, shape: Hashable = ()) -> Any:
-        """Queue one request with others of the same `shape`; returns its result or `Cancelled`."""
-        queue = self._queues.get(shape)
-        if queue is None:
-            queue = self._queues[shape] = self._make_queue(shape)
-        return await queue((job_id, payload))
+    async def run(self, job_id: str, payload: Any, shape: Hashable = ()) -> StageDone | Cancelled:
+        """Queue one job with others of the same `shape`; returns when its output is stored (or it was cancelled)."""
+        running = self._running.get(job_id)
+        if running is None:
+            queue = self._queues.get(shape)
+            if queue is None:
+                queue = self._queues[shape] = self._make_queue()
+            running = self._running[job_id] = asyncio.ensure_future(queue((job_id, payload)))
+            running.add_done_callback(lambda _: self._running.pop(job_id, None))
+        return await asyncio.shield(running)
 
-    def _make_queue(self, shape: Hashable) -> Callable:
+    def _make_queue(self) -> Callable:
         async def run_batch(items: list[tuple[str, Any]]) -> list[Any]:
-            return await self._run_batch(shape, items)
+            return await self._run_batch(items)
 
         return serve.batch(
             max_batch_size=self._batching.max_batch_size, batch_wait_timeout_s=self._batching.batch_wait_timeout_s
         )(run_batch)
 
-    async def _run_batch(self, shape: Hashable, items: list[tuple[str, Any]]) -> list[Any]:
+    async def _run_batch(self, items: list[tuple[str, Any]]) -> list[StageDone | Cancelled]:
         job_ids = [job_id for job_id, _ in items]
         async with self.device:
-            batch_id = f"{self.stage}-{self._replica}-{next(self._batch_ids)}"
-            live = await self._reporter.begin(job_ids, batch_id)
-            results: list[Any] = [Cancelled(0)] * len(items)  # for jobs cancelled before this stage began
-            todo = [i for i, go_on in enumerate(live) if go_on]
-            if todo:
-                self.batches.append({"id": batch_id, "size": len(items), "shape": list(shape), "jobs": job_ids})
-                todo_ids = [job_ids[i] for i in todo]
-                self.in_flight.update(todo_ids)
-                on_step = self._reporter.step_callback(todo_ids, asyncio.get_running_loop())
-                try:
-                    outputs = await asyncio.to_thread(self._compute, [items[i][1] for i in todo], on_step)
-                finally:
-                    self.in_flight.difference_update(todo_ids)
-                finished = time.time()
-                for i, output in zip(todo, outputs):
-                    results[i] = output
-        for i in todo:
-            result = results[i]
-            if isinstance(result, Cancelled):
-                fields = {"cancelled_at_step": result.step_index}
-            else:
-                fields = self._describe(result)
-            await self._reporter.end(job_ids[i], finished, **fields)
+            already = await asyncio.to_thread(self._reporter.watch, job_ids)
+            todo = [i for i, job_id in enumerate(job_ids) if job_id not in already]
+            results: list[StageDone | Cancelled] = [Cancelled(0)] * len(items)
+            batch_id = f"{self.stage}-{os.getpid()}-{next(self._batch_ids)}"
+            start = time.time()
+            try:
+                if todo:
+                    self.batches.append({"id": batch_id, "size": len(todo), "jobs": [job_ids[i] for i in todo]})
+                    todo_ids = [job_ids[i] for i in todo]
+
+                    def on_step(index: int, steps_done: int, num_steps: int) -> bool:
+                        return self._reporter.step(todo_ids[index], steps_done)
+
+                    outputs = await asyncio.to_thread(self._compute, todo_ids, [items[i][1] for i in todo], on_step)
+                    end = time.time()
+                    for i, output in zip(todo, outputs):
+                        results[i] = output if isinstance(output, Cancelled) else StageDone(
+                            start=start, end=end, batch_id=batch_id, batch_size=len(todo), **(output or {}))
+            finally:
+                await asyncio.to_thread(self._reporter.done, job_ids)
         return results
 
     def stats(self) -> dict:
-        return {
-            "stage": self.stage,
-            "pid": os.getpid(),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "batches": list(self.batches),
-            "in_flight": sorted(self.in_flight),
-            "gpus": gpu_telemetry(),
-        }
+        from deployments.telemetry import gpu_telemetry
 
-
-def gpu_telemetry() -> list[dict]:
-    """Memory and utilisation of this replica's GPUs through NVML (nvidia-ml-py); empty without a GPU."""
-    gpu_ids = ray.get_gpu_ids()  # physical indices, which NVML uses too (it ignores CUDA_VISIBLE_DEVICES)
-    if not gpu_ids:
-        return []
-    import pynvml
-
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:  # fake GPU resources (CPU tests): no driver to ask
-        return []
-    try:
-        report = []
-        for gpu_id in gpu_ids:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(gpu_id))
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            report.append({"gpu_id": int(gpu_id), "memory_used_mib": memory.used // 2**20,
-                           "memory_total_mib": memory.total // 2**20,
-                           "utilization_pct": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu})
-        return report
-    finally:
-        pynvml.nvmlShutdown()
+        return {"stage": self.stage, "pid": os.getpid(), "batches": list(self.batches),
+                "running": sorted(self._running), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "gpus": gpu_telemetry()}

@@ -7,11 +7,16 @@ overrides last). Every field carries a description, so the Serve YAML's `args:` 
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from serve.engine import EngineConfig
+from serve.models import PRESETS
+from serve.request import RequestLimits
 from serve.parallel import ParallelConfig  # degrees and attention backend of a stage's worker group (validated there)
 
 
@@ -149,12 +154,12 @@ class RendererConfig(DenoiserConfig):
 class DecoderConfig(StageConfig):
     batching: Batching = Field(
         default_factory=lambda: Batching(max_batch_size=1),
-        description="Batching of same-shape decodes (an untiled 480p/81-frame VAE decode peaks at ~34 GiB alone).",
+        description="Batching of same-shape decodes (an untiled 480p/81-frame bf16 VAE decode peaks at 4.4 GiB).",
     )
 
 
 class ServiceConfig(DeploymentConfig):
-    """Ingress, pipeline and job store: I/O-bound (they wait on handles), so they reserve no CPU by default."""
+    """Ingress and orchestrator: I/O-bound (they wait on handles and the store), so they reserve no CPU."""
 
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.0), description="Ray resources.")
     max_ongoing_requests: int = Field(
@@ -162,33 +167,115 @@ class ServiceConfig(DeploymentConfig):
     )
 
 
-class JobStoreConfig(ServiceConfig):
-    max_finished_jobs: int = Field(
-        256, ge=1,
-        description="Finished jobs (records and results: mp4, latents, preview) kept in memory; the oldest go first. "
-        "A 480p/81-frame job holds ~10 MB of latents plus its mp4.",
-    )
+class IngressConfig(ServiceConfig):
+    max_queued_requests: int = Field(
+        1000, ge=-1, description="Serve's bound on requests waiting for an ingress replica; beyond it clients get "
+        "503 (-1: unbounded). Jobs themselves are bounded by `jobs.max_unfinished_jobs`.")
+
+    def deployment_options(self) -> dict:
+        return {**super().deployment_options(), "max_queued_requests": self.max_queued_requests}
+
+
+class OrchestratorConfig(ServiceConfig):
+    max_running_jobs: int = Field(
+        256, ge=1, description="Jobs one orchestrator replica drives at once (the stages' queues do the pacing).")
+
+
+def default_data_dir() -> str:
+    return os.environ.get("SRD_DATA_DIR") or str(Path("~/.local/share/srd").expanduser())
+
+
+class JobsConfig(_Config):
+    """Where jobs and their files live, and how faults are survived. Every replica opens the store and the results
+    location itself: no actor holds job state, so any replica may die without losing a job."""
+
+    data_dir: str = Field(default_factory=default_data_dir,
+                          description="Directory of the embedded store and the default results location "
+                          "($SRD_DATA_DIR, else ~/.local/share/srd).")
+    store_url: str | None = Field(
+        None, description="SQLAlchemy URL of the job store. Default: an SQLite file in `data_dir` (one node); for "
+        "a cluster a server database, e.g. postgresql+psycopg://user@host:5432/srd.")
+    store_table: str = Field("srd_jobs", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+                             description="Table of the job records.")
+    results_url: str | None = Field(
+        None, description="Where videos, previews, latents and hand-off checkpoints go: a directory or an fsspec "
+        "URL (s3://bucket/srd for a cluster). Default: `data_dir`/results.")
+    max_attempts: int = Field(3, ge=1, description="Attempts per stage before the job fails.")
+    lease_s: float = Field(30.0, gt=0, description="An orchestrator's hold on a job; once it expires (its holder "
+                                                   "died), another replica takes the job over.")
+    poll_interval_s: float = Field(0.2, gt=0, description="How often an orchestrator looks for jobs to drive.")
+    progress_interval_s: float = Field(
+        0.1, gt=0, description="How often a stage replica writes step progress and reads cancel flags, off the "
+        "denoising thread (a step never waits on the store): a cancel stops the job at the first step boundary "
+        "after the next read, i.e. within one step wherever a step takes longer than this.")
+    max_unfinished_jobs: int = Field(1000, ge=1, description="Queued plus running jobs; beyond it POST /v1/videos "
+                                                             "answers 429 with Retry-After.")
+    retry_after_s: int = Field(30, ge=1, description="Retry-After of a 429.")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:  # resolved where the config is made, so every replica agrees
+        return str(Path(value).expanduser().absolute())
+
+    @property
+    def store(self) -> str:
+        from serve.job_store import default_store_url
+
+        return self.store_url or default_store_url(self.data_dir)
+
+    @property
+    def results(self) -> str:
+        return self.results_url or str(Path(self.data_dir) / "results")
+
+
+class LimitsConfig(_Config):
+    """Per-request limits; unset fields keep the preset's (serve/models.py)."""
+
+    max_tokens_per_video: int | None = Field(None, ge=1, description="((frames-1)//4+1)*(height/16)*(width/16).")
+    max_steps: int | None = Field(None, ge=1, description="Most `num_inference_steps`.")
+    max_prompt_chars: int | None = Field(None, ge=1, description="Longest prompt (and negative prompt).")
+    max_body_bytes: int | None = Field(None, ge=1024, description="Largest request body; beyond it 413.")
+
+    def over(self, preset: RequestLimits) -> RequestLimits:
+        return dataclasses.replace(preset, **{k: v for k, v in self.model_dump().items() if v is not None})
+
+
+class AuthConfig(_Config):
+    """Optional bearer-token auth of the HTTP API: on when any token is configured. A job is visible only to the
+    token that created it."""
+
+    tokens: list[SecretStr] = Field(default_factory=list, description="Accepted bearer tokens.")
+    tokens_env: str | None = Field("SRD_API_TOKENS", description="Environment variable (read in the ingress "
+                                   "replica) with more tokens, comma-separated.")
 
 
 class AppConfig(_Config):
     """The whole app: the engine (models, device, dtype) and one config per deployment."""
 
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Models, device and dtype of all stages.")
+    model_name: str | None = Field(None, description="The served model name (OpenAI's `model`); default: the "
+                                                     "engine's preset name.")
     encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="Text encoder stage.")
     sketcher: SketcherConfig = Field(default_factory=SketcherConfig, description="Large-model (sketch) stage.")
     renderer: RendererConfig = Field(default_factory=RendererConfig, description="Small-model (render) stage.")
     decoder: DecoderConfig = Field(default_factory=DecoderConfig, description="VAE decode and mp4 stage.")
-    pipeline: ServiceConfig = Field(default_factory=ServiceConfig, description="Runs each job through the stages.")
-    job_store: JobStoreConfig = Field(
-        default_factory=JobStoreConfig, description="Job records and results (one replica: it holds the state)."
-    )
-    ingress: ServiceConfig = Field(default_factory=ServiceConfig, description="HTTP API (FastAPI) and handle API.")
+    orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig,
+                                             description="Drives jobs through the stages (stateless).")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP API (FastAPI) and handle API.")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job store, results location, retries.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request limits.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Bearer-token auth of the HTTP API.")
+
+    @property
+    def served_model(self) -> str:
+        return self.model_name or self.engine.preset
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        return self.limits.over(PRESETS[self.engine.preset].limits)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> AppConfig:
-        if self.job_store.autoscaling is not None or self.job_store.num_replicas != 1:
-            raise ValueError("`job_store` must have exactly one replica (it holds the job records); "
-                             "remove `job_store.autoscaling` and `job_store.num_replicas`")
         if self.engine.device.startswith("cuda"):
             for name in ("encoder", "sketcher", "renderer", "decoder"):
                 if getattr(self, name).resources.num_gpus <= 0:

@@ -1,4 +1,4 @@
-"""Decoder deployment: the Wan VAE. Final latents -> frames -> mp4 bytes; a hand-off -> a preview PNG."""
+"""Decoder deployment: the Wan VAE. Final latents -> frames -> the mp4 and its thumbnail; a hand-off -> a preview."""
 
 from __future__ import annotations
 
@@ -6,37 +6,41 @@ import asyncio
 
 import torch
 
-from deployments.batching import StageRunner
-from deployments.config import DecoderConfig
+from deployments.batching import StageDone, StageRunner
+from deployments.config import DecoderConfig, JobsConfig
+from serve.checkpoint import handoff_from_bytes, latents_from_bytes
 from serve.engine import DecodeStage, EngineConfig
-from serve.handoff import Handoff
 from serve.request import GenerationParams
+from serve.results import HANDOFF, LATENTS, PREVIEW, THUMBNAIL, VIDEO, ResultStore
 from serve.stages import Cancelled
 from serve.video import encode_mp4, encode_png
 
 
 class Decoder:
-    def __init__(self, engine: EngineConfig, config: DecoderConfig, store):
+    def __init__(self, engine: EngineConfig, config: DecoderConfig, jobs: JobsConfig):
         self._stage = DecodeStage(engine)
-        self._runner = StageRunner("decode", config.batching, store, self._decode)
+        self._results = ResultStore(jobs.results)
+        self._runner = StageRunner("decode", config.batching, jobs, self._decode)
 
-    async def decode(self, job_id: str, params: GenerationParams, latents: torch.Tensor | Cancelled
-                     ) -> bytes | Cancelled:
-        if isinstance(latents, Cancelled):  # cancelled upstream: pass it on
-            return latents
-        return await self._runner.run(job_id, (params, latents), params.shape_key)
+    async def decode(self, job_id: str, params: GenerationParams) -> StageDone | Cancelled:
+        return await self._runner.run(job_id, params, params.shape_key)
 
-    def _decode(self, items: list[tuple[GenerationParams, torch.Tensor]], on_step=None) -> list[bytes]:
-        frames = self._stage(torch.cat([latents for _, latents in items]))
-        return [encode_mp4(video, params.fps) for (params, _), video in zip(items, frames)]
+    def _decode(self, job_ids: list[str], requests: list[GenerationParams], on_step=None) -> list[dict]:
+        latents = torch.cat([latents_from_bytes(self._results.get(job_id, LATENTS)) for job_id in job_ids])
+        for job_id, params, video in zip(job_ids, requests, self._stage(latents)):
+            self._results.put(job_id, THUMBNAIL, encode_png(video[0]))
+            self._results.put(job_id, VIDEO, encode_mp4(video, params.fps))  # last: it marks the job decoded
+        return [{} for _ in job_ids]
 
-    async def preview(self, handoff: Handoff | Cancelled) -> bytes | None:
-        """PNG of the first frame of the sketch's clean-latent estimate (None for a cancelled job)."""
-        if isinstance(handoff, Cancelled):
-            return None
+    async def preview(self, job_id: str) -> bool:
+        """Store a PNG of the first frame of the sketch's clean-latent estimate; False if there is no hand-off."""
+        data = await asyncio.to_thread(self._results.get, job_id, HANDOFF)
+        if data is None:
+            return False
         async with self._runner.device:  # shares the device with decode batches
-            image = await asyncio.to_thread(self._stage.preview, handoff)
-        return encode_png(image)
+            image = await asyncio.to_thread(self._stage.preview, handoff_from_bytes(data))
+        await asyncio.to_thread(self._results.put, job_id, PREVIEW, encode_png(image))
+        return True
 
     async def stats(self) -> dict:
         return self._runner.stats()

@@ -1,17 +1,20 @@
 """Encoder deployment: the text encoder (umT5), with an LRU cache of prompt embeddings.
 
-The embeddings do not depend on the video's shape, so the encoder batches any requests together (one queue).
+The embeddings do not depend on the video's shape, so the encoder batches any requests together (one queue). Each
+job's embeddings are stored as its first checkpoint (EMBEDS), where the sketcher reads them.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from deployments.batching import StageRunner
-from deployments.config import EncoderConfig
+from deployments.batching import StageDone, StageRunner
+from deployments.config import EncoderConfig, JobsConfig
+from serve.checkpoint import embeds_to_bytes
 from serve.engine import EncodeStage, EngineConfig
 from serve.handoff import PromptEmbeds
 from serve.request import GenerationParams
+from serve.results import EMBEDS, ResultStore
 from serve.stages import Cancelled
 
 CacheKey = tuple[str, str, bool]
@@ -49,15 +52,22 @@ class EmbeddingCache:
 
 
 class Encoder:
-    def __init__(self, engine: EngineConfig, config: EncoderConfig, store):
+    def __init__(self, engine: EngineConfig, config: EncoderConfig, jobs: JobsConfig):
         self._stage = EncodeStage(engine)
         self._cache = EmbeddingCache(config.cache_size)
-        self._runner = StageRunner("encode", config.batching, store, self._encode)
+        self._results = ResultStore(jobs.results)
+        self._runner = StageRunner("encode", config.batching, jobs, self._encode_jobs)
 
-    async def encode(self, job_id: str, params: GenerationParams) -> PromptEmbeds | Cancelled:
+    async def encode(self, job_id: str, params: GenerationParams) -> StageDone | Cancelled:
         return await self._runner.run(job_id, params)
 
-    def _encode(self, requests: list[GenerationParams], on_step=None) -> list[PromptEmbeds]:
+    def _encode_jobs(self, job_ids: list[str], requests: list[GenerationParams], on_step=None) -> list[dict]:
+        for job_id, embeds in zip(job_ids, self.embed(requests)):
+            self._results.put(job_id, EMBEDS, embeds_to_bytes(embeds))
+        return [{} for _ in job_ids]
+
+    def embed(self, requests: list[GenerationParams]) -> list[PromptEmbeds]:
+        """Embeddings of each request's prompts, from the cache where it has them."""
         keys = [cache_key(r) for r in requests]
         found = {key: self._cache.get(key) for key in dict.fromkeys(keys)}
         missing = {key: r for key, r in zip(keys, requests) if found[key] is None}

@@ -1,165 +1,370 @@
-"""Ingress deployment: the HTTP job API (FastAPI through Serve) and the same operations for deployment handles.
+"""Ingress deployment: the HTTP job API (FastAPI through Serve, shaped as OpenAI's Video API) and the same operations
+for deployment handles.
 
-    POST   /v1/videos                 create a job; returns at once with its queued record
-    GET    /v1/videos/{id}            status, progress, stage, switch_step, per-stage timings, error
-    GET    /v1/videos/{id}/content    the mp4, once completed (409 before)
-    GET    /v1/videos/{id}/preview    PNG of the sketch's estimate of the first frame, once sketching is done
-    GET    /v1/videos/{id}/latents    final latents as .npy (float32 [1, C, F', H', W']), once completed
-    GET    /v1/videos/{id}/events     server-sent events: the record at every change, until it is terminal
-    DELETE /v1/videos/{id}            cancel: stages stop the job at their next step boundary
-    GET    /healthz
+    POST   /v1/videos                      create a job (JSON, or multipart/form-data as the openai SDK sends it);
+                                           the job is in the store before this answers
+    GET    /v1/videos                      list jobs, newest first (`limit`, `after`, `order`)
+    GET    /v1/videos/{id}                 status, progress, stage, switch_step, per-stage attempts and timings, error
+    GET    /v1/videos/{id}/content         the mp4 (`variant=video`) or its first frame (`variant=thumbnail`, PNG)
+    GET    /v1/videos/{id}/preview         PNG of the sketch's estimate of the first frame, once sketching is done
+    GET    /v1/videos/{id}/latents         final latents as .npy (float32 [1, C, F', H', W']), once completed
+    GET    /v1/videos/{id}/events          server-sent events: the job at every change, until it is finished
+    POST   /v1/videos/{id}/cancel          cancel: stages stop the job at their next step boundary
+    DELETE /v1/videos/{id}                 delete a finished job and its files (a running one: cancel it first)
+    GET    /v1/models                      the served model
+    GET    /healthz                        200 only when the store answers and every deployment is running
 
-Requests are validated here (the shared VideoRequest schema, then `resolve` against the preset's defaults), so
-stages only ever see runnable requests. The ingress holds no state: records and results live in the JobStore.
+A request flows: validation (the shared VideoRequest schema, then `resolve` against the preset's defaults, then the
+app's limits) -> admission (a bound on unfinished jobs: 429 beyond it) -> a queued record in the job store. An
+orchestrator replica claims it from there. The ingress holds no state: it reads records from the store and streams
+files from the results location.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve rebuilds the route signatures, and FastAPI must see the real
+# `Request` class there, not a string.
+import asyncio
+import hashlib
+import hmac
 import io
+import json
+import logging
+import os
+import time
+from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 
-from deployments.jobs import VideoJob, VideoResult
-from serve.request import GenerationDefaults, GenerationParams, InvalidRequest, VideoRequest
+from deployments.api import Video, VideoDeleted, VideoList, VideoResult, error_body
+from deployments.config import AppConfig
+from serve import jobs
+from serve.checkpoint import latents_from_bytes
+from serve.job_store import JobStore
+from serve.request import InvalidRequest, VideoRequest
+from serve.results import LATENTS, PREVIEW, THUMBNAIL, VIDEO, ResultStore
 
+logger = logging.getLogger("ray.serve")
+SSE_POLL_S = 0.25
 SSE_KEEPALIVE_S = 15.0
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape, naming the request field (`param`) where there is one."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str = "invalid_request_error",
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
 
 api = FastAPI(
     title="srd: sketch/render video diffusion",
-    description="Asynchronous video jobs (modeled on OpenAI's /v1/videos): a large model sketches the first "
-    "denoising steps, a small model renders the rest.",
+    description="Asynchronous video jobs in the shape of OpenAI's /v1/videos API: a large model sketches the first "
+    "denoising steps, a small model renders the rest. A cancelled job reads `status: failed` with "
+    "`error.code: cancelled`.",
 )
 
 
-@api.exception_handler(InvalidRequest)
-async def _invalid_request(request: Request, error: InvalidRequest) -> JSONResponse:
-    """Checks that need the preset's defaults (resolve) answer like field validation: 422 naming the field."""
-    return JSONResponse(
-        status_code=422, content={"detail": [{"loc": ["body", error.field], "msg": str(error), "type": "value_error"}]}
-    )
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    return JSONResponse(status_code=error.status, content=error_body(error.message, error.param, error.code),
+                        headers=error.headers)
 
 
-def _not_found(job_id: str) -> HTTPException:
-    return HTTPException(status_code=404, detail=f"no video job with id {job_id!r}")
+@api.exception_handler(RequestValidationError)
+async def _query_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    param = str(first["loc"][-1]) if first.get("loc") else None
+    return JSONResponse(status_code=422, content=error_body(f"invalid {param}: {first['msg']}", param))
+
+
+def validation_error(error: ValidationError) -> ApiError:
+    first = error.errors()[0]
+    param = ".".join(str(x) for x in first["loc"]) or None
+    message = first["msg"].removeprefix("Value error, ")
+    return ApiError(422, f"invalid {param or 'request'}: {message}", param)
+
+
+def _token_owner(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+def _unhealthy_deployments() -> list[str]:
+    """Deployments of this app that are not running, each with the reason Serve gives (one line)."""
+    try:
+        app_name = serve.get_replica_context().app_name
+        status = serve.status().applications[app_name]
+    except Exception as e:  # the controller does not answer
+        return [f"serve: {type(e).__name__}: {e}"]
+    problems = []
+    for name, deployment in status.deployments.items():
+        if str(deployment.status.value) not in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
+            message = (deployment.message or "").strip().splitlines()
+            problems.append(f"{name}: {deployment.status.value}" + (f": {message[-1]}" if message else ""))
+    return problems
 
 
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, pipeline, store, defaults: GenerationDefaults):
-        self._pipeline = pipeline
-        self._store = store
-        self._defaults = defaults
+    def __init__(self, orchestrator, config: AppConfig):
+        self._orchestrator = orchestrator  # bound so that the app deploys it; jobs reach it through the store
+        self._config = config
+        self._defaults = config.engine.defaults
+        self._limits = config.request_limits
+        self._store = JobStore(config.jobs.store, config.jobs.store_table)
+        self._results = ResultStore(config.jobs.results)
+        tokens = [t.get_secret_value() for t in config.auth.tokens]
+        if config.auth.tokens_env and os.environ.get(config.auth.tokens_env):
+            tokens += [t.strip() for t in os.environ[config.auth.tokens_env].split(",") if t.strip()]
+        self._tokens = [t.encode() for t in tokens]
 
-    # -- Python API (deployment handle): the same operations as HTTP ------------------------------------------
+    async def _store_call(self, method, *args):
+        return await asyncio.to_thread(method, *args)
 
-    def resolve(self, request: VideoRequest | dict) -> GenerationParams:
-        """Validate a request and fill it from the preset's defaults; raises ValidationError/InvalidRequest."""
-        if not isinstance(request, VideoRequest):
-            request = VideoRequest.model_validate(request)
-        return request.resolve(self._defaults)
+    # -- Python API (deployment handle): the same operations as HTTP, without auth ------------------------------
 
-    async def submit(self, request: VideoRequest | dict) -> VideoJob:
-        return await self._pipeline.submit.remote(self.resolve(request))
+    async def submit(self, request: VideoRequest | dict, owner: str | None = None) -> Video:
+        """Validate, admit and store a job; returns it queued. Raises ApiError for a bad or refused request."""
+        try:
+            if not isinstance(request, VideoRequest):
+                request = VideoRequest.model_validate(request)
+            params = request.resolve(self._defaults)
+            self._limits.check(params)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        except InvalidRequest as e:
+            raise ApiError(422, f"invalid {e.field}: {e}", e.field) from None
+        if request.model is not None and request.model != self._config.served_model:
+            raise ApiError(422, f"invalid model: {request.model!r} is not served here; this server serves "
+                                f"{self._config.served_model!r}", "model", "model_not_found")
+        if await self._store_call(self._store.count_unfinished) >= self._config.jobs.max_unfinished_jobs:
+            retry = self._config.jobs.retry_after_s
+            raise ApiError(429, f"{self._config.jobs.max_unfinished_jobs} jobs are queued or running; retry in "
+                                f"{retry} s", None, "rate_limit_exceeded", headers={"Retry-After": str(retry)})
+        job = jobs.new_job(params.to_dict(), self._config.served_model, owner)
+        await self._store_call(self._store.create, job)
+        return Video.of(job)
 
-    async def generate(self, request: VideoRequest | dict) -> VideoResult:
-        """Run one job to the end: its record, mp4 bytes, final latents and preview."""
-        return await self._pipeline.generate.remote(self.resolve(request))
+    async def generate(self, request: VideoRequest | dict, poll_s: float = 0.1) -> VideoResult:
+        """Run one job to the end: its record, mp4, final latents, preview and thumbnail."""
+        video = await self.submit(request)
+        while not video.terminal:
+            await asyncio.sleep(poll_s)
+            video = await self.status(video.id)
+        return await self.result(video.id)
 
-    async def status(self, job_id: str) -> VideoJob | None:
-        return await self._store.get.remote(job_id)
+    async def status(self, job_id: str) -> Video | None:
+        job = await self._store_call(self._store.get, job_id)
+        return None if job is None else Video.of(job)
 
     async def result(self, job_id: str) -> VideoResult | None:
-        return await self._store.full_result.remote(job_id)
+        video = await self.status(job_id)
+        if video is None:
+            return None
+        files = {name: await self._store_call(self._results.get, job_id, name)
+                 for name in (VIDEO, LATENTS, PREVIEW, THUMBNAIL)}
+        latents = None if files[LATENTS] is None else latents_from_bytes(files[LATENTS])
+        completed = video.status == "completed"
+        return VideoResult(video, files[VIDEO] if completed else None, latents if completed else None,
+                           files[PREVIEW], files[THUMBNAIL])
 
-    async def cancel(self, job_id: str) -> VideoJob | None:
-        return await self._store.cancel.remote(job_id)
+    async def cancel(self, job_id: str) -> Video | None:
+        job = await self._store_call(self._store.update, job_id, jobs.request_cancel)
+        return None if job is None else Video.of(job)
 
     # -- HTTP -------------------------------------------------------------------------------------------------
 
-    @api.post("/v1/videos", response_model=VideoJob, summary="Create a video job")
-    async def create_video(self, request: VideoRequest) -> VideoJob:
-        return await self.submit(request)
+    @api.post("/v1/videos", response_model=Video, summary="Create a video job", openapi_extra={
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": VideoRequest.model_json_schema()},
+            "multipart/form-data": {"schema": VideoRequest.model_json_schema()},
+        }},
+    }, responses={413: {"description": "Body too large"}, 422: {"description": "A field is invalid (`param`)"},
+                  429: {"description": "Too many unfinished jobs (Retry-After)"}})
+    async def create_video(self, request: Request) -> Video:
+        owner = self._authorize(request)
+        return await self.submit(await self._read_request(request), owner)
 
-    @api.get("/v1/videos/{job_id}", response_model=VideoJob, summary="A job's status")
-    async def get_video(self, job_id: str) -> VideoJob:
-        return await self._job(job_id)
+    @api.get("/v1/videos", response_model=VideoList, summary="List video jobs")
+    async def list_videos(self, request: Request, limit: int = Query(20, ge=1, le=100),
+                          after: str | None = Query(None, description="The last id of the previous page."),
+                          order: Literal["asc", "desc"] = Query("desc", description="By creation time.")
+                          ) -> VideoList:
+        owner = self._authorize(request)
+        if after is not None:
+            anchor = await self._store_call(self._store.get, after)
+            if anchor is None or not self._visible(anchor, owner):
+                raise ApiError(404, f"invalid after: no video job with id {after!r}", "after")
+        owner_filter = owner if self._tokens else None
+        records, has_more = await self._store_call(self._store.list, owner_filter, limit, after, order)
+        data = [Video.of(r) for r in records]
+        return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                         has_more=has_more)
 
-    @api.get("/v1/videos/{job_id}/content", response_class=Response, summary="The mp4 of a completed job",
-             responses={200: {"content": {"video/mp4": {}}}, 409: {"description": "Not completed"}})
-    async def get_content(self, job_id: str) -> Response:
-        await self._completed(job_id, "content")
-        return Response(await self._store.result.remote(job_id, "video"), media_type="video/mp4")
+    @api.get("/v1/videos/{job_id}", response_model=Video, summary="A job's status")
+    async def get_video(self, job_id: str, request: Request) -> Video:
+        return Video.of(await self._job(job_id, request))
 
-    @api.get("/v1/videos/{job_id}/latents", response_class=Response, summary="Final latents (.npy)",
-             responses={200: {"content": {"application/octet-stream": {}}}, 409: {"description": "Not completed"}})
-    async def get_latents(self, job_id: str) -> Response:
-        await self._completed(job_id, "latents")
-        buffer = io.BytesIO()
-        np.save(buffer, (await self._store.result.remote(job_id, "latents")).numpy())
-        return Response(buffer.getvalue(), media_type="application/octet-stream")
+    @api.get("/v1/videos/{job_id}/content", response_class=Response, summary="The mp4, or its first frame",
+             responses={200: {"content": {"video/mp4": {}, "image/png": {}}}, 409: {"description": "Not completed"}})
+    async def get_content(self, job_id: str, request: Request,
+                          variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> StreamingResponse:
+        job = await self._completed(job_id, request, "content")
+        if variant == "spritesheet":
+            raise ApiError(400, "invalid variant: spritesheet is not produced here; use video or thumbnail",
+                           "variant")
+        name, media = (VIDEO, "video/mp4") if variant == "video" else (THUMBNAIL, "image/png")
+        return await self._stream(job.id, name, media)
 
     @api.get("/v1/videos/{job_id}/preview", response_class=Response, summary="Preview image after sketching",
              responses={200: {"content": {"image/png": {}}}, 409: {"description": "Sketching not done"}})
-    async def get_preview(self, job_id: str) -> Response:
-        job = await self._job(job_id)
+    async def get_preview(self, job_id: str, request: Request) -> StreamingResponse:
+        job = await self._job(job_id, request)
         if not job.preview_ready:
-            raise HTTPException(
-                status_code=409,
-                detail=f"video job {job_id!r} has no preview yet (status {job.status}, stage {job.stage}): "
-                "a preview exists once sketching has finished",
-            )
-        return Response(await self._store.result.remote(job_id, "preview"), media_type="image/png")
+            raise ApiError(409, f"video job {job_id!r} has no preview yet (status {job.status}, stage {job.stage}): "
+                                "a preview exists once sketching has finished", None, "not_ready")
+        return await self._stream(job.id, PREVIEW, "image/png")
 
-    @api.get("/v1/videos/{job_id}/events", summary="Server-sent events until the job is terminal",
+    @api.get("/v1/videos/{job_id}/latents", response_class=Response, summary="Final latents (.npy)",
+             responses={200: {"content": {"application/octet-stream": {}}}, 409: {"description": "Not completed"}})
+    async def get_latents(self, job_id: str, request: Request) -> Response:
+        job = await self._completed(job_id, request, "latents")
+        data = await self._store_call(self._results.get, job.id, LATENTS)
+        buffer = io.BytesIO()
+        np.save(buffer, latents_from_bytes(data).numpy())
+        return Response(buffer.getvalue(), media_type="application/octet-stream")
+
+    @api.get("/v1/videos/{job_id}/events", summary="Server-sent events until the job is finished",
              responses={200: {"content": {"text/event-stream": {}}}})
-    async def get_events(self, job_id: str) -> StreamingResponse:
-        await self._job(job_id)
+    async def get_events(self, job_id: str, request: Request) -> StreamingResponse:
+        await self._job(job_id, request)
         return StreamingResponse(self._events(job_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    @api.delete("/v1/videos/{job_id}", response_model=VideoJob, summary="Cancel a job")
-    async def delete_video(self, job_id: str) -> VideoJob:
-        job = await self._job(job_id)
-        if job.status in ("completed", "failed"):
-            raise HTTPException(status_code=409, detail=f"video job {job_id!r} is already {job.status}")
+    @api.post("/v1/videos/{job_id}/cancel", response_model=Video, summary="Cancel a job")
+    async def cancel_video(self, job_id: str, request: Request) -> Video:
+        job = await self._job(job_id, request)
+        if job.terminal:
+            raise ApiError(409, f"video job {job_id!r} is already {job.status}", None, "already_finished")
         return await self.cancel(job_id)
 
-    @api.get("/healthz", summary="Liveness of the ingress and the job store")
-    async def healthz(self) -> dict:
-        await self._store.get.remote("")  # the store answers: records are reachable
-        return {"status": "ok"}
+    @api.delete("/v1/videos/{job_id}", response_model=VideoDeleted, summary="Delete a finished job and its files")
+    async def delete_video(self, job_id: str, request: Request) -> VideoDeleted:
+        job = await self._job(job_id, request)
+        if not job.terminal:
+            raise ApiError(409, f"video job {job_id!r} is {job.status}: cancel it first "
+                                f"(POST /v1/videos/{job_id}/cancel), then delete it", None, "not_finished")
+        await self._store_call(self._results.delete, job_id)
+        await self._store_call(self._store.delete, job_id)
+        return VideoDeleted(id=job_id)
+
+    @api.get("/v1/models", summary="The served model")
+    async def list_models(self) -> dict:
+        return {"object": "list", "data": [{"id": self._config.served_model, "object": "model", "created": 0,
+                                            "owned_by": "srd"}]}
+
+    @api.get("/healthz", summary="200 when the job store answers and every deployment of the app is running")
+    async def healthz(self) -> JSONResponse:
+        problems = []
+        try:
+            await self._store_call(self._store.count_unfinished)
+        except Exception as e:
+            problems.append(f"job store: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        problems += await asyncio.to_thread(_unhealthy_deployments)
+        if problems:
+            return JSONResponse(status_code=503, content={"status": "unavailable", "problems": problems})
+        return JSONResponse({"status": "ok"})
 
     # -- helpers ----------------------------------------------------------------------------------------------
 
-    async def _job(self, job_id: str) -> VideoJob:
-        job = await self.status(job_id)
-        if job is None:
-            raise _not_found(job_id)
+    def _authorize(self, request: Request) -> str | None:
+        """The caller's owner id (a hash of its token) when auth is on; 401 without a valid bearer token."""
+        if not self._tokens:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        valid = False
+        for accepted in self._tokens:  # compare with every token, in constant time each
+            valid |= hmac.compare_digest(given, accepted)
+        if scheme.lower() != "bearer" or not valid:
+            raise ApiError(401, "a valid bearer token is required (Authorization: Bearer <token>)", None,
+                           "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return _token_owner(token.strip())
+
+    def _visible(self, job: jobs.JobRecord, owner: str | None) -> bool:
+        return not self._tokens or job.owner == owner
+
+    async def _job(self, job_id: str, request: Request) -> jobs.JobRecord:
+        owner = self._authorize(request)
+        job = await self._store_call(self._store.get, job_id)
+        if job is None or not self._visible(job, owner):  # another token's job is as good as absent
+            raise ApiError(404, f"no video job with id {job_id!r}", None, "not_found")
         return job
 
-    async def _completed(self, job_id: str, what: str) -> VideoJob:
-        job = await self._job(job_id)
+    async def _completed(self, job_id: str, request: Request, what: str) -> jobs.JobRecord:
+        job = await self._job(job_id, request)
         if job.status != "completed":
-            raise HTTPException(
-                status_code=409,
-                detail=f"video job {job_id!r} is {job.status} (progress {job.progress}%): "
-                f"its {what} is available once it is completed",
-            )
+            raise ApiError(409, f"video job {job_id!r} is {Video.of(job).status} (progress {job.progress}%): its "
+                                f"{what} is available once it is completed", None, "not_ready")
         return job
+
+    async def _stream(self, job_id: str, name: str, media_type: str) -> StreamingResponse:
+        size = await self._store_call(self._results.size, job_id, name)
+        if size is None:
+            raise ApiError(404, f"video job {job_id!r} has no {name}", None, "not_found")
+        return StreamingResponse(self._results.iter_chunks(job_id, name), media_type=media_type,
+                                 headers={"Content-Length": str(size)})
+
+    async def _read_request(self, request: Request) -> dict:
+        """The create body as a dict: JSON, or form fields (the openai SDK posts multipart/form-data)."""
+        limit = self._limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"invalid body: {declared} bytes; at most {limit} are accepted", "body")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"invalid body: more than {limit} bytes; at most {limit} are accepted", "body")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            request._body = body  # Starlette's form parser reads the body we already hold
+            try:
+                form = await request.form()
+            except Exception as e:
+                raise ApiError(400, f"invalid body: not a readable form ({e})", "body") from None
+            data = {}
+            for key, value in form.multi_items():
+                if not isinstance(value, str):  # an uploaded file: only input_reference would be one
+                    data[key] = "<file>"
+                else:
+                    data[key] = value
+            return data
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"invalid body: not JSON ({e})", "body") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, f"invalid body: a JSON object is required, not {type(data).__name__}", "body")
+        return data
 
     async def _events(self, job_id: str):
-        version = -1
+        version, last_sent = -1, time.monotonic()
         while True:
-            job = await self._store.wait.remote(job_id, version, SSE_KEEPALIVE_S)
-            if job is None:  # evicted while watched
+            job = await self._store_call(self._store.get, job_id)
+            if job is None:  # deleted while watched
                 return
             if job.version > version:
-                version = job.version
-                yield f"id: {version}\ndata: {job.model_dump_json()}\n\n"
-            else:
+                version, last_sent = job.version, time.monotonic()
+                yield f"id: {version}\ndata: {Video.of(job).model_dump_json()}\n\n"
+            elif time.monotonic() - last_sent > SSE_KEEPALIVE_S:
+                last_sent = time.monotonic()
                 yield ": keep-alive\n\n"
             if job.terminal:
                 return
+            await asyncio.sleep(SSE_POLL_S)
+

@@ -1,21 +1,22 @@
-"""Renderer deployment: the small model finishes each hand-off (steps K..N-1) and returns the final latents."""
+"""Renderer deployment: the small model finishes each hand-off (steps K..N-1) and stores the final latents."""
 
 from __future__ import annotations
 
-import torch
-
-from deployments.batching import StageRunner
-from deployments.config import RendererConfig
+from deployments.batching import StageDone, StageRunner
+from deployments.config import JobsConfig, RendererConfig
 from deployments.worker_group import build_denoising_stage, check_stage_health, shutdown_stage
+from serve.checkpoint import handoff_from_bytes, latents_to_bytes
 from serve.engine import EngineConfig, RenderStage
-from serve.handoff import Handoff
+from serve.request import GenerationParams
+from serve.results import HANDOFF, LATENTS, ResultStore
 from serve.stages import Cancelled
 
 
 class Renderer:
-    def __init__(self, engine: EngineConfig, config: RendererConfig, store):
+    def __init__(self, engine: EngineConfig, config: RendererConfig, jobs: JobsConfig):
         self._stage = build_denoising_stage(RenderStage, "render", engine, config.parallel)
-        self._runner = StageRunner("render", config.batching, store, self._stage)
+        self._results = ResultStore(jobs.results)
+        self._runner = StageRunner("render", config.batching, jobs, self._render)
 
     def check_health(self) -> None:
         check_stage_health(self._stage)
@@ -24,10 +25,17 @@ class Renderer:
         if hasattr(self, "_stage"):
             shutdown_stage(self._stage)
 
-    async def render(self, job_id: str, handoff: Handoff | Cancelled) -> torch.Tensor | Cancelled:
-        if isinstance(handoff, Cancelled):  # cancelled upstream: pass it on
-            return handoff
-        return await self._runner.run(job_id, handoff, handoff.params.shape_key)
+    async def render(self, job_id: str, params: GenerationParams) -> StageDone | Cancelled:
+        return await self._runner.run(job_id, params, params.shape_key)
+
+    def _render(self, job_ids: list[str], requests: list[GenerationParams], on_step) -> list:
+        handoffs = [handoff_from_bytes(self._results.get(job_id, HANDOFF)) for job_id in job_ids]
+        outputs = []
+        for job_id, latents in zip(job_ids, self._stage(handoffs, on_step=on_step)):
+            if not isinstance(latents, Cancelled):
+                self._results.put(job_id, LATENTS, latents_to_bytes(latents))
+            outputs.append(latents if isinstance(latents, Cancelled) else {})
+        return outputs
 
     async def stats(self) -> dict:
         return self._runner.stats()

@@ -1,4 +1,4 @@
-"""Sketcher deployment: the large model's first K denoising steps; returns the Handoff (through the object store).
+"""Sketcher deployment: the large model's first K denoising steps; stores the hand-off checkpoint.
 
 The replica's GPUs come from its placement group (one bundle per rank, see DenoiserConfig); `worker_group.build_denoising_stage`
 is the one place that decides how the model is held, so a multi-rank worker group plugs in there.
@@ -6,20 +6,21 @@ is the one place that decides how the model is held, so a multi-rank worker grou
 
 from __future__ import annotations
 
-from deployments.batching import StageRunner
-from deployments.config import SketcherConfig
+from deployments.batching import StageDone, StageRunner
+from deployments.config import JobsConfig, SketcherConfig
 from deployments.worker_group import build_denoising_stage, check_stage_health, shutdown_stage
+from serve.checkpoint import embeds_from_bytes, handoff_to_bytes
 from serve.engine import EngineConfig, SketchStage
-from serve.handoff import Handoff, PromptEmbeds
 from serve.request import GenerationParams
+from serve.results import EMBEDS, HANDOFF, ResultStore
 from serve.stages import Cancelled
 
 
 class Sketcher:
-    def __init__(self, engine: EngineConfig, config: SketcherConfig, store):
+    def __init__(self, engine: EngineConfig, config: SketcherConfig, jobs: JobsConfig):
         self._stage = build_denoising_stage(SketchStage, "sketch", engine, config.parallel)
-        self._runner = StageRunner("sketch", config.batching, store, self._stage,
-                                   describe=lambda handoff: {"switch_step": handoff.step_index})
+        self._results = ResultStore(jobs.results)
+        self._runner = StageRunner("sketch", config.batching, jobs, self._sketch)
 
     def check_health(self) -> None:
         check_stage_health(self._stage)
@@ -28,11 +29,20 @@ class Sketcher:
         if hasattr(self, "_stage"):
             shutdown_stage(self._stage)
 
-    async def sketch(self, job_id: str, params: GenerationParams, embeds: PromptEmbeds | Cancelled
-                     ) -> Handoff | Cancelled:
-        if isinstance(embeds, Cancelled):  # cancelled upstream: pass it on
-            return embeds
-        return await self._runner.run(job_id, (params, embeds), params.shape_key)
+    async def sketch(self, job_id: str, params: GenerationParams) -> StageDone | Cancelled:
+        return await self._runner.run(job_id, params, params.shape_key)
+
+    def _sketch(self, job_ids: list[str], requests: list[GenerationParams], on_step) -> list:
+        embeds = [embeds_from_bytes(self._results.get(job_id, EMBEDS)) for job_id in job_ids]
+        handoffs = self._stage(list(zip(requests, embeds)), on_step=on_step)
+        outputs = []
+        for job_id, handoff in zip(job_ids, handoffs):
+            if isinstance(handoff, Cancelled):
+                outputs.append(handoff)
+                continue
+            self._results.put(job_id, HANDOFF, handoff_to_bytes(handoff))
+            outputs.append({"switch_step": handoff.step_index})
+        return outputs
 
     async def stats(self) -> dict:
         return self._runner.stats()

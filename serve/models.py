@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from serve.request import GenerationDefaults
+from serve.request import GenerationDefaults, RequestLimits
 
 # diffusers is imported inside the loaders: importing it takes seconds, and the CLI checks a request against the
 # preset defaults defined here before that, so that a bad flag fails at once.
@@ -49,6 +49,7 @@ class Preset:
     name: str
     models: ModelPair | None  # None: built on first use (tiny)
     defaults: GenerationDefaults
+    limits: RequestLimits  # what a served request may cost (the app config may override them)
 
 
 WAN21_T2V = Preset(
@@ -58,6 +59,8 @@ WAN21_T2V = Preset(
         width=832, height=480, num_frames=81, num_inference_steps=50, guidance_scale=5.0, flow_shift=3.0,
         switch="ratio:0.2",
     ),
+    # 720p/81 frames (75,600 tokens) is the largest size Wan2.1 was trained at
+    RequestLimits(max_tokens_per_video=75_600, max_steps=100),
 )
 TINY = Preset(
     "tiny",
@@ -66,6 +69,7 @@ TINY = Preset(
         width=64, height=64, num_frames=17, num_inference_steps=10, guidance_scale=5.0, flow_shift=3.0,
         switch="ratio:0.3",
     ),
+    RequestLimits(max_tokens_per_video=4096, max_steps=100),  # e.g. 256x256 at 49 frames: seconds on a CPU
 )
 # Trained by this project on procedural clips (issue 6; toy/train.py, training.json beside the weights): a 5.9M
 # "large" and a 2.7M "small" Wan DiT. The default switch is the paper's: after 5 of 20 steps, prompt adherence
@@ -79,6 +83,7 @@ TOY = Preset(
         width=64, height=64, num_frames=17, num_inference_steps=20, guidance_scale=5.0, flow_shift=1.0,
         switch="ratio:0.25", fps=8,
     ),
+    RequestLimits(max_tokens_per_video=4096, max_steps=100),
 )
 PRESETS = {p.name: p for p in (WAN21_T2V, TOY, TINY)}
 

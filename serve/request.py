@@ -7,6 +7,7 @@ returns a frozen `GenerationParams` that every stage reads.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, fields
 
@@ -37,10 +38,81 @@ class GenerationDefaults:
     fps: int = 16
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may cost, checked before a job is created (per preset, overridable in the app config).
+
+    Tokens per video are the transformer's sequence length as Wan counts them, ((frames - 1) // 4 + 1) *
+    (height / 16) * (width / 16); attention's cost grows with its square, so with `max_steps` it bounds a request's
+    compute and memory."""
+
+    max_tokens_per_video: int
+    max_steps: int = 100
+    max_prompt_chars: int = 2000
+    max_body_bytes: int = 64 * 1024
+
+    def check(self, params: GenerationParams) -> None:
+        """Raise InvalidRequest naming the field that goes over a limit."""
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(params, name)) > self.max_prompt_chars:
+                raise InvalidRequest(name, f"`{name}` has {len(getattr(params, name))} characters; at most "
+                                           f"{self.max_prompt_chars} are accepted")
+        if params.num_inference_steps > self.max_steps:
+            raise InvalidRequest("num_inference_steps", f"`num_inference_steps` is {params.num_inference_steps}; "
+                                                        f"at most {self.max_steps} are accepted")
+        tokens = tokens_per_video(params)
+        if tokens > self.max_tokens_per_video:
+            raise InvalidRequest(
+                "size", f"a {params.width}x{params.height} video of {params.num_frames} frames is {tokens} tokens "
+                f"((frames-1)//4+1)*(height/16)*(width/16); at most {self.max_tokens_per_video} are accepted")
+
+
+def tokens_per_video(params: GenerationParams) -> int:
+    return ((params.num_frames - 1) // 4 + 1) * (params.height // 16) * (params.width // 16)
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    """OpenAI's `size`, "WIDTHxHEIGHT", as (width, height)."""
+    width, sep, height = value.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise ValueError(f"`size` must be WIDTHxHEIGHT in pixels, such as \"832x480\", but is {value!r}")
+    return int(width), int(height)
+
+
+def parse_seconds(value: str) -> float:
+    """OpenAI's `seconds` (a string such as "4"): a finite, positive number of seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"`seconds` must be a number of seconds such as \"4\", but is {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > 3600:
+        raise ValueError(f"`seconds` must be a positive number of seconds (at most 3600) but is {value!r}")
+    return seconds
+
+
+def frames_for_seconds(seconds: float, fps: int) -> int:
+    """The 4n+1 frame count (Wan's VAE compresses time 4x) nearest to `seconds` at `fps`: 4 s at 16 fps is 65
+    frames; the clip then lasts (frames - 1) / fps seconds."""
+    return 4 * max(0, round(seconds * fps / 4)) + 1
+
+
 class VideoRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A video request. OpenAI's Video API fields (`model`, `size`, `seconds`) and diffusers' names (`width`,
+    `height`, `num_frames`, ...) are both accepted; a field given both ways must agree."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     prompt: str = Field(description="What the video shows.")
+    model: str | None = Field(None, description="The served model name (GET /v1/models lists it); default: the "
+                                                "app's only model.")
+    size: str | None = Field(None, description="OpenAI's frame size, \"WIDTHxHEIGHT\" in pixels, each a multiple "
+                                               "of 16 (the same as `width` and `height`).")
+    seconds: str | None = Field(
+        None, description="OpenAI's clip duration in seconds, as a string. Frames = the 4n+1 count nearest to "
+        "seconds x the model's fps (4n+1 because Wan's VAE compresses time 4x), e.g. \"4\" at 16 fps is 65 frames. "
+        "Use `num_frames` for an exact count.")
+    input_reference: object | None = Field(
+        None, description="Not supported: this server does text-to-video only; a reference image is refused.")
     negative_prompt: str | None = Field(None, description="What to steer away from (classifier-free guidance).")
     width: int | None = Field(None, description="Frame width in pixels, a multiple of 16.")
     height: int | None = Field(None, description="Frame height in pixels, a multiple of 16.")
@@ -59,6 +131,32 @@ class VideoRequest(BaseModel):
         if not value.strip():
             raise ValueError("`prompt` must not be empty")
         return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            for name, pixels in zip(("width", "height"), parse_size(value)):
+                if pixels < 16 or pixels % 16:
+                    raise ValueError(f"`size` {value!r}: the {name} must be a positive multiple of 16 but is {pixels}")
+        return value
+
+    @field_validator("seconds", mode="before")
+    @classmethod
+    def _seconds_parses(cls, value) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"`seconds` must be a string such as \"4\" but is {value!r}")
+        parse_seconds(str(value))
+        return str(value)
+
+    @field_validator("input_reference")
+    @classmethod
+    def _no_reference(cls, value: object | None) -> None:
+        if value is not None:
+            raise ValueError("`input_reference` is not supported: this server generates video from text only")
+        return None
 
     @field_validator("width", "height")
     @classmethod
@@ -117,12 +215,23 @@ class VideoRequest(BaseModel):
             switch.check_steps(steps)
         except ValueError as e:
             raise InvalidRequest("switch", str(e)) from e
+        width, height = self.width, self.height
+        if self.size is not None:
+            width, height = parse_size(self.size)
+            for name, given, pixels in (("width", self.width, width), ("height", self.height, height)):
+                if given is not None and given != pixels:
+                    raise InvalidRequest("size", f"`size` {self.size!r} and `{name}` {given} disagree; give one")
+        num_frames = self.num_frames
+        if self.seconds is not None:
+            if self.num_frames is not None:
+                raise InvalidRequest("seconds", "`seconds` and `num_frames` both set the length; give one")
+            num_frames = frames_for_seconds(parse_seconds(self.seconds), defaults.fps)
         return GenerationParams(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt or "",
-            width=self.width or defaults.width,
-            height=self.height or defaults.height,
-            num_frames=self.num_frames or defaults.num_frames,
+            width=width or defaults.width,
+            height=height or defaults.height,
+            num_frames=num_frames or defaults.num_frames,
             num_inference_steps=steps,
             guidance_scale=defaults.guidance_scale if self.guidance_scale is None else self.guidance_scale,
             flow_shift=self.flow_shift or defaults.flow_shift,

@@ -1,14 +1,62 @@
-"""Shared fixtures: the tiny preset, built once per session into a private model cache, and small request helpers.
+"""Shared fixtures: the tiny preset, built once per session into a private model cache, one local Ray for the
+session, small request helpers; and the tests' tiers.
 
 Every test runs on the CPU with the tiny preset (random weights, diffusers' layout) at tiny sizes and few steps.
+
+Tiers (pytest markers, given here and nowhere else, by test module; `python -m pytest -q -m fast` runs one):
+    fast   the engine, requests, CLI, config: no Ray, minutes on two cores
+    ray    anything that starts Ray or the Serve app
+    slow   training, the toy preset's quality, the benchmarks' smoke runs
+`python -m pytest -q` runs all three. A test module missing from TIERS fails its collection check
+(test_frontdoor_tiers.py) and meanwhile counts as slow.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+TIERS: dict[str, str] = {
+    # fast: no Ray
+    "test_batching": "fast",
+    "test_checkpoint": "fast",
+    "test_cli": "fast",
+    "test_frontdoor_cli": "fast",
+    "test_frontdoor_tiers": "fast",
+    "test_handoff": "fast",
+    "test_parallel": "fast",
+    "test_parity": "fast",
+    "test_random_init": "fast",
+    "test_request": "fast",
+    "test_results": "fast",
+    "test_switch": "fast",
+    "test_toy_data": "fast",
+    "test_video": "fast",
+    "test_app_config": "fast",
+    "test_bench_vae_tiling": "fast",
+    # ray: starts Ray or the Serve app
+    "test_app": "ray",
+    "test_app_parts": "ray",
+    "test_parallel_ray": "ray",
+    "test_frontdoor_serve": "ray",
+    # slow: training, quality, the benchmarks' smoke runs
+    "test_toy_preset": "slow",
+    "test_toy_train": "slow",
+    "test_bench": "slow",
+    "test_bench_scaling": "slow",
+    "test_bench_serve": "slow",
+}
+DEFAULT_TIER = "slow"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test gets its module's tier marker (fast, ray or slow), here in one place."""
+    for item in items:
+        module = Path(str(item.fspath)).stem
+        item.add_marker(getattr(pytest.mark, TIERS.get(module, DEFAULT_TIER)))
 
 # Small enough that a denoising step takes milliseconds, large enough to have several tokens and latent frames.
 SMALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 4}
@@ -98,3 +146,55 @@ def incompatible_renders(tiny_models, tmp_path_factory) -> dict[str, str]:
     config["latents_mean"] = [m + 1.0 for m in config["latents_mean"]]
     vae_config.write_text(json.dumps(config))
     return {name: str(root / name) for name in ("text_dim", "in_channels", "vae_pipeline")}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for every test of the session that needs one: two fake GPUs (sketcher and renderer each reserve
+    one), a small object store, no dashboard, token auth off (loopback only)."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=4 + len(os.sched_getaffinity(0)), num_gpus=2, object_store_memory=100 * 1024**2,
+             include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_cluster) -> str:
+    """Serve on the session's Ray, its HTTP proxy on a free loopback port; the base URL. Apps come and go."""
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(srd_cache):
+    """One local Ray for the whole session, shared by the Ray-tier tests: no token auth, CPUs for four stage
+    replicas and more, two fake GPUs, a small object store, no dashboard. Reused as is if Ray is already
+    initialised in this process."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=4 + len(os.sched_getaffinity(0)), num_gpus=2, object_store_memory=100 * 1024**2,
+                 include_dashboard=False, log_to_driver=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()

@@ -1,0 +1,107 @@
+"""The job API's objects, shaped as OpenAI's Video API shapes them (so that the official `openai` SDK works
+unchanged), with this server's extras beside OpenAI's fields.
+
+Status: OpenAI knows queued, in_progress, completed and failed. A cancelled job is reported as `failed` with
+`error.code == "cancelled"` and `cancelled: true` (the job store keeps `cancelled` as a state of its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from serve.jobs import JobRecord, StageRecord
+
+
+class VideoError(BaseModel):
+    code: str = Field(description="stage_failed, cancelled or internal_error.")
+    message: str = Field(description="One line; for a failed stage it names the stage and the cause.")
+
+
+class Video(BaseModel):
+    """A video job (OpenAI's Video object, plus this server's extras)."""
+
+    id: str
+    object: Literal["video"] = "video"
+    model: str = Field(description="The served model that makes the video.")
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    progress: int = Field(ge=0, le=100, description="Percent done; never decreases.")
+    created_at: int = Field(description="Unix seconds.")
+    completed_at: int | None = Field(None, description="Unix seconds at completion, failure or cancellation.")
+    expires_at: int | None = Field(None, description="Always null: files are kept until the video is deleted.")
+    size: str = Field(description="WIDTHxHEIGHT in pixels.")
+    seconds: str = Field(description="Duration, (num_frames - 1) / fps.")
+    prompt: str
+    error: VideoError | None = None
+    # -- extras ------------------------------------------------------------------------------------------------
+    cancelled: bool = Field(False, description="The job was cancelled (status failed, error.code cancelled).")
+    stage: str | None = Field(None, description="The stage working on the job now: encode, sketch, render, decode.")
+    steps_done: int = Field(0, description="Denoising steps done, sketch and render together.")
+    switch_step: int | None = Field(None, description="K: steps the sketch model took (once sketching ended).")
+    num_frames: int
+    fps: int
+    request: dict = Field(description="The resolved request: every field filled in, the seed included.")
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds of each finished stage.")
+    stages: dict[str, StageRecord] = Field(default_factory=dict,
+                                           description="Per stage: attempts, start/end, batch, last error.")
+    failed_stage: str | None = None
+    preview_ready: bool = Field(False, description="GET /v1/videos/{id}/preview has an image.")
+    cancel_requested: bool = False
+    cancelled_at_step: int | None = Field(None, description="Denoising steps done when a stage honoured the cancel.")
+    version: int = Field(0, description="Increases with every change (server-sent events use it).")
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("completed", "failed")
+
+    @classmethod
+    def of(cls, job: JobRecord) -> Video:
+        request = job.request
+        status = "failed" if job.status == "cancelled" else job.status
+        return cls(
+            id=job.id, model=job.model, status=status, progress=job.progress, created_at=int(job.created_at),
+            completed_at=None if job.completed_at is None else int(job.completed_at),
+            size=f"{request['width']}x{request['height']}",
+            seconds=f"{(request['num_frames'] - 1) / request['fps']:g}", prompt=request["prompt"],
+            error=None if job.error is None else VideoError(**job.error.model_dump()),
+            cancelled=job.status == "cancelled", stage=job.stage, steps_done=job.steps_done,
+            switch_step=job.switch_step, num_frames=request["num_frames"], fps=request["fps"], request=request,
+            timings={name: s.end - s.start for name, s in job.stages.items() if s.end is not None and s.start},
+            stages=job.stages, failed_stage=job.failed_stage, preview_ready=job.preview_ready,
+            cancel_requested=job.cancel_requested, cancelled_at_step=job.cancelled_at_step, version=job.version,
+        )
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+@dataclasses.dataclass
+class VideoResult:
+    """What a finished job produced; `generate` and `result` over a deployment handle return it."""
+
+    job: Video
+    video: bytes | None  # mp4, None unless completed
+    latents: object | None  # torch float32 [1, C, F', H', W'], before VAE decode
+    preview: bytes | None  # PNG of the sketch's estimate of the first frame
+    thumbnail: bytes | None  # PNG of the video's first frame
+
+
+def error_body(message: str, param: str | None, code: str = "invalid_request_error") -> dict:
+    """OpenAI's error shape (what its SDK reads), with FastAPI's `detail` list beside it."""
+    return {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code},
+        "detail": [{"loc": ["body", param] if param else ["body"], "msg": message, "type": code}],
+    }
