@@ -51,7 +51,11 @@ def test_defaults_first_typed_config_next_serve_options_last():
     ({"decoder": {"serve_options": {"num_replicas": 2}}}, "`serve_options.num_replicas` is set by `num_replicas`"),
     ({"encoder": {"serve_options": {"ray_actor_options": {"num_gpus": 1}}}},
      "`serve_options.ray_actor_options.num_gpus` is set by `resources.num_gpus`"),
-    ({"job_store": {"num_replicas": 2}}, "`job_store` must have exactly one replica"),
+    ({"jobs": {"max_attempts": 0}}, "max_attempts"),
+    ({"jobs": {"store_table": "jobs; drop table x"}}, "store_table"),
+    ({"limits": {"max_body_bytes": 10}}, "max_body_bytes"),
+    ({"ingress": {"max_queued_requests": -2}}, "max_queued_requests"),
+    ({"job_store": {}}, "job_store"),  # the in-memory JobStore deployment is gone: its config is refused
     ({"engine": {"device": "cuda"}}, "`encoder.resources.num_gpus` is 0"),
     ({"sketcher": {"parallel": {"cfg_degree": 3}}}, "cfg_degree"),
     ({"sketcher": {"batching": {"max_batch_size": 0}}}, "max_batch_size"),
@@ -90,7 +94,7 @@ def test_srd_serve_refuses_deployment_overrides_it_would_ignore(tmp_path):
 
 
 def test_serve_build_accepts_the_app(tmp_path):
-    """`serve build` (Ray's CLI) turns the default app into a config listing all seven deployments."""
+    """`serve build` (Ray's CLI) turns the default app into a config listing all six deployments."""
     out = tmp_path / "built.yaml"
     # Ray's `serve` console script (entry point ray.serve.scripts:cli), run through this interpreter so that it is
     # found wherever Ray was installed (a venv over system packages puts the script outside the venv).
@@ -100,4 +104,16 @@ def test_serve_build_accepts_the_app(tmp_path):
     assert done.returncode == 0, done.stderr
     built = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
     names = {d.name for d in built.applications[0].deployments}
-    assert names == {"Ingress", "Pipeline", "JobStore", "Encoder", "Sketcher", "Renderer", "Decoder"}
+    assert names == {"Ingress", "Orchestrator", "Encoder", "Sketcher", "Renderer", "Decoder"}
+
+
+def test_limits_default_to_the_presets_and_the_config_overrides_them(tmp_path):
+    from serve.models import PRESETS
+
+    wan = AppConfig.model_validate({"engine": {"preset": "wan2.1-t2v"}})
+    assert wan.request_limits == PRESETS["wan2.1-t2v"].limits and wan.request_limits.max_tokens_per_video == 75_600
+    tuned = AppConfig.model_validate({"engine": {"preset": "tiny"}, "limits": {"max_steps": 12}, "model_name": "m"})
+    assert tuned.request_limits.max_steps == 12 and tuned.served_model == "m"
+    assert tuned.request_limits.max_tokens_per_video == PRESETS["tiny"].limits.max_tokens_per_video
+    jobs = AppConfig.model_validate({"jobs": {"data_dir": str(tmp_path / "d")}}).jobs
+    assert jobs.store == f"sqlite:///{tmp_path / 'd' / 'jobs.db'}" and jobs.results == str(tmp_path / "d" / "results")
