@@ -56,9 +56,13 @@ class ApiError(Exception):
     """An HTTP error in OpenAI's shape, naming the request field (`param`) where there is one."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str = "invalid_request_error",
-                 headers: dict | None = None):
+                 headers: dict | None = None, location: str = "body"):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def __reduce__(self):  # handle callers receive it through Ray, which pickles it
+        return ApiError, (self.status, self.message, self.param, self.code, self.headers)
+        self.location = location  # where `param` is: body, query or path
 
 
 api = FastAPI(
@@ -71,7 +75,8 @@ api = FastAPI(
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, error: ApiError) -> JSONResponse:
-    return JSONResponse(status_code=error.status, content=error_body(error.message, error.param, error.code),
+    return JSONResponse(status_code=error.status,
+                        content=error_body(error.message, error.param, error.code, error.location),
                         headers=error.headers)
 
 
@@ -79,7 +84,9 @@ async def _api_error(request: Request, error: ApiError) -> JSONResponse:
 async def _query_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
     param = str(first["loc"][-1]) if first.get("loc") else None
-    return JSONResponse(status_code=422, content=error_body(f"invalid {param}: {first['msg']}", param))
+    location = str(first["loc"][0]) if len(first.get("loc") or ()) > 1 else "body"
+    return JSONResponse(status_code=422, content=error_body(f"invalid {param}: {first['msg']}", param,
+                                                            location=location))
 
 
 def validation_error(error: ValidationError) -> ApiError:
@@ -133,7 +140,7 @@ class Ingress:
             if not isinstance(request, VideoRequest):
                 request = VideoRequest.model_validate(request)
             params = request.resolve(self._defaults)
-            self._limits.check(params)
+            self._limits.check(params, request.model_fields_set)
         except ValidationError as e:
             raise validation_error(e) from None
         except InvalidRequest as e:
@@ -198,7 +205,8 @@ class Ingress:
         if after is not None:
             anchor = await self._store_call(self._store.get, after)
             if anchor is None or not self._visible(anchor, owner):
-                raise ApiError(404, f"invalid after: no video job with id {after!r}", "after")
+                raise ApiError(404, f"invalid after: no video job with id {after!r}", "after", "not_found",
+                               location="query")
         owner_filter = owner if self._tokens else None
         records, has_more = await self._store_call(self._store.list, owner_filter, limit, after, order)
         data = [Video.of(r) for r in records]
@@ -216,7 +224,7 @@ class Ingress:
         job = await self._completed(job_id, request, "content")
         if variant == "spritesheet":
             raise ApiError(400, "invalid variant: spritesheet is not produced here; use video or thumbnail",
-                           "variant")
+                           "variant", location="query")
         name, media = (VIDEO, "video/mp4") if variant == "video" else (THUMBNAIL, "image/png")
         return await self._stream(job.id, name, media)
 
@@ -263,7 +271,8 @@ class Ingress:
         return VideoDeleted(id=job_id)
 
     @api.get("/v1/models", summary="The served model")
-    async def list_models(self) -> dict:
+    async def list_models(self, request: Request) -> dict:
+        self._authorize(request)
         return {"object": "list", "data": [{"id": self._config.served_model, "object": "model", "created": 0,
                                             "owned_by": "srd"}]}
 
@@ -339,15 +348,20 @@ class Ingress:
                 raise ApiError(400, f"invalid body: not a readable form ({e})", "body") from None
             data = {}
             for key, value in form.multi_items():
-                if not isinstance(value, str):  # an uploaded file: only input_reference would be one
+                if isinstance(value, str):
+                    data[key] = value
+                elif key == "input_reference":  # an uploaded file: VideoRequest refuses it, naming the field
                     data[key] = "<file>"
                 else:
-                    data[key] = value
+                    raise ApiError(422, f"invalid {key}: a file was uploaded where a value is expected", key)
             return data
+        if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+            raise ApiError(415, f"invalid body: content type {content_type!r} is not accepted; send "
+                                "application/json or multipart/form-data", "body", "unsupported_media_type")
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"invalid body: not JSON ({e})", "body") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep; UnicodeDecodeError is a ValueError
+            raise ApiError(400, f"invalid body: not JSON ({type(e).__name__}: {str(e)[:200]})", "body") from None
         if not isinstance(data, dict):
             raise ApiError(400, f"invalid body: a JSON object is required, not {type(data).__name__}", "body")
         return data
