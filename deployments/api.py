@@ -99,9 +99,16 @@ class VideoResult:
     thumbnail: bytes | None  # PNG of the video's first frame
 
 
-def error_body(message: str, param: str | None, code: str = "invalid_request_error") -> dict:
-    """OpenAI's error shape (what its SDK reads), with FastAPI's `detail` list beside it."""
+def _text(value: str | None) -> str | None:
+    """Text that encodes as UTF-8: a lone surrogate from the request (a JSON "\\ud800" key) is escaped."""
+    return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_body(message: str, param: str | None, code: str = "invalid_request_error", location: str = "body") -> dict:
+    """OpenAI's error shape (what its SDK reads), with FastAPI's `detail` list beside it; `location` is where
+    `param` is (body, query or path)."""
+    message, param = _text(message), _text(param)
     return {
         "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code},
-        "detail": [{"loc": ["body", param] if param else ["body"], "msg": message, "type": code}],
+        "detail": [{"loc": [location, param] if param else [location], "msg": message, "type": code}],
     }

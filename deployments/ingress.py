@@ -59,10 +59,10 @@ class ApiError(Exception):
                  headers: dict | None = None, location: str = "body"):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.location = location  # where `param` is: body, query or path
 
     def __reduce__(self):  # handle callers receive it through Ray, which pickles it
-        return ApiError, (self.status, self.message, self.param, self.code, self.headers)
-        self.location = location  # where `param` is: body, query or path
+        return ApiError, (self.status, self.message, self.param, self.code, self.headers, self.location)
 
 
 api = FastAPI(

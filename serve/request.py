@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.switch import SwitchPolicy, parse_switch
+from serve.switch import SWITCH_SYNTAX, SwitchPolicy, parse_switch
 
 
 class InvalidRequest(ValueError):
@@ -51,8 +52,9 @@ class RequestLimits:
     max_prompt_chars: int = 2000
     max_body_bytes: int = 64 * 1024
 
-    def check(self, params: GenerationParams) -> None:
-        """Raise InvalidRequest naming the field that goes over a limit."""
+    def check(self, params: GenerationParams, given: Collection[str] = ()) -> None:
+        """Raise InvalidRequest naming the field that goes over a limit; `given` (the fields the caller set, e.g.
+        `VideoRequest.model_fields_set`) picks the name the caller used for the frame size or length."""
         for name in ("prompt", "negative_prompt"):
             if len(getattr(params, name)) > self.max_prompt_chars:
                 raise InvalidRequest(name, f"`{name}` has {len(getattr(params, name))} characters; at most "
@@ -63,8 +65,22 @@ class RequestLimits:
         tokens = tokens_per_video(params)
         if tokens > self.max_tokens_per_video:
             raise InvalidRequest(
-                "size", f"a {params.width}x{params.height} video of {params.num_frames} frames is {tokens} tokens "
-                f"((frames-1)//4+1)*(height/16)*(width/16); at most {self.max_tokens_per_video} are accepted")
+                _token_field(params, given), f"a {params.width}x{params.height} video of {params.num_frames} frames "
+                f"is {tokens} tokens ((frames-1)//4+1)*(height/16)*(width/16); at most {self.max_tokens_per_video} are accepted")
+
+
+def _token_field(params: GenerationParams, given: Collection[str]) -> str:
+    """The request field to blame for too many tokens: the larger factor (frame area in tokens, or latent frames),
+    under the name the caller gave it (size, width or height; seconds or num_frames)."""
+    spatial = (params.height // 16) * (params.width // 16)
+    temporal = (params.num_frames - 1) // 4 + 1
+    spatial_names = [n for n in ("size", "width", "height") if n in given]
+    temporal_names = [n for n in ("seconds", "num_frames") if n in given]
+    if "width" in spatial_names and "height" in spatial_names and params.height > params.width:
+        spatial_names.remove("width")
+    if temporal_names and (temporal > spatial or not spatial_names):
+        return temporal_names[0]
+    return spatial_names[0] if spatial_names else "size"
 
 
 def tokens_per_video(params: GenerationParams) -> int:
@@ -130,6 +146,25 @@ class VideoRequest(BaseModel):
     def _prompt_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("`prompt` must not be empty")
+        return value
+
+    @field_validator("prompt", "negative_prompt", "model")
+    @classmethod
+    def _utf8_text(cls, value: str | None, info) -> str | None:
+        if value is not None:  # a lone surrogate (JSON "\ud800") could not be stored or encoded later
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"`{info.field_name}` is not valid Unicode text: {e.reason} at position "
+                                 f"{e.start}") from None
+        return value
+
+    @field_validator("width", "height", "num_frames", "num_inference_steps", "guidance_scale", "flow_shift", "seed",
+                     mode="before")
+    @classmethod
+    def _not_a_bool(cls, value, info):
+        if isinstance(value, bool):  # pydantic's lax mode would read true as 1
+            raise ValueError(f"`{info.field_name}` must be a number, not {str(value).lower()}")
         return value
 
     @field_validator("size")
@@ -204,7 +239,16 @@ class VideoRequest(BaseModel):
     @classmethod
     def _switch_parses(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_switch(value)
+            try:
+                parse_switch(value)
+            except ArithmeticError:  # "step:inf": int(inf) overflows inside the parser
+                raise ValueError(f"`switch` {value!r} is invalid: values must be finite numbers; expected "
+                                 f"{SWITCH_SYNTAX}") from None
+            except ValueError as e:
+                if not str(e).startswith("`switch`"):  # "step:nan": int(nan)
+                    raise ValueError(f"`switch` {value!r} is invalid: values must be finite numbers; expected "
+                                     f"{SWITCH_SYNTAX}") from None
+                raise
         return value
 
     def resolve(self, defaults: GenerationDefaults) -> GenerationParams:
