@@ -8,28 +8,75 @@ import sys
 from pathlib import Path
 
 
-def _generate_parser(sub) -> None:
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default (or "required"), unless it says it already; the epilog keeps its line
+    breaks."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if "(default:" in help_text or "(required)" in help_text or action.default is argparse.SUPPRESS:
+            return help_text
+        if action.required:
+            return f"{help_text} (required)"
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{help_text} (default: off)"
+        return f"{help_text} (default: %(default)s)"
+
+
+def _preset_defaults(field: str) -> str:
     from serve.models import PRESETS
 
-    p = sub.add_parser("generate", help="Generate one video in this process (all four stages).")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
-    p.add_argument("--sketch", help="Sketch pipeline: hub id or diffusers directory (with --render).")
-    p.add_argument("--render", help="Render pipeline or transformer: hub id or diffusers directory.")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int, dest="num_frames")
-    p.add_argument("--steps", type=int, dest="num_inference_steps")
-    p.add_argument("--guidance", type=float, dest="guidance_scale")
-    p.add_argument("--shift", type=float, dest="flow_shift")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--switch", help="step:K | ratio:R | adaptive:THR[:MIN:MAX] | boundary:R")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    return "the preset's: " + ", ".join(f"{name} {getattr(p.defaults, field)}" for name, p in sorted(PRESETS.items()))
+
+
+def _toy_grammar() -> str:
+    from toy import data
+
+    return f'prompts like "{data.EXAMPLE_PROMPT}" ({data.vocabulary()})'
+
+
+def _generate_parser(sub) -> None:
+    from serve.models import PRESETS
+    from toy import data
+
+    epilog = (f"The toy preset (the default) was trained on one grammar only:\n  \"{data.PROMPT_TEMPLATE}\"\nwith\n  "
+              + data.vocabulary().replace("; ", "\n  ")
+              + f'\ne.g. "{data.EXAMPLE_PROMPT}". Other prompts run, but the toy pair cannot draw them.')
+    p = sub.add_parser("generate", help="Generate one video (in this process, or through the Serve app).",
+                       formatter_class=_HelpFormatter, epilog=epilog)
+    p.add_argument("--prompt", required=True, help="What the video shows (for the toy preset: see below).")
+    p.add_argument("--negative-prompt", help="What classifier-free guidance steers away from (default: none).")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="toy",
+                   help="Models and request defaults: toy (a small trained pair, shipped), tiny (random weights, "
+                        "built offline), wan2.1-t2v (Wan2.1 14B sketches, 1.3B renders; downloads, needs a GPU).")
+    p.add_argument("--sketch", help="Sketch pipeline: hub id or diffusers directory (with --render; replaces the "
+                                    "preset's models, not its defaults) (default: the preset's).")
+    p.add_argument("--render", help="Render pipeline or transformer: hub id or diffusers directory (with --sketch) "
+                                    "(default: the preset's).")
+    p.add_argument("--height", type=int, help=f"Frame height in pixels, a multiple of 16 (default: "
+                                              f"{_preset_defaults('height')}).")
+    p.add_argument("--width", type=int, help=f"Frame width in pixels, a multiple of 16 (default: "
+                                             f"{_preset_defaults('width')}).")
+    p.add_argument("--frames", type=int, dest="num_frames",
+                   help=f"Frame count, 4n+1 (default: {_preset_defaults('num_frames')}).")
+    p.add_argument("--steps", type=int, dest="num_inference_steps",
+                   help=f"Denoising steps N, sketch and render together (default: "
+                        f"{_preset_defaults('num_inference_steps')}).")
+    p.add_argument("--guidance", type=float, dest="guidance_scale",
+                   help=f"Classifier-free guidance scale; <= 1 turns guidance off (default: "
+                        f"{_preset_defaults('guidance_scale')}).")
+    p.add_argument("--shift", type=float, dest="flow_shift",
+                   help=f"Flow shift of the UniPC sampler (default: {_preset_defaults('flow_shift')}).")
+    p.add_argument("--seed", type=int, help="Seed of the initial noise, drawn as diffusers does (default: random, "
+                                            "and printed).")
+    p.add_argument("--switch", help=f"When sketching hands over to rendering: step:K | ratio:R | "
+                                    f"adaptive:THR[:MIN:MAX] | boundary:R (default: {_preset_defaults('switch')}).")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="Where the models run.")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="Weights and compute dtype.")
     p.add_argument("--vae-tiling", action="store_true", help="Decode in tiles (lower peak memory).")
     p.add_argument("--out", required=True, help="Output mp4 path.")
-    p.add_argument("--save-latents", help="Also save the final latents (float32 [1, C, F', H', W']) here.")
+    p.add_argument("--save-latents", help="Also save the final latents (float32 [1, C, F', H', W']) here "
+                                          "(default: not saved).")
     p.add_argument("--via-serve", action="store_true",
                    help="Run the job through the disaggregated Ray Serve app (one deployment per stage) on a local "
                         "Ray started and stopped by this command, instead of all four stages in this process.")
@@ -38,11 +85,14 @@ def _generate_parser(sub) -> None:
 def _serve_parser(sub) -> None:
     from serve.models import PRESETS
 
-    p = sub.add_parser("serve", help="Start local Ray and the disaggregated Serve app.")
-    p.add_argument("--config", help="Serve config YAML (as for `serve deploy`).")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = sub.add_parser("serve", help="Start local Ray and the disaggregated Serve app; SIGINT/SIGTERM stop both.",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--config", help="Serve config YAML (as for `serve deploy`); replaces --preset (default: none, "
+                                    "the app on --preset).")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="toy", help="Models and request defaults of the app.")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (loopback: Ray runs without token "
+                                                       "auth unless RAY_AUTH_MODE says otherwise).")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _serve_parser(sub)
     return parser
+
+
+def warn_outside_toy_grammar(prompt: str, command: str = "generate") -> None:
+    """One line on stderr when a prompt for the toy preset is outside the grammar it was trained on."""
+    from toy import data
+
+    try:
+        data.parse_prompt(prompt)
+    except ValueError:
+        print(f"srd {command}: warning: the toy preset only knows {_toy_grammar()}; {prompt!r} is outside it",
+              file=sys.stderr, flush=True)
 
 
 def _request_fields(args) -> dict:
@@ -82,10 +143,15 @@ def generate(args) -> None:
     diffusers_logging.disable_progress_bar()  # our own bars are per stage
     config = EngineConfig(preset=args.preset, sketch=args.sketch, render=args.render, device=args.device,
                           dtype=args.dtype, vae_tiling=args.vae_tiling)
+    toy_prompt_check = args.preset == "toy" and not args.sketch  # after every error a user can cause, once
     if args.via_serve:
-        _generate_via_serve(args, request.model_copy(update={"seed": params.seed}), config)
+        if toy_prompt_check:
+            warn_outside_toy_grammar(request.prompt)
+        _generate_via_serve(args, request.model_copy(update={"seed": params.seed}), params, config)
         return
     engine = Engine(config)
+    if toy_prompt_check:
+        warn_outside_toy_grammar(request.prompt)
 
     bars = {}
 
@@ -110,32 +176,35 @@ def generate(args) -> None:
           f"switch {params.switch} -> sketched {result.switch_step}/{params.num_inference_steps} steps; {timing}")
 
 
-def _generate_via_serve(args, request, config) -> None:
+def _generate_via_serve(args, request, params, config) -> None:
     """The same job through the Serve app (deployments/app.py), over its deployment handle; one progress bar."""
     import torch
     from tqdm import tqdm
 
     from deployments.app import generate_local
 
-    bar = tqdm(total=100, desc="queued", unit="%", file=sys.stderr)
+    bars = []  # made at the job's first update: nothing on the terminal but the error if the app fails to start
 
     def on_update(job) -> None:
-        bar.set_description(job.stage or job.status)
-        bar.update(job.progress - bar.n)
+        if not bars:
+            bars.append(tqdm(total=100, desc="queued", unit="%", file=sys.stderr))
+        bars[0].set_description(job.stage or job.status)
+        bars[0].update(job.progress - bars[0].n)
 
     result = generate_local(request, config, on_update=on_update)
-    bar.close()
+    for bar in bars:
+        bar.close()
     job = result.job
     if job.status != "completed":
-        print(f"srd generate: error: video job {job.id} {job.status}: {job.error}", file=sys.stderr)
+        error = getattr(job.error, "message", job.error)  # the API's error object, or a plain string
+        print(f"srd generate: error: video job {job.id} {job.status}: {error}", file=sys.stderr)
         raise SystemExit(1)
     Path(args.out).write_bytes(result.video)
     if args.save_latents:
         torch.save(result.latents, args.save_latents)
-    timing = " ".join(f"{k}={v:.2f}s" for k, v in job.timings.items())
-    r = job.request
-    print(f"wrote {args.out}: {r['num_frames']} frames {r['width']}x{r['height']}, seed {r['seed']}, "
-          f"switch {r['switch']} -> sketched {job.switch_step}/{r['num_inference_steps']} steps "
+    timing = " ".join(f"{k}={v:.2f}s" for k, v in (getattr(job, "timings", None) or {}).items())
+    print(f"wrote {args.out}: {params.num_frames} frames {params.width}x{params.height}, seed {params.seed}, "
+          f"switch {params.switch} -> sketched {getattr(job, 'switch_step', '?')}/{params.num_inference_steps} steps "
           f"(Serve app, job {job.id}); {timing}")
 
 
@@ -173,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ValidationError, ModelError, OSError) as e:
         print(f"srd {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from deployments.app import AppStartError  # imported only when it can be what was raised
+
+        if not isinstance(e, AppStartError):
+            raise
+        print(f"srd {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,6 +27,7 @@ TIERS: dict[str, str] = {
     "test_frontdoor_cli": "fast",
     "test_frontdoor_tiers": "fast",
     "test_handoff": "fast",
+    "test_job_store": "fast",
     "test_parallel": "fast",
     "test_parity": "fast",
     "test_random_init": "fast",
@@ -39,6 +40,8 @@ TIERS: dict[str, str] = {
     "test_bench_vae_tiling": "fast",
     # ray: starts Ray or the Serve app
     "test_app": "ray",
+    "test_app_api": "ray",
+    "test_app_faults": "ray",
     "test_app_parts": "ray",
     "test_parallel_ray": "ray",
     "test_frontdoor_serve": "ray",
@@ -46,6 +49,7 @@ TIERS: dict[str, str] = {
     "test_toy_preset": "slow",
     "test_toy_train": "slow",
     "test_bench": "slow",
+    "test_bench_families": "slow",
     "test_bench_scaling": "slow",
     "test_bench_serve": "slow",
 }
@@ -149,21 +153,6 @@ def incompatible_renders(tiny_models, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray for every test of the session that needs one: two fake GPUs (sketcher and renderer each reserve
-    one), a small object store, no dashboard, token auth off (loopback only)."""
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=4 + len(os.sched_getaffinity(0)), num_gpus=2, object_store_memory=100 * 1024**2,
-             include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="session")
 def serve_http(ray_cluster) -> str:
     """Serve on the session's Ray, its HTTP proxy on a free loopback port; the base URL. Apps come and go."""
     import socket
@@ -182,9 +171,10 @@ def serve_http(ray_cluster) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster(srd_cache):
-    """One local Ray for the whole session, shared by the Ray-tier tests: no token auth, CPUs for four stage
-    replicas and more, two fake GPUs, a small object store, no dashboard. Reused as is if Ray is already
-    initialised in this process."""
+    """One local Ray for every test of the session that needs one: no token auth (loopback only), CPUs for the
+    stage replicas and more, two fake GPUs (sketcher and renderer each reserve one), a small object store, no
+    dashboard. Reused as is if Ray is already initialised in this process. Tests delete the Serve apps they deploy
+    (`serve.delete`), never Serve itself: `serve_http` keeps it for the session."""
     import ray
 
     if ray.is_initialized():
@@ -193,7 +183,7 @@ def ray_cluster(srd_cache):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=4 + len(os.sched_getaffinity(0)), num_gpus=2, object_store_memory=100 * 1024**2,
-                 include_dashboard=False, log_to_driver=False)
+                 include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         try:
             yield ray
         finally:

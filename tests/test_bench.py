@@ -3,6 +3,9 @@ error, and the e2e part goes through the engine's stage functions (K = N and K <
 
 import json
 
+import pytest
+import torch
+
 from bench.run import main
 
 
@@ -33,3 +36,74 @@ def test_bench_smoke_vae(tmp_path):
     assert vae["untiled_float32"]["median_s"] > 0
     tiled = vae["tiled_float32_2x2"]
     assert "error" not in tiled and tiled["rel_l2_diff_vs_untiled"] >= 0
+
+
+# Moved here from tests/test_parallel.py and tests/test_random_init.py: product tests do not import bench/.
+TOL = 1e-5
+
+
+def layout(model: torch.nn.Module) -> dict[str, tuple]:
+    """Name -> (shape, dtype, device type) of every parameter and buffer."""
+    tensors = [*model.named_parameters(), *(("buffer " + n, b) for n, b in model.named_buffers())]
+    return {name: (tuple(t.shape), t.dtype, t.device.type) for name, t in tensors}
+
+
+def test_xfuser_overhead_bench_smoke(tmp_path):
+    """bench/xfuser_overhead.py on CPU: both paths run on the same weights and agree; a backend with no kernel here
+    is reported, not fatal. (On the GPU it measures the 14B architecture at 480p.)"""
+    import json
+
+    from bench import xfuser_overhead
+
+    out = tmp_path / "xfuser_overhead.json"
+    assert xfuser_overhead.main(["--smoke", "--warmup", "0", "--runs", "1", "--backends", "sdpa,cudnn",
+                                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["path"] + r.get("block", ""): r for r in report["results"]}
+    assert set(rows) == {"diffusersfirst", "xfuser/sdpa", "xfuser/cudnn", "diffuserslast"}
+    assert rows["xfuser/sdpa"]["attention_backend"] == "SDPA" and rows["xfuser/sdpa"]["rel_err_vs_diffusers"] <= TOL
+    assert "vs_diffusers" in rows["xfuser/sdpa"] and "unavailable" in rows["xfuser/cudnn"]
+
+
+def test_config_only_writer_gives_the_bench_architectures(tmp_path):
+    from bench import wan
+    from serve import models
+
+    pair = wan.write_config_only(wan.SMOKE, tmp_path)
+    assert sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file()) < 100_000  # configs only
+    sketch = models.load_transformer(pair.sketch, "sketch", "cpu", torch.bfloat16, "random-init")
+    render = models.load_transformer(pair.render, "render", "cpu", torch.bfloat16, "random-init")
+    assert layout(sketch) == layout(wan.transformer(wan.SMOKE.sketch, "cpu", torch.bfloat16))
+    assert layout(render) == layout(wan.transformer(wan.SMOKE.render, "cpu", torch.bfloat16))
+    pipe = models.load_pipeline(pair.sketch, ("text_encoder", "tokenizer", "vae"), "cpu", torch.float32,
+                                "random-init")
+    assert layout(pipe.text_encoder) == layout(wan.text_encoder(wan.SMOKE.text_encoder, "cpu", torch.float32))
+    assert layout(pipe.vae) == layout(wan.vae(wan.SMOKE.vae, "cpu", torch.float32))
+    models.check_compatible(pair)
+
+
+# Moved here from tests/test_toy_preset.py and tests/test_toy_train.py.
+def test_the_large_model_is_the_better_denoiser_at_every_noise_level():
+    from bench import toy_sigma_error
+
+    rows = {r["sigma"]: r for r in toy_sigma_error.main(["--clips", "8"])["rows"]}
+    assert list(rows) == list(toy_sigma_error.SIGMAS)
+    # 96 clips: the small model's x_0 error is 1.17-1.32x the large one's at every sigma (bench/RESULTS.md)
+    assert all(r["large"] < r["small"] for r in rows.values()), rows
+
+
+def test_toy_quality_scores_every_setting(tmp_path):
+    """bench/toy_quality.py on the shipped toy pair (the default --models), 2 videos per setting."""
+    from bench import toy_quality
+
+    result = toy_quality.main(["--device", "cpu", "--videos", "2", "--batch", "2",
+                               "--ks", "5", "--adaptive", "adaptive:0.05:2:12", "--cost-runs", "1",
+                               "--out", str(tmp_path / "q.json")])
+    rows = result["rows"]
+    assert rows["ground truth"]["adherence"]["all"] == 100.0
+    assert rows["all-large"]["k"] == {20: 2} and rows["all-large"]["cost_ratio"] == pytest.approx(1.0)
+    assert rows["all-small"]["k"] == {0: 2} and rows["all-small"]["cost_ratio"] < 1.0
+    assert rows["SR K=5"]["k"] == {5: 2}
+    assert rows["all-small"]["cost_ratio"] < rows["SR K=5"]["cost_ratio"] < 1.0
+    assert all(0 <= row["adherence"][a] <= 100 for row in rows.values() for a in toy_quality.ATTRIBUTES)
+    assert json.loads((tmp_path / "q.json").read_text())["rows"].keys() == rows.keys()

@@ -5,6 +5,9 @@ Serve app on a local Ray."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -42,15 +45,20 @@ def test_covered_merges_overlapping_spans():
     assert bench._covered((0, 10), [(2, 4), (3, 5), (8, 20), (-5, -1)]) == pytest.approx(5.0)
 
 
-def test_smoke_runs_every_part_through_the_app(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+def test_smoke_runs_every_part_through_the_app(tmp_path):
+    """In its own process: the script starts and stops a Ray of its own (one fake GPU), which must not meet the
+    session's shared one (tests/conftest.py `ray_cluster`)."""
     out = tmp_path / "serve.json"
-    result = bench.main(["--smoke", "--requests", "2", "--out", str(out)])
+    done = subprocess.run([sys.executable, "-m", "bench.serve_throughput", "--smoke", "--requests", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
     parts = result["parts"]
     for name in ("setup", "warmup", "single", "sr", "all14b", "mp4"):
         assert "error" not in parts[name], (name, parts[name].get("traceback"))
         assert "skipped" not in parts[name], (name, parts[name]["skipped"])
-    assert json.loads(out.read_text())["meta"]["label"] == "random-init weights, real architecture"
+    assert result["meta"]["label"] == "random-init weights, real architecture"
 
     # every stage replica reserved a share of the same (fake) GPU
     assert {tuple(ids) for ids in parts["setup"]["stage_gpu_ids"].values()} == {("0",)}

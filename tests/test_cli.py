@@ -124,12 +124,22 @@ def test_module_entry_point_matches_console_script():
 
 
 def test_readme_set_up_commands_are_what_ci_runs():
-    """The README's two set-up commands: the first runs `srd generate --preset toy`, the second is CI's."""
+    """The README's two set-up commands: the first runs `srd generate --preset toy --via-serve` into demo.mp4, the
+    second installs the test extras and runs pytest. CI (.ci/run) reads both from the README itself and runs them."""
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
     block = readme.split("## Set up", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     install_and_demo, install_and_test = block.strip().splitlines()
-    assert install_and_demo.startswith("pip install torch==") and "srd generate --preset toy" in install_and_demo
+    assert install_and_demo.startswith("pip install torch==") and "srd generate --preset toy --via-serve" in \
+        install_and_demo and install_and_demo.endswith("--out demo.mp4")
     install, test = install_and_test.split(" && ")
-    ci = (root / ".ci" / "run").read_text().splitlines()
-    assert install in ci and test + " || status=$?" in ci
+    assert install.startswith("pip install torch==") and "[test,parallel]" in install and test == "python -m pytest -q"
+
+    # .ci/run's own extraction gives exactly these lines
+    ci = (root / ".ci" / "run").read_text()
+    function = ci[ci.index("readme_command() {"):].split("\n}\n", 1)[0] + "\n}\n"
+    for n, expected in ((1, install_and_demo), (2, install_and_test)):
+        done = subprocess.run(["bash", "-c", f"{function}readme_command {n}"], cwd=root, capture_output=True,
+                              text=True, check=True)
+        assert done.stdout.strip() == expected
+    assert 'eval "$demo_command"' in ci and 'eval "$install"' in ci and 'eval "$run_tests" || status=$?' in ci

@@ -16,6 +16,10 @@ import torch
 
 
 TOL = 1e-5
+# A small WanTransformer3DModel: 4 heads of 16, 2 blocks, text_dim 32.
+SMALL_WAN = dict(patch_size=(1, 2, 2), attention_head_dim=16, in_channels=16, out_channels=16, text_dim=32,
+                 freq_dim=64, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, num_attention_heads=4,
+                 num_layers=2, ffn_dim=256, rope_max_seq_len=64)
 STEPS = {"num_inference_steps": 3, "switch": "step:2"}  # 2 sketch steps, 1 render step
 
 
@@ -213,31 +217,16 @@ def test_worker_group_refuses_before_spawning(tiny_config):
     assert time.monotonic() - start < 5 and set(multiprocessing.active_children()) <= before
 
 
-def test_xfuser_overhead_bench_smoke(tmp_path):
-    """bench/xfuser_overhead.py on CPU: both paths run on the same weights and agree; a backend with no kernel here
-    is reported, not fatal. (On the GPU it measures the 14B architecture at 480p.)"""
-    import json
-
-    from bench import xfuser_overhead
-
-    out = tmp_path / "xfuser_overhead.json"
-    assert xfuser_overhead.main(["--smoke", "--warmup", "0", "--runs", "1", "--backends", "sdpa,cudnn",
-                                 "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
-    rows = {r["path"] + r.get("block", ""): r for r in report["results"]}
-    assert set(rows) == {"diffusersfirst", "xfuser/sdpa", "xfuser/cudnn", "diffuserslast"}
-    assert rows["xfuser/sdpa"]["attention_backend"] == "SDPA" and rows["xfuser/sdpa"]["rel_err_vs_diffusers"] <= TOL
-    assert "vs_diffusers" in rows["xfuser/sdpa"] and "unavailable" in rows["xfuser/cudnn"]
-
-
 def test_sequence_parallel_blocks_get_contiguous_hidden_states(rel_err):
     """xfuser's Wan forward hands its blocks a transposed view, which made every elementwise op of every block a
     strided kernel (+7% per 14B forward on the H100); to_sequence_parallel makes it contiguous, as in diffusers."""
-    from bench import wan
+    from diffusers import WanTransformer3DModel
+
+    from serve.models import random_init
     from serve.parallel import ParallelConfig, free_port, import_xfuser, init_rank, teardown, to_sequence_parallel
 
     import_xfuser()
-    model = wan.transformer("smoke-sketch", "cpu", torch.float32)
+    model = random_init(WanTransformer3DModel, SMALL_WAN, "cpu", torch.float32)
     latents, timestep, embeds = torch.randn(1, 16, 3, 8, 8), torch.tensor([999.0]), torch.randn(1, 12, 32)
     ctx = init_rank(0, 1, "127.0.0.1", free_port(), ParallelConfig(), "cpu")
     try:

@@ -21,15 +21,9 @@ APP = "srd-parallel-test"
 
 
 @pytest.fixture(scope="module")
-def ray_local(tiny_models):
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=4, num_gpus=2, object_store_memory=100 * 1024**2, include_dashboard=False,
-                 log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
+def ray_local(ray_cluster, tiny_models):
+    """The session's local Ray (tests/conftest.py: two fake GPUs), with the tiny models built."""
+    yield
 
 
 def _worker_pids() -> set[int]:
@@ -97,7 +91,7 @@ APP_CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def app(ray_local):
+def app(ray_local, serve_http):
     from ray import serve
 
     from deployments.app import build_app
@@ -106,11 +100,10 @@ def app(ray_local):
     config = AppConfig.model_validate(APP_CONFIG)
     assert config.sketcher.deployment_options()["placement_group_bundles"] == [{"CPU": 0.5, "GPU": 1}] * 2
     assert config.sketcher.deployment_options()["placement_group_strategy"] == "STRICT_PACK"
-    serve.start(proxy_location="Disabled")
-    try:
+    try:  # on the session's Serve (tests/conftest.py `serve_http`)
         yield serve.run(build_app(config), name=APP, route_prefix=None)
     finally:
-        serve.shutdown()
+        serve.delete(APP)
 
 
 def test_serve_app_ulysses2_sketcher_equals_one_rank(app, tiny_config, make_params, rel_err):

@@ -68,19 +68,3 @@ def test_engine_runs_on_random_init_weights(config_only, make_params):
     result = engine.generate(make_params(switch="step:2"))
     assert result.switch_step == 2 and result.latents.shape == (1, 16, 2, 4, 4)
     assert torch.isfinite(result.latents).all() and result.frames.shape == (5, 32, 32, 3)
-
-
-def test_config_only_writer_gives_the_bench_architectures(tmp_path):
-    from bench import wan
-
-    pair = wan.write_config_only(wan.SMOKE, tmp_path)
-    assert sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file()) < 100_000  # configs only
-    sketch = models.load_transformer(pair.sketch, "sketch", "cpu", torch.bfloat16, "random-init")
-    render = models.load_transformer(pair.render, "render", "cpu", torch.bfloat16, "random-init")
-    assert layout(sketch) == layout(wan.transformer(wan.SMOKE.sketch, "cpu", torch.bfloat16))
-    assert layout(render) == layout(wan.transformer(wan.SMOKE.render, "cpu", torch.bfloat16))
-    pipe = models.load_pipeline(pair.sketch, ("text_encoder", "tokenizer", "vae"), "cpu", torch.float32,
-                                "random-init")
-    assert layout(pipe.text_encoder) == layout(wan.text_encoder(wan.SMOKE.text_encoder, "cpu", torch.float32))
-    assert layout(pipe.vae) == layout(wan.vae(wan.SMOKE.vae, "cpu", torch.float32))
-    models.check_compatible(pair)

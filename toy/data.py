@@ -54,6 +54,8 @@ _VOCABULARY = {
     "shape": SHAPES, "colour": COLOURS, "size": SIZES, "direction": DIRECTIONS, "speed": SPEEDS,
     "background": BACKGROUNDS,
 }
+PROMPT_TEMPLATE = "a <size> <colour> <shape> moving <direction> <speed> on a <background> background"
+EXAMPLE_PROMPT = "a large red circle moving right slowly on a black background"
 _PROMPT = re.compile(r"a (\S+) (\S+) (\S+) moving (\S+) (\S+) on a (\S+) background")
 _PROMPT_FIELDS = ("size", "colour", "shape", "direction", "speed", "background")
 
@@ -87,6 +89,14 @@ class Scene:
     def attributes(self) -> dict[str, str]:
         """The prompt's words by attribute, as `parse_prompt` returns them."""
         return {key: getattr(self, key) for key in _VOCABULARY}
+
+
+def vocabulary() -> str:
+    """The grammar's words, one group per attribute in prompt order: "sizes: small, large; colours: red, ...; ..."
+    (for help texts and warnings, so that they never re-type the words)."""
+    plural = {"size": "sizes", "colour": "colours", "shape": "shapes", "direction": "directions", "speed": "speeds",
+              "background": "backgrounds"}
+    return "; ".join(f"{plural[key]}: {', '.join(_VOCABULARY[key])}" for key in _PROMPT_FIELDS)
 
 
 def parse_prompt(prompt: str) -> dict[str, str]:

@@ -1,0 +1,146 @@
+"""`srd serve` and `srd generate --via-serve` as a user (or a service manager) runs them, in a process group of their
+own: SIGTERM and SIGINT stop `srd serve` and leave no process of the group behind (raylet, GCS, agents, workers); a
+model that fails to load is one line on stderr naming the stage and the cause, and Ray is gone afterwards; a local
+run on loopback prints no Ray token-auth warning."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+SRD = os.path.join(sysconfig.get_path("scripts"), "srd")  # the console script `pip install` made
+START_S = 300.0  # Ray and the four stage replicas on two busy cores
+GONE_S = 30.0  # after the signal: `srd serve` exits and every process of its group is gone
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_members(pgid: int) -> list[str]:
+    """Live processes (zombies aside) whose process group is `pgid`, as 'pid cmdline'."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[2]) == pgid and stat[0] not in ("Z", "X"):
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{entry} {cmdline[:120]}")
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def local_env() -> dict[str, str]:
+    """The test environment without RAY_AUTH_MODE and RAY_ADDRESS: as a user's shell would start `srd`."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+
+
+def start(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    """`srd ARGS` in a new session (its own process group, as setsid or a service manager starts it)."""
+    return subprocess.Popen([SRD, *args], start_new_session=True, env=local_env(),
+                            stdout=open(tmp_path / "stdout", "w"), stderr=open(tmp_path / "stderr", "w"))
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Whatever happened, nothing of this test's group outlives it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, tmp_path: Path) -> None:
+    deadline = time.monotonic() + START_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    pytest.fail(f"/healthz did not answer 200 within {START_S:.0f} s:\n{(tmp_path / 'stderr').read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_stops_on_signal_and_leaves_no_process(tiny_models, tmp_path, sig):
+    port = free_port()
+    proc = start(["serve", "--preset", "tiny", "--port", str(port)], tmp_path)
+    try:
+        wait_healthy(proc, port, tmp_path)
+        assert len(group_members(proc.pid)) > 1  # Ray's processes run in the group: the check below means something
+        os.kill(proc.pid, sig)
+        deadline = time.monotonic() + GONE_S
+        while time.monotonic() < deadline and (proc.poll() is None or group_members(proc.pid)):
+            time.sleep(0.5)
+        left = group_members(proc.pid)
+        assert proc.poll() is not None, f"srd serve still runs {GONE_S:.0f} s after {sig.name}"
+        assert not left, f"{GONE_S:.0f} s after {sig.name}, processes of the group remain: {left}"
+        stderr = (tmp_path / "stderr").read_text()
+        assert proc.returncode == 0, stderr[-3000:]
+        assert f"srd serve: {sig.name}: stopped" in stderr
+        assert "Token authentication" not in stderr  # loopback: RAY_AUTH_MODE=disabled, set by srd itself
+        assert "Traceback" not in stderr
+    finally:
+        kill_group(proc)
+
+
+@pytest.fixture(scope="module")
+def broken_sketch(tiny_models, tmp_path_factory) -> str:
+    """The tiny sketch pipeline without its transformer's weights: its configs pass every check made before loading,
+    and the Sketcher replica fails to load it."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("broken") / "sketch"
+    shutil.copytree(tiny_models.sketch, path)
+    for weights in (path / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    return str(path)
+
+
+def assert_one_line_failure(proc: subprocess.Popen, command: str, tmp_path: Path) -> None:
+    try:
+        proc.wait(timeout=START_S + GONE_S)
+        lines = [line for line in (tmp_path / "stderr").read_text().splitlines() if line.strip()]
+        assert proc.returncode == 1, lines[-20:]
+        assert len(lines) == 1, lines[-20:]
+        assert lines[0].startswith(f"srd {command}: error: Sketcher failed to start: ModelError: cannot load the "
+                                   "sketch transformer"), lines
+        assert not group_members(proc.pid)  # Ray went with it
+    finally:
+        kill_group(proc)
+
+
+def test_serve_with_a_broken_model_is_one_line(tiny_models, broken_sketch, tmp_path):
+    config = {"applications": [{
+        "name": "srd", "route_prefix": "/", "import_path": "deployments.app:app_builder",
+        "args": {"engine": {"preset": "tiny", "sketch": broken_sketch, "render": tiny_models.render},
+                 **{stage: {"resources": {"num_cpus": 0.25}} for stage in ("encoder", "sketcher", "renderer", "decoder")}},
+    }]}
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(config))
+    proc = start(["serve", "--config", str(tmp_path / "broken.yaml"), "--port", str(free_port())], tmp_path)
+    assert_one_line_failure(proc, "serve", tmp_path)
+
+
+def test_generate_via_serve_with_a_broken_model_is_one_line(tiny_models, broken_sketch, tmp_path):
+    proc = start(["generate", "--via-serve", "--preset", "tiny", "--sketch", broken_sketch, "--render",
+                  tiny_models.render, "--prompt", "a cat", "--height", "32", "--width", "32", "--frames", "5",
+                  "--steps", "2", "--out", str(tmp_path / "never.mp4")], tmp_path)
+    assert_one_line_failure(proc, "generate", tmp_path)
+    assert not (tmp_path / "never.mp4").exists()
