@@ -364,6 +364,11 @@ class Ingress:
             raise ApiError(400, f"invalid body: not JSON ({type(e).__name__}: {str(e)[:200]})", "body") from None
         if not isinstance(data, dict):
             raise ApiError(400, f"invalid body: a JSON object is required, not {type(data).__name__}", "body")
+        for key in data:  # a lone surrogate ("\ud800") in a field name: pydantic would name no field
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(422, f"invalid {key}: not a valid field name (not valid Unicode)", key) from None
         return data
 
     async def _events(self, job_id: str):
