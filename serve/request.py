@@ -66,7 +66,8 @@ class RequestLimits:
         if tokens > self.max_tokens_per_video:
             raise InvalidRequest(
                 _token_field(params, given), f"a {params.width}x{params.height} video of {params.num_frames} frames "
-                f"is {tokens} tokens ((frames-1)//4+1)*(height/16)*(width/16); at most {self.max_tokens_per_video} are accepted")
+                f"is {tokens} tokens ((frames-1)//4+1)*(height/16)*(width/16); at most {self.max_tokens_per_video} "
+                "are accepted")
 
 
 def _token_field(params: GenerationParams, given: Collection[str]) -> str:
