@@ -79,6 +79,8 @@ def parse_switch(spec: str) -> SwitchPolicy:
         numbers = [float(p) for p in parts]
     except ValueError:
         raise bad("values must be numbers") from None
+    if not all(math.isfinite(n) for n in numbers):
+        raise bad("values must be finite numbers")
     if kind == "step":
         if len(numbers) != 1 or numbers[0] != int(numbers[0]) or numbers[0] < 1:
             raise bad("K must be one integer >= 1")
