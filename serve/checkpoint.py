@@ -101,12 +101,17 @@ def scheduler_from_bytes(data: bytes, device="cpu"):
 
 
 def handoff_to_bytes(handoff: Handoff) -> bytes:
-    """All the render stage needs to resume: latents, step index, sampler, embeddings, request, rates, timings."""
+    """All the render stage needs to resume: latents, step index, sampler (and the family's `sampler_extra`
+    tensors), embeddings, request, rates, timings."""
     scheduler_doc, tensors = _scheduler_state(handoff.scheduler, prefix="scheduler.")
     tensors["latents"] = handoff.latents
     tensors["embeds.prompt"] = handoff.embeds.prompt
     if handoff.embeds.negative is not None:
         tensors["embeds.negative"] = handoff.embeds.negative
+    for name, value in handoff.sampler_extra.items():  # a family's sampler state outside the scheduler
+        if not (isinstance(name, str) and _ATTRIBUTE_NAME.fullmatch(name) and isinstance(value, torch.Tensor)):
+            raise TypeError(f"hand-off `sampler_extra` entry {name!r} must be a tensor under a plain name")
+        tensors[f"sampler_extra.{name}"] = value
     doc = {
         "params": params_to_dict(handoff.params),
         "step_index": int(handoff.step_index),
@@ -114,6 +119,7 @@ def handoff_to_bytes(handoff: Handoff) -> bytes:
         "timings": {str(k): float(v) for k, v in handoff.timings.items()},
         "negative": handoff.embeds.negative is not None,
         "scheduler": scheduler_doc,
+        "sampler_extra": sorted(handoff.sampler_extra),
     }
     return _pack("handoff", doc, tensors)
 
@@ -124,8 +130,12 @@ def handoff_from_bytes(data: bytes, device="cpu") -> Handoff:
     try:
         params = params_from_dict(doc["params"])
         step_index, rates, timings = int(doc["step_index"]), list(doc["rates"]), dict(doc["timings"])
+        extra_names = list(doc.get("sampler_extra", []))
     except (KeyError, TypeError) as e:
         raise ValueError(f"hand-off checkpoint is malformed: {e!r}") from e
+    for name in extra_names:
+        if not (isinstance(name, str) and _ATTRIBUTE_NAME.fullmatch(name)):
+            raise ValueError(f"hand-off checkpoint names sampler state {name!r}, which is not a plain name")
     return Handoff(
         params=params,
         embeds=PromptEmbeds(_tensor(tensors, "embeds.prompt", "handoff").to(device), negative),
@@ -134,6 +144,7 @@ def handoff_from_bytes(data: bytes, device="cpu") -> Handoff:
         scheduler=_restore_scheduler(doc.get("scheduler"), tensors, device),
         rates=rates,
         timings=timings,
+        sampler_extra={n: _tensor(tensors, f"sampler_extra.{n}", "handoff").to(device) for n in extra_names},
     )
 
 

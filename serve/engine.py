@@ -15,11 +15,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve import stages
+from serve.families.base import Family, family_of
 from serve.handoff import Handoff, PromptEmbeds
-from serve.models import (
-    PRESETS, ModelPair, Weights, check_compatible, latent_spec, load_pipeline, load_scheduler_config,
-    load_transformer, preset_models,
-)
+from serve.models import PRESETS, ModelPair, Weights, preset_models
 from serve.request import GenerationDefaults, GenerationParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -66,7 +64,7 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    preset: Literal["toy", "tiny", "wan2.1-t2v"] = Field("toy", description="Model pair and request defaults.")
+    preset: str = Field("toy", description="Model pair and request defaults: a name in serve.models.PRESETS.")
     sketch: str | None = Field(None, description="Sketch pipeline (hub id or diffusers dir); overrides the preset.")
     render: str | None = Field(None, description="Render pipeline or transformer (hub id or dir); overrides the preset.")
     device: str = Field("cpu", description="torch device of the stage models.")
@@ -82,6 +80,13 @@ class EngineConfig(BaseModel):
     )
     vae_tiling: bool = Field(False, description="Decode in spatial tiles (diffusers' AutoencoderKLWan tiling).")
     vae_tile: VaeTiling = Field(default_factory=VaeTiling, description="Tile geometry when `vae_tiling` is on.")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"`preset` must be one of {', '.join(sorted(PRESETS))} but is {value!r}")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -103,60 +108,77 @@ class EngineConfig(BaseModel):
         return PRESETS[self.preset].defaults
 
     def models(self) -> ModelPair:
-        base = preset_models(PRESETS[self.preset]) if not (self.sketch and self.render) else None
-        return ModelPair(sketch=self.sketch or base.sketch, render=self.render or base.render)
+        if self.sketch and self.render:
+            return ModelPair(sketch=self.sketch, render=self.render)
+        base = preset_models(PRESETS[self.preset])
+        return ModelPair(sketch=self.sketch or base.sketch, render=self.render or base.render,
+                         render_subfolder=None if self.render else base.render_subfolder)
+
+    def family(self) -> Family:
+        """The model family adapter, from the sketch pipeline's model_index.json (no weights load)."""
+        return family_of(self.models().sketch)
 
 
 class EncodeStage:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.pipe = load_pipeline(config.models().sketch, ("text_encoder", "tokenizer"), config.device,
-                                  config.torch_dtype, config.weights)
+        self.family = config.family()
+        self.pipe = self.family.load_pipeline(config.models().sketch, ("text_encoder", "tokenizer"), config.device,
+                                              config.torch_dtype, config.weights)
 
     def __call__(self, requests: list[GenerationParams]) -> list[PromptEmbeds]:
-        return stages.encode(self.pipe, requests, self.config.device)
+        return self.family.encode(self.pipe, requests, self.config.device)
 
 
 class SketchStage:
     def __init__(self, config: EngineConfig, denoiser=None):
         models = config.models()
-        check_compatible(models)
         self.config = config
-        self.scheduler_config = load_scheduler_config(models.sketch)
-        self.spec = latent_spec(models.sketch)
-        self.denoiser = denoiser or stages.GuidedDenoiser(
-            load_transformer(models.sketch, "sketch", config.device, config.torch_dtype, config.weights),
+        self.family = config.family()
+        self.family.check_compatible(models)
+        self.scheduler_config = self.family.scheduler_config(models.sketch)
+        self.spec = self.family.latent_spec(models.sketch)
+        self.denoiser = denoiser or self.family.denoiser(
+            self.family.load_transformer(models.sketch, "sketch", config.device, config.torch_dtype, config.weights),
             config.max_tokens_per_forward,
         )
 
     def __call__(self, requests: list[tuple[GenerationParams, PromptEmbeds]], on_step=None):
-        return stages.sketch(self.denoiser, requests, self.scheduler_config, self.spec, self.config.device, on_step)
+        for params, _ in requests:
+            self.family.check_request(params)
+        return stages.sketch(self.denoiser, requests, self.scheduler_config, self.spec, self.config.device, on_step,
+                             self.family.sampler)
 
 
 class RenderStage:
     def __init__(self, config: EngineConfig, denoiser=None):
+        models = config.models()
         self.config = config
-        self.denoiser = denoiser or stages.GuidedDenoiser(
-            load_transformer(config.models().render, "render", config.device, config.torch_dtype, config.weights),
+        self.family = config.family()
+        self.denoiser = denoiser or self.family.denoiser(
+            self.family.load_transformer(models.render, "render", config.device, config.torch_dtype, config.weights,
+                                         subfolder=models.render_subfolder),
             config.max_tokens_per_forward,
         )
 
     def __call__(self, handoffs: list[Handoff], on_step=None):
-        return stages.render(self.denoiser, handoffs, self.config.device, on_step)
+        return stages.render(self.denoiser, handoffs, self.config.device, on_step, self.family.sampler)
 
 
 class DecodeStage:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.pipe = load_pipeline(config.models().sketch, ("vae",), config.device, config.torch_dtype, config.weights)
+        self.family = config.family()
+        self.pipe = self.family.load_pipeline(config.models().sketch, ("vae",), config.device, config.torch_dtype,
+                                              config.weights)
         if config.vae_tiling:
             self.pipe.vae.enable_tiling(**config.vae_tile.model_dump())
 
     def __call__(self, latents: torch.Tensor) -> np.ndarray:
-        return stages.decode(self.pipe, latents)
+        return self.family.decode(self.pipe, latents)
 
     def preview(self, handoff: Handoff) -> np.ndarray:
-        return stages.decode_preview(self.pipe, handoff)
+        return self.family.preview(self.pipe, handoff)
 
 
 @dataclass
@@ -172,7 +194,7 @@ class Engine:
     """All four stages in one process: what `srd generate` runs."""
 
     def __init__(self, config: EngineConfig):
-        check_compatible(config.models())  # a wrong model pair fails before any weights load
+        config.family().check_compatible(config.models())  # a wrong model pair fails before any weights load
         self.config = config
         self.encoder = EncodeStage(config)
         self.sketcher = SketchStage(config)

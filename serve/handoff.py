@@ -2,7 +2,8 @@
 
 Everything needed to resume denoising exactly where sketching stopped: the latent, the step index, the sampler
 (the diffusers scheduler object itself: UniPC is multistep, so its state includes earlier model outputs and the last
-sample), the prompt embeddings and the resolved request. Tensors live on the CPU so the hand-off pickles small and
+sample; plus `sampler_extra`, the state a family's pipeline keeps outside its scheduler, e.g. CogVideoX's previous
+x0 and generator state), the prompt embeddings and the resolved request. Tensors live on the CPU so the hand-off pickles small and
 travels through Ray's object store or a file unchanged.
 """
 
@@ -49,11 +50,13 @@ class PromptEmbeds:
 class Handoff:
     params: GenerationParams
     embeds: PromptEmbeds
-    latents: torch.Tensor  # float32 [1, C, F', H', W'], the sample after `step_index` steps
+    latents: torch.Tensor  # float32, the sample after `step_index` steps, in the family's layout (LatentSpec)
     step_index: int  # K: steps already taken; the render stage runs K..N-1
     scheduler: object  # the diffusers scheduler, mid-trajectory
     rates: list[float] = field(default_factory=list)  # adaptive policy's d_k values, for inspection
     timings: dict[str, float] = field(default_factory=dict)
+    # Sampler state the family's pipeline keeps outside the scheduler (stages.Sampler), tensors by name
+    sampler_extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -61,7 +64,10 @@ class Handoff:
 
     @property
     def preview_latents(self) -> torch.Tensor:
-        """The sketch's estimate of the clean latent (UniPC keeps x0-predictions as its model outputs)."""
+        """The sketch's estimate of the clean latent (UniPC keeps x0-predictions as its model outputs; CogVideoX's
+        sampler keeps the last one in `sampler_extra`)."""
+        if "pred_original_sample" in self.sampler_extra:
+            return self.sampler_extra["pred_original_sample"]
         outputs = [o for o in getattr(self.scheduler, "model_outputs", []) if o is not None]
         return outputs[-1] if outputs else self.latents
 
@@ -70,4 +76,5 @@ class Handoff:
             params=self.params, embeds=self.embeds.to("cpu"), latents=self.latents.detach().cpu(),
             step_index=self.step_index, scheduler=move_scheduler(self.scheduler, "cpu"), rates=list(self.rates),
             timings=dict(self.timings),
+            sampler_extra={k: v.detach().cpu() for k, v in self.sampler_extra.items()},
         )

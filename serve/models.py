@@ -17,7 +17,7 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
@@ -25,10 +25,6 @@ from serve.request import GenerationDefaults, RequestLimits
 
 # diffusers is imported inside the loaders: importing it takes seconds, and the CLI checks a request against the
 # preset defaults defined here before that, so that a bad flag fails at once.
-if TYPE_CHECKING:
-    from diffusers import WanPipeline, WanTransformer3DModel
-
-
 Weights = Literal["pretrained", "random-init"]
 
 
@@ -38,18 +34,23 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelPair:
-    """Where the sketch pipeline and the render transformer come from."""
+    """Where the sketch pipeline and the render transformer come from. `render_subfolder` names the render
+    transformer inside a render pipeline (default "transformer"; Wan2.2-A14B's low-noise expert is "transformer_2")."""
 
     sketch: str
     render: str
+    render_subfolder: str | None = None
 
 
 @dataclass(frozen=True)
 class Preset:
+    """A model pair and its request defaults and limits: data, one entry per preset in `PRESETS`."""
+
     name: str
-    models: ModelPair | None  # None: built on first use (tiny)
+    models: ModelPair | None  # None: built on first use by `builder`
     defaults: GenerationDefaults
     limits: RequestLimits  # what a served request may cost (the app config may override them)
+    builder: str | None = None  # "module:function" returning the ModelPair, built offline and cached (tiny presets)
 
 
 WAN21_T2V = Preset(
@@ -70,6 +71,7 @@ TINY = Preset(
         switch="ratio:0.3",
     ),
     RequestLimits(max_tokens_per_video=4096, max_steps=100),  # e.g. 256x256 at 49 frames: seconds on a CPU
+    builder="serve.tiny:ensure_tiny_models",
 )
 # Trained by this project on procedural clips (issue 6; toy/train.py, training.json beside the weights): a 5.9M
 # "large" and a 2.7M "small" Wan DiT. The default switch is the paper's: after 5 of 20 steps, prompt adherence
@@ -91,9 +93,8 @@ PRESETS = {p.name: p for p in (WAN21_T2V, TOY, TINY)}
 def preset_models(preset: Preset) -> ModelPair:
     if preset.models is not None:
         return preset.models
-    from serve.tiny import ensure_tiny_models
-
-    return ensure_tiny_models()
+    module, _, function = preset.builder.partition(":")
+    return getattr(importlib.import_module(module), function)()
 
 
 def _looks_like_path(source: str) -> bool:
@@ -127,36 +128,20 @@ def _is_pipeline(source: str) -> bool:
     return True  # hub ids used here name pipelines
 
 
-def _transformer_config(source: str, role: str) -> dict:
+def _transformer_config(source: str, role: str, subfolder: str | None = None) -> dict:
+    """A transformer's config.json as a dict (any diffusers class: `load_config` only reads the file)."""
     from diffusers import WanTransformer3DModel
 
-    kwargs = {"subfolder": "transformer"} if _is_pipeline(source) else {}
+    kwargs = {"subfolder": subfolder or "transformer"} if _is_pipeline(source) else {}
     return _load(f"the {role} transformer config", source, WanTransformer3DModel.load_config, **kwargs)
 
 
 def check_compatible(models: ModelPair) -> None:
-    """Fail before loading weights if the render model cannot continue the sketch model's latent."""
-    sketch_src, render_src = _locate(models.sketch, "sketch"), _locate(models.render, "render")
-    if not _is_pipeline(sketch_src):
-        raise ModelError(f"sketch model {models.sketch!r} must be a full pipeline directory (model_index.json)")
-    sketch, render = _transformer_config(sketch_src, "sketch"), _transformer_config(render_src, "render")
-    for key in ("in_channels", "out_channels", "text_dim", "patch_size"):
-        if sketch.get(key) != render.get(key):
-            raise ModelError(
-                f"render model {models.render!r} is incompatible with sketch model {models.sketch!r}: "
-                f"{key} is {render.get(key)} but the sketch model has {sketch.get(key)}"
-            )
-    if _is_pipeline(render_src) and Path(render_src).is_dir():
-        from diffusers import AutoencoderKLWan
+    """Fail before loading weights if the render model cannot continue the sketch model's latent (the sketch
+    pipeline's family decides what must match)."""
+    from serve.families.base import family_of
 
-        vae_s = _load("the sketch VAE config", sketch_src, AutoencoderKLWan.load_config, subfolder="vae")
-        vae_r = _load("the render VAE config", render_src, AutoencoderKLWan.load_config, subfolder="vae")
-        for key in ("z_dim", "latents_mean", "latents_std", "temperal_downsample"):
-            if vae_s.get(key) != vae_r.get(key):
-                raise ModelError(
-                    f"render model {models.render!r} uses a different VAE than sketch model {models.sketch!r} "
-                    f"({key} differs): the latent cannot be handed over"
-                )
+    family_of(models.sketch).check_compatible(models)
 
 
 def check_device(device: str) -> None:
@@ -169,35 +154,54 @@ def check_device(device: str) -> None:
 
 
 def load_pipeline(source: str, components: tuple[str, ...], device: str, dtype: torch.dtype,
-                  weights: Weights = "pretrained") -> WanPipeline:
-    """The sketch pipeline with only `components` loaded (others None): e.g. ("text_encoder", "tokenizer")."""
-    from diffusers import WanPipeline
+                  weights: Weights = "pretrained"):
+    """The sketch pipeline (of its family's class) with only `components` loaded (others None): e.g.
+    ("text_encoder", "tokenizer")."""
+    from serve.families.base import family_of
 
+    return family_of(source).load_pipeline(source, components, device, dtype, weights)
+
+
+def load_pipeline_of(pipeline_class: str, source: str, components: tuple[str, ...], device: str, dtype: torch.dtype,
+                     weights: Weights = "pretrained", skippable: tuple[str, ...] = ()):
+    """diffusers' `pipeline_class.from_pretrained(source)` with the `skippable` components not in `components` left
+    out (None), and with weights="random-init" the models built from their configs."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class)
     check_device(device)
     source = _locate(source, "sketch")
-    skip = {c: None for c in ("text_encoder", "tokenizer", "vae", "transformer") if c not in components}
+    index = _load("the pipeline index", source, cls.load_config)
+    skip = {c: None for c in skippable if c not in components and c in index}
     built = {}
     if weights == "random-init":  # the models from their configs; tokenizer and scheduler load from their files
-        index = _load("the pipeline index", source, WanPipeline.load_config)
         for name in components:
             library, class_name = index.get(name) or (None, None)
             if library in ("diffusers", "transformers") and name != "tokenizer":
-                cls = getattr(importlib.import_module(library), class_name)
-                built[name] = random_init(cls, _model_config(cls, source, name, f"the {name}"), device, dtype)
-    pipe = _load("the pipeline", source, WanPipeline.from_pretrained, dtype=dtype, **skip, **built)
+                model_cls = getattr(importlib.import_module(library), class_name)
+                built[name] = random_init(model_cls, _model_config(model_cls, source, name, f"the {name}"), device,
+                                          dtype)
+    pipe = _load("the pipeline", source, cls.from_pretrained, dtype=dtype, **skip, **built)
     return pipe.to(device)
 
 
 def load_transformer(source: str, role: str, device: str, dtype: torch.dtype,
-                     weights: Weights = "pretrained") -> WanTransformer3DModel:
-    from diffusers import WanTransformer3DModel
+                     weights: Weights = "pretrained", subfolder: str | None = None):
+    """A transformer of the class its config names (a pipeline's `subfolder`, default "transformer", or a bare
+    transformer directory)."""
+    import diffusers
 
     check_device(device)
     source = _locate(source, role)
+    config = _transformer_config(source, role, subfolder)
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ModelError(f"the {role} transformer config names class {config.get('_class_name')!r}, which is not a "
+                         "diffusers model")
     if weights == "random-init":
-        return random_init(WanTransformer3DModel, _transformer_config(source, role), device, dtype)
-    kwargs = {"subfolder": "transformer"} if _is_pipeline(source) else {}
-    model = _load(f"the {role} transformer", source, WanTransformer3DModel.from_pretrained, dtype=dtype, **kwargs)
+        return random_init(cls, config, device, dtype)
+    kwargs = {"subfolder": subfolder or "transformer"} if _is_pipeline(source) else {}
+    model = _load(f"the {role} transformer", source, cls.from_pretrained, dtype=dtype, **kwargs)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -272,14 +276,6 @@ def load_scheduler_config(source: str) -> dict:
 
 def latent_spec(source: str):
     """The latent geometry the sketch pipeline's VAE and transformer imply (read from configs, no weights)."""
-    from diffusers import AutoencoderKLWan
+    from serve.families.base import family_of
 
-    from serve.stages import LatentSpec
-
-    source = _locate(source, "sketch")
-    vae = _load("the VAE config", source, AutoencoderKLWan.load_config, subfolder="vae")
-    transformer = _transformer_config(source, "sketch")
-    return LatentSpec(
-        channels=transformer["in_channels"], temporal=vae.get("scale_factor_temporal") or 4,
-        spatial=vae.get("scale_factor_spatial") or 8, patch=tuple(transformer["patch_size"]),
-    )
+    return family_of(source).latent_spec(source)

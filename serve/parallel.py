@@ -50,6 +50,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve import stages
+from serve.families import base as _families
+from serve.families.base import ModelCapabilities
 from serve.handoff import PromptEmbeds
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -137,37 +139,22 @@ class ParallelConfig(BaseModel):
             )
 
 
-@dataclass(frozen=True)
-class ModelCapabilities:
-    """What a model family supports in parallel, declared once and checked before any weights load
-    (after xDiT's `runner_models/base_model.py`)."""
-
-    family: str
-    transformer_classes: tuple[str, ...]  # diffusers `_class_name`s of the family's transformers
-    ulysses: bool
-    ring: bool
-    max_cfg_degree: int
-    xfuser_wrapper: str  # "module:Class", imported only on the ranks
+# Each model family declares what it supports in parallel (serve/families/); the checks below ask it.
+WAN_CAPABILITIES = _families.family_named("WanPipeline").capabilities
 
 
-WAN_CAPABILITIES = ModelCapabilities(
-    family="wan",
-    transformer_classes=("WanTransformer3DModel",),
-    ulysses=True,
-    ring=True,
-    max_cfg_degree=2,  # xfuser offers CFG-parallel for Wan image-to-video only; text-to-video's is ParallelDenoiser
-    xfuser_wrapper="xfuser.model_executor.models.transformers.transformer_wan:xFuserWanTransformer3DWrapper",
-)
-CAPABILITIES = {name: caps for caps in (WAN_CAPABILITIES,) for name in caps.transformer_classes}
+def _capabilities() -> dict[str, ModelCapabilities]:
+    return {name: f.capabilities for f in _families.families() for name in f.capabilities.transformer_classes}
 
 
 def capabilities_for(transformer_config: dict) -> ModelCapabilities:
     name = transformer_config.get("_class_name")
-    if name not in CAPABILITIES:
+    capabilities = _capabilities()
+    if name not in capabilities:
         raise ValueError(
-            f"no parallel support is declared for transformer class {name!r}; supported: {', '.join(CAPABILITIES)}"
+            f"no parallel support is declared for transformer class {name!r}; supported: {', '.join(capabilities)}"
         )
-    return CAPABILITIES[name]
+    return capabilities[name]
 
 
 def check_parallel(
@@ -176,6 +163,11 @@ def check_parallel(
     """The checks that need the model's config or the placement; run before spawning ranks or loading weights."""
     caps = capabilities_for(transformer_config)
     heads = transformer_config["num_attention_heads"]
+    if config.world_size > 1 and caps.xfuser_wrapper is None:
+        raise ValueError(
+            f"the {caps.family} family runs on one rank only in this engine (no sequence or CFG parallelism is "
+            f"declared for it): cfg_degree x ulysses_degree x ring_degree must be 1 but is {config.world_size}"
+        )
     if config.ulysses_degree > 1 and not caps.ulysses:
         raise ValueError(f"the {caps.family} family does not support Ulysses parallelism (`ulysses_degree` > 1)")
     if config.ring_degree > 1 and not caps.ring:
@@ -204,7 +196,8 @@ def load_transformer_config(engine_config, role: str) -> dict:
 
     pair = engine_config.models()
     source = pair.sketch if role == "sketch" else pair.render
-    return models._transformer_config(models._locate(source, role), role)
+    subfolder = None if role == "sketch" else pair.render_subfolder
+    return models._transformer_config(models._locate(source, role), role, subfolder)
 
 
 def latent_tokens(shape, patch) -> int:
@@ -405,7 +398,7 @@ def to_sequence_parallel(model, ctx: ParallelContext):
     """
     from xfuser.core.distributed import get_runtime_state, initialize_runtime_state
 
-    declared = [cls.__name__ for cls in type(model).__mro__ if cls.__name__ in CAPABILITIES]
+    declared = [cls.__name__ for cls in type(model).__mro__ if cls.__name__ in _capabilities()]
     caps = capabilities_for({"_class_name": declared[0] if declared else type(model).__name__})
     wrapper_cls = _import_attr(caps.xfuser_wrapper)
     init_config = {k: v for k, v in model.config.items() if not k.startswith("_")}
@@ -431,12 +424,12 @@ def to_sequence_parallel(model, ctx: ParallelContext):
 
 
 def load_parallel_transformer(source: str, role: str, ctx: ParallelContext, dtype: torch.dtype,
-                              weights: str = "pretrained"):
+                              weights: str = "pretrained", subfolder: str | None = None):
     """The transformer loaded by serve.models (diffusers' from_pretrained, or random-init from its config), adopted
     by xfuser's wrapper."""
     from serve.models import load_transformer
 
-    return to_sequence_parallel(load_transformer(source, role, str(ctx.device), dtype, weights), ctx)
+    return to_sequence_parallel(load_transformer(source, role, str(ctx.device), dtype, weights, subfolder), ctx)
 
 
 class ParallelDenoiser(stages.GuidedDenoiser):
@@ -505,6 +498,7 @@ class ParallelWorker:
         self.ctx = init_rank(rank, world_size, master_addr, master_port, parallel_config, device)
         models = engine_config.models()
         source = models.sketch if role == "sketch" else models.render
+        self.subfolder = None if role == "sketch" else models.render_subfolder  # Wan2.2: "transformer_2"
         self.weights = engine_config.weights
         transformer = self.load_transformer(source, role, engine_config.torch_dtype)
         self.denoiser = ParallelDenoiser(transformer, self.ctx, engine_config.max_tokens_per_forward)
@@ -512,7 +506,7 @@ class ParallelWorker:
     def load_transformer(self, source: str, role: str, dtype: torch.dtype):
         """The stage transformer on this rank's device, adopted by xfuser's wrapper (a subclass may wrap this:
         bench/sketch_scaling.py seeds the random-init build so that every rank draws the same weights)."""
-        return load_parallel_transformer(source, role, self.ctx, dtype, self.weights)
+        return load_parallel_transformer(source, role, self.ctx, dtype, self.weights, self.subfolder)
 
     def ready(self) -> dict:
         return {

@@ -47,19 +47,24 @@ class Cancelled:
 
 @dataclass(frozen=True)
 class LatentSpec:
-    """Latent geometry of a Wan VAE: channels and the temporal/spatial compression factors."""
+    """Latent geometry of a video VAE: channels, the temporal/spatial compression factors, the transformer's patch,
+    and the axis order of the family's latents ("CF": [B, C, F', H', W'] as Wan; "FC": [B, F', C, H', W'] as
+    CogVideoX)."""
 
     channels: int = 16
     temporal: int = 4
     spatial: int = 8
     patch: tuple[int, int, int] = (1, 2, 2)
+    layout: str = "CF"
 
     def shape(self, params: GenerationParams) -> tuple[int, ...]:
         frames = (params.num_frames - 1) // self.temporal + 1
-        return (1, self.channels, frames, params.height // self.spatial, params.width // self.spatial)
+        h, w = params.height // self.spatial, params.width // self.spatial
+        return (1, frames, self.channels, h, w) if self.layout == "FC" else (1, self.channels, frames, h, w)
 
     def tokens(self, params: GenerationParams) -> int:
-        _, _, f, h, w = self.shape(params)
+        shape = self.shape(params)
+        f, h, w = (shape[1] if self.layout == "FC" else shape[2]), shape[3], shape[4]
         return (f // self.patch[0]) * (h // self.patch[1]) * (w // self.patch[2])
 
 
@@ -77,8 +82,32 @@ def make_scheduler(config: dict, params: GenerationParams, device):
     overrides = {"flow_shift": params.flow_shift} if "flow_shift" in config else {}
     scheduler = cls.from_config(config, **overrides)
     scheduler.set_timesteps(params.num_inference_steps, device=device)
-    scheduler.set_begin_index(0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
     return scheduler
+
+
+class Sampler:
+    """How a family's pipeline drives its diffusers scheduler, as hooks of the one denoising loop below.
+
+    The default is what WanPipeline does (and most diffusers pipelines): noise from the seed, then
+    `scheduler.step(output, t, latents)`, all state inside the scheduler. A family whose pipeline keeps sampler state
+    outside the scheduler (CogVideoX's DPM keeps the previous x0 and draws noise from the pipeline's generator) keeps
+    it in `extra`, a dict of tensors that travels in the hand-off (`Handoff.sampler_extra`)."""
+
+    def scheduler(self, config: dict, params: GenerationParams, device):
+        return make_scheduler(config, params, device)
+
+    def initial_latents(self, params: GenerationParams, spec: LatentSpec, device, scheduler,
+                        extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        return initial_noise(params, spec, device)
+
+    def step(self, scheduler, extra: dict[str, torch.Tensor], output: torch.Tensor, step_index: int,
+             latents: torch.Tensor) -> torch.Tensor:
+        return scheduler.step(output, scheduler.timesteps[step_index], latents, return_dict=False)[0]
+
+
+DEFAULT_SAMPLER = Sampler()
 
 
 class GuidedDenoiser:
@@ -97,16 +126,23 @@ class GuidedDenoiser:
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
-    def forward_rows(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def tokens(self, latents: torch.Tensor) -> int:
+        """Sequence length of one row (Wan: [B, C, F', H', W'] latents, a (t, h, w) patch)."""
         _, _, f, h, w = latents.shape
         p = self.transformer.config.patch_size
-        tokens = (f // p[0]) * (h // p[1]) * (w // p[2])
-        rows = max(1, self.max_tokens_per_forward // tokens)
+        return (f // p[0]) * (h // p[1]) * (w // p[2])
+
+    def call(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """One transformer forward over these rows, with the model's own inputs (a family's denoiser adds its
+        positional inputs here)."""
+        return self.transformer(
+            hidden_states=latents, timestep=timesteps, encoder_hidden_states=embeds, return_dict=False,
+        )[0]
+
+    def forward_rows(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        rows = max(1, self.max_tokens_per_forward // self.tokens(latents))
         outputs = [
-            self.transformer(
-                hidden_states=latents[i : i + rows], timestep=timesteps[i : i + rows],
-                encoder_hidden_states=embeds[i : i + rows], return_dict=False,
-            )[0]
+            self.call(latents[i : i + rows], timesteps[i : i + rows], embeds[i : i + rows])
             for i in range(0, latents.shape[0], rows)
         ]
         return torch.cat(outputs)
@@ -141,6 +177,8 @@ class _Trajectory:
     latents: torch.Tensor
     scheduler: object
     step: int
+    guidance: float
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
     tracker: SwitchTracker | None = None
     stopped: bool = False
     cancelled: bool = False
@@ -152,7 +190,7 @@ class _Trajectory:
         return not (self.stopped or self.cancelled or self.step >= self.params.num_inference_steps)
 
 
-def _denoise(denoiser, trajectories: list[_Trajectory], on_step: StepCallback | None) -> None:
+def _denoise(denoiser, trajectories: list[_Trajectory], on_step: StepCallback | None, sampler: Sampler) -> None:
     """Advance every trajectory until it finishes, switches (sketch) or is cancelled; same-shape ones share forwards."""
     start = time.perf_counter()
     while True:
@@ -167,10 +205,10 @@ def _denoise(denoiser, trajectories: list[_Trajectory], on_step: StepCallback | 
             timesteps = torch.stack([tr.scheduler.timesteps[tr.step] for tr in trs])
             noise = denoiser(
                 torch.cat([tr.latents for tr in trs]), timesteps, [tr.embeds for tr in trs],
-                [tr.params.guidance_scale for tr in trs],
+                [tr.guidance for tr in trs],
             )
-            for i, tr, t, out in zip(members, trs, timesteps, noise.unsqueeze(1).unbind(0)):
-                tr.latents = tr.scheduler.step(out, t, tr.latents, return_dict=False)[0]
+            for i, tr, out in zip(members, trs, noise.unsqueeze(1).unbind(0)):
+                tr.latents = sampler.step(tr.scheduler, tr.extra, out, tr.step, tr.latents)
                 tr.step += 1
                 if tr.tracker is not None and tr.tracker.after_step(tr.step - 1, out):
                     tr.stopped = True
@@ -186,40 +224,46 @@ def sketch(
     spec: LatentSpec,
     device,
     on_step: StepCallback | None = None,
+    sampler: Sampler = DEFAULT_SAMPLER,
 ) -> list[Handoff | Cancelled]:
     """Run each request from pure noise until its switch policy hands over (or it reaches N)."""
     trajectories = []
     for params, embeds in requests:
-        scheduler = make_scheduler(scheduler_config, params, device)
+        scheduler = sampler.scheduler(scheduler_config, params, device)
         tracker = params.switch.tracker(scheduler.timesteps)
+        extra: dict[str, torch.Tensor] = {}
+        latents = sampler.initial_latents(params, spec, device, scheduler, extra)
         trajectories.append(
             _Trajectory(
-                params=params, embeds=embeds.to(device), latents=initial_noise(params, spec, device),
-                scheduler=scheduler, step=0, tracker=tracker, stopped=tracker.switch_step == 0,
+                params=params, embeds=embeds.to(device), latents=latents, scheduler=scheduler, step=0,
+                guidance=params.guidance_scale, extra=extra, tracker=tracker, stopped=tracker.switch_step == 0,
             )
         )
     with torch.inference_mode():
-        _denoise(denoiser, trajectories, on_step)
+        _denoise(denoiser, trajectories, on_step, sampler)
     return [
         Cancelled(tr.step) if tr.cancelled else Handoff(
             params=tr.params, embeds=tr.embeds, latents=tr.latents, step_index=tr.step, scheduler=tr.scheduler,
-            rates=list(tr.tracker.rates), timings={"sketch": tr.seconds},
+            rates=list(tr.tracker.rates), timings={"sketch": tr.seconds}, sampler_extra=tr.extra,
         ).cpu()
         for tr in trajectories
     ]
 
 
-def render(denoiser, handoffs: list[Handoff], device, on_step: StepCallback | None = None) -> list[torch.Tensor | Cancelled]:
-    """Finish each hand-off's trajectory (steps K..N-1) with the render model; returns float32 latents on the CPU."""
+def render(denoiser, handoffs: list[Handoff], device, on_step: StepCallback | None = None,
+           sampler: Sampler = DEFAULT_SAMPLER) -> list[torch.Tensor | Cancelled]:
+    """Finish each hand-off's trajectory (steps K..N-1) with the render model at the render guidance
+    (`params.render_guidance`); returns float32 latents on the CPU."""
     trajectories = [
         _Trajectory(
             params=h.params, embeds=h.embeds.to(device), latents=h.latents.to(device),
-            scheduler=move_scheduler(h.scheduler, device), step=h.step_index,
+            scheduler=move_scheduler(h.scheduler, device), step=h.step_index, guidance=h.params.guidance_scale,
+            extra={k: v.to(device) for k, v in h.sampler_extra.items()},
         )
         for h in handoffs
     ]
     with torch.inference_mode():
-        _denoise(denoiser, trajectories, on_step)
+        _denoise(denoiser, trajectories, on_step, sampler)
     return [Cancelled(tr.step) if tr.cancelled else tr.latents.float().cpu() for tr in trajectories]
 
 

@@ -1,0 +1,161 @@
+"""What a model family adapter declares and does, and the registry that picks one from a pipeline's model_index.json.
+
+A family (Wan, CogVideoX) is one module beside this one holding one `Family` instance: how its components load
+(a hub id or a diffusers directory, through diffusers' own classes), its latent spec, how a prompt is encoded, one
+guided transformer call (its denoiser), how its pipeline drives the scheduler (`stages.Sampler`) and so what the
+hand-off carries, decode and preview, and what it supports (switch policies, parallel degrees), checked before any
+weights load. The stages (serve/stages.py) run the one denoising loop; the family supplies the parts that differ.
+
+The family of a model pair is the sketch pipeline's: `model_index.json`'s `_class_name` (WanPipeline, CogVideoXPipeline)
+looked up in `PIPELINE_FAMILIES`. Adding a family is one new module plus its entries here and its presets in
+serve/models.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from serve.handoff import Handoff, PromptEmbeds
+    from serve.models import ModelPair, Weights
+    from serve.request import GenerationParams
+    from serve.stages import GuidedDenoiser, LatentSpec, Sampler
+
+# model_index.json `_class_name` -> "module:attribute" of the family adapter (imported on first use)
+PIPELINE_FAMILIES: dict[str, str] = {
+    "WanPipeline": "serve.families.wan:FAMILY",
+    "CogVideoXPipeline": "serve.families.cogvideox:FAMILY",
+}
+
+
+@dataclass(frozen=True)
+class ModelCapabilities:
+    """What a model family supports in parallel, declared once and checked before any weights load
+    (after xDiT's `runner_models/base_model.py`)."""
+
+    family: str
+    transformer_classes: tuple[str, ...]  # diffusers `_class_name`s of the family's transformers
+    ulysses: bool
+    ring: bool
+    max_cfg_degree: int
+    xfuser_wrapper: str | None  # "module:Class", imported only on the ranks; None: no sequence parallelism
+
+
+class Family:
+    """The adapter interface with the parts most diffusers video pipelines share; a family module subclasses it."""
+
+    name: str
+    pipeline_class: str  # diffusers class named by model_index.json's `_class_name`
+    transformer_class: str
+    capabilities: ModelCapabilities
+    switch_kinds: tuple[str, ...] = ("step", "ratio", "adaptive", "boundary")
+    sampler: Sampler
+    # model_index.json entries that are transformers: skipped by the stages that do not denoise
+    transformer_components: tuple[str, ...] = ("transformer",)
+
+    # -- loading (configs only: nothing here loads weights) ------------------------------------------------------
+
+    def transformer_config(self, source: str, role: str, subfolder: str | None = None) -> dict:
+        from serve import models
+
+        return models._transformer_config(models._locate(source, role), role, subfolder)
+
+    def scheduler_config(self, source: str) -> dict:
+        from serve import models
+
+        return models.load_scheduler_config(source)
+
+    def check_compatible(self, pair: ModelPair) -> None:
+        """Fail before loading weights if the render model cannot continue the sketch model's latent."""
+        raise NotImplementedError
+
+    def latent_spec(self, source: str) -> LatentSpec:
+        raise NotImplementedError
+
+    def check_request(self, params: GenerationParams) -> None:
+        """Raise ValueError naming the field for a request this family cannot run (before any denoising)."""
+        if params.switch.kind not in self.switch_kinds:
+            raise ValueError(f"`switch` {str(params.switch)!r}: the {self.name} family supports "
+                             f"{', '.join(k + ':' for k in self.switch_kinds)} policies only")
+
+    # -- loading weights ---------------------------------------------------------------------------------------
+
+    def load_pipeline(self, source: str, components: tuple[str, ...], device: str, dtype: torch.dtype,
+                      weights: Weights = "pretrained"):
+        """The sketch pipeline with only `components` loaded (the others None): e.g. ("text_encoder", "tokenizer")."""
+        from serve import models
+
+        return models.load_pipeline_of(self.pipeline_class, source, components, device, dtype, weights,
+                                       skippable=("text_encoder", "tokenizer", "vae", *self.transformer_components))
+
+    def load_transformer(self, source: str, role: str, device: str, dtype: torch.dtype,
+                         weights: Weights = "pretrained", subfolder: str | None = None):
+        from serve import models
+
+        return models.load_transformer(source, role, device, dtype, weights, subfolder=subfolder)
+
+    def denoiser(self, transformer, max_tokens_per_forward: int) -> GuidedDenoiser:
+        from serve import stages
+
+        return stages.GuidedDenoiser(transformer, max_tokens_per_forward)
+
+    # -- the phases -------------------------------------------------------------------------------------------
+
+    def encode(self, pipe, requests: list[GenerationParams], device) -> list[PromptEmbeds]:
+        raise NotImplementedError
+
+    def decode(self, pipe, latents: torch.Tensor) -> np.ndarray:
+        """Latents (the family's layout) -> uint8 frames [B, F, H, W, 3]."""
+        raise NotImplementedError
+
+    def preview(self, pipe, handoff: Handoff) -> np.ndarray:
+        """One image [H, W, 3] from the sketch's clean-latent estimate."""
+        raise NotImplementedError
+
+
+def read_model_index(source: str) -> dict:
+    """A pipeline's model_index.json (a local directory's file, or the hub's through diffusers' own reader)."""
+    from serve.models import ModelError, _load, _locate
+
+    located = _locate(source, "sketch")
+    path = Path(located)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelError(f"sketch model {source!r} must be a full pipeline directory (model_index.json)")
+        try:
+            return json.loads(index.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelError(f"cannot read {index}: {e}") from e
+    from diffusers import DiffusionPipeline
+
+    return dict(_load("the pipeline index", located, DiffusionPipeline.load_config))
+
+
+def family_named(pipeline_class: str | None, source: str = "") -> Family:
+    from serve.models import ModelError
+
+    if pipeline_class not in PIPELINE_FAMILIES:
+        where = f" (model_index.json of {source!r})" if source else ""
+        raise ModelError(
+            f"unknown model family: pipeline class {pipeline_class!r}{where}; supported: "
+            f"{', '.join(sorted(PIPELINE_FAMILIES))}"
+        )
+    module, _, attr = PIPELINE_FAMILIES[pipeline_class].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def family_of(source: str) -> Family:
+    """The family of a sketch pipeline source, from its model_index.json `_class_name`."""
+    return family_named(read_model_index(source).get("_class_name"), source)
+
+
+def families() -> list[Family]:
+    return [family_named(name) for name in PIPELINE_FAMILIES]

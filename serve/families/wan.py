@@ -1,0 +1,84 @@
+"""The Wan family: Wan2.1 (a large and a small model) and Wan2.2-A14B (a high-noise and a low-noise expert).
+
+Oracle: diffusers' `WanPipeline`. Components: umT5 text encoder (prompts padded to 512 tokens), `AutoencoderKLWan`
+(latents [B, 16, F', H', W'] normalised by the VAE's latents_mean/std), `WanTransformer3DModel`, and the UniPC
+flow-matching sampler, whose whole mid-trajectory state lives in the scheduler object (so `stages.Sampler`'s default
+hooks are WanPipeline's). Wan2.2-A14B is one pipeline directory with two transformers: `transformer` (high noise)
+sketches and `transformer_2` (low noise) renders (`ModelPair.render_subfolder`); its `boundary_ratio` (0.875) is the
+`boundary:R` switch and its `guidance_scale_2` the request's `guidance_scale_2`. Parallel: xfuser's USP (Ulysses,
+ring) and this engine's CFG-parallel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from serve import stages
+from serve.families.base import Family, ModelCapabilities
+
+
+class WanFamily(Family):
+    name = "wan"
+    pipeline_class = "WanPipeline"
+    transformer_class = "WanTransformer3DModel"
+    transformer_components = ("transformer", "transformer_2")
+    capabilities = ModelCapabilities(
+        family="wan",
+        transformer_classes=("WanTransformer3DModel",),
+        ulysses=True,
+        ring=True,
+        max_cfg_degree=2,  # xfuser offers CFG-parallel for Wan image-to-video only; text-to-video's is ParallelDenoiser
+        xfuser_wrapper="xfuser.model_executor.models.transformers.transformer_wan:xFuserWanTransformer3DWrapper",
+    )
+    sampler = stages.DEFAULT_SAMPLER
+
+    def check_compatible(self, pair) -> None:
+        from serve.models import ModelError, _is_pipeline, _load, _locate
+
+        sketch_src, render_src = _locate(pair.sketch, "sketch"), _locate(pair.render, "render")
+        if not _is_pipeline(sketch_src):
+            raise ModelError(f"sketch model {pair.sketch!r} must be a full pipeline directory (model_index.json)")
+        sketch = self.transformer_config(sketch_src, "sketch")
+        render = self.transformer_config(render_src, "render", pair.render_subfolder)
+        for key in ("in_channels", "out_channels", "text_dim", "patch_size"):
+            if sketch.get(key) != render.get(key):
+                raise ModelError(
+                    f"render model {pair.render!r} is incompatible with sketch model {pair.sketch!r}: "
+                    f"{key} is {render.get(key)} but the sketch model has {sketch.get(key)}"
+                )
+        if _is_pipeline(render_src) and Path(render_src).is_dir():
+            from diffusers import AutoencoderKLWan
+
+            vae_s = _load("the sketch VAE config", sketch_src, AutoencoderKLWan.load_config, subfolder="vae")
+            vae_r = _load("the render VAE config", render_src, AutoencoderKLWan.load_config, subfolder="vae")
+            for key in ("z_dim", "latents_mean", "latents_std", "temperal_downsample"):
+                if vae_s.get(key) != vae_r.get(key):
+                    raise ModelError(
+                        f"render model {pair.render!r} uses a different VAE than sketch model {pair.sketch!r} "
+                        f"({key} differs): the latent cannot be handed over"
+                    )
+
+    def latent_spec(self, source: str) -> stages.LatentSpec:
+        from diffusers import AutoencoderKLWan
+
+        from serve.models import _load, _locate
+
+        source = _locate(source, "sketch")
+        vae = _load("the VAE config", source, AutoencoderKLWan.load_config, subfolder="vae")
+        transformer = self.transformer_config(source, "sketch")
+        return stages.LatentSpec(
+            channels=transformer["in_channels"], temporal=vae.get("scale_factor_temporal") or 4,
+            spatial=vae.get("scale_factor_spatial") or 8, patch=tuple(transformer["patch_size"]),
+        )
+
+    def encode(self, pipe, requests, device):
+        return stages.encode(pipe, requests, device)
+
+    def decode(self, pipe, latents):
+        return stages.decode(pipe, latents)
+
+    def preview(self, pipe, handoff):
+        return stages.decode_preview(pipe, handoff)
+
+
+FAMILY = WanFamily()
