@@ -292,13 +292,21 @@ def run_local(config_path: str | None = None, preset: str = "toy", host: str = "
     try:
         with _local_ray(host, before_shutdown=stop.hold):
             stop.arm()  # again: ray.init replaced SIGTERM's handler
-            serve.start(http_options={"host": host, "port": port}, logging_config=QUIET_LOGGING)
-            for name, route_prefix, application in apps:
-                _deploy(application, name, route_prefix=route_prefix, logging_config=QUIET_LOGGING)
-            print(f"srd serve: {', '.join(n for n, _, _ in apps)} ready on http://{host}:{port} "
-                  f"(API docs at /docs); Ctrl-C or SIGTERM stops", flush=True)
-            while True:
-                signal.pause()
+            deployed = []
+            try:
+                serve.start(http_options={"host": host, "port": port}, logging_config=QUIET_LOGGING)
+                for name, route_prefix, application in apps:
+                    deployed.append(name)
+                    _deploy(application, name, route_prefix=route_prefix, logging_config=QUIET_LOGGING)
+                print(f"srd serve: {', '.join(n for n, _, _ in apps)} ready on http://{host}:{port} "
+                      f"(API docs at /docs); Ctrl-C or SIGTERM stops", flush=True)
+                while True:
+                    signal.pause()
+            finally:
+                if os.environ.get("RAY_ADDRESS"):  # a cluster's Ray and Serve outlive this command, its apps do not
+                    stop.hold()
+                    for name in deployed:
+                        serve.delete(name)
     except _Stop as e:
         print(f"srd serve: {e}: stopped", file=sys.stderr, flush=True)
     finally:

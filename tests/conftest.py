@@ -7,12 +7,13 @@ Tiers (pytest markers, given here and nowhere else, by test module; `python -m p
     fast   the engine, requests, CLI, config: no Ray, minutes on two cores
     ray    anything that starts Ray or the Serve app
     slow   training, the toy preset's quality, the benchmarks' smoke runs
-`python -m pytest -q` runs all three. A test module missing from TIERS fails its collection check
-(test_frontdoor_tiers.py) and meanwhile counts as slow.
+`python -m pytest -q` runs all three. A test module that TIERS does not name (nor a pattern in it) fails
+test_frontdoor_tiers.py and meanwhile counts as slow.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
 
@@ -52,15 +53,30 @@ TIERS: dict[str, str] = {
     "test_bench_families": "slow",
     "test_bench_scaling": "slow",
     "test_bench_serve": "slow",
+    # families of modules (fnmatch patterns), for modules not named above
+    "test_app_*": "ray",
+    "test_families_*": "fast",
+    # single tests outside their module's tier ("module::test")
+    "test_app_config::test_serve_build_accepts_the_app": "ray",  # Ray's `serve build` CLI in a subprocess
 }
 DEFAULT_TIER = "slow"
 
 
+def tier_of(module: str, test: str | None = None) -> str | None:
+    """A test's tier from TIERS: its own entry, else its module's, else the first pattern its module matches;
+    None if nothing names it (it then runs as DEFAULT_TIER, and test_frontdoor_tiers.py fails)."""
+    if test is not None and f"{module}::{test}" in TIERS:
+        return TIERS[f"{module}::{test}"]
+    if module in TIERS:
+        return TIERS[module]
+    return next((tier for key, tier in TIERS.items() if "*" in key and fnmatch.fnmatchcase(module, key)), None)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test gets its module's tier marker (fast, ray or slow), here in one place."""
+    """Every test gets its tier marker (fast, ray or slow), here in one place (TIERS)."""
     for item in items:
-        module = Path(str(item.fspath)).stem
-        item.add_marker(getattr(pytest.mark, TIERS.get(module, DEFAULT_TIER)))
+        tier = tier_of(Path(str(item.fspath)).stem, getattr(item, "originalname", item.name)) or DEFAULT_TIER
+        item.add_marker(getattr(pytest.mark, tier))
 
 # Small enough that a denoising step takes milliseconds, large enough to have several tokens and latent frames.
 SMALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 4}

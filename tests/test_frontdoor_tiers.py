@@ -11,21 +11,25 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 
-def conftest_tiers() -> dict[str, str]:
+def conftest():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("srd_tests_conftest", TESTS / "conftest.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.TIERS
+    return module
 
 
 def test_every_test_module_has_a_tier():
-    tiers = conftest_tiers()
-    modules = {path.stem for path in TESTS.glob("test_*.py")}
-    missing = sorted(modules - set(tiers))
+    module = conftest()
+    tiers = module.TIERS
+    missing = sorted(path.stem for path in TESTS.glob("test_*.py") if module.tier_of(path.stem) is None)
     assert not missing, f"add these test modules to TIERS in tests/conftest.py: {missing}"
     assert set(tiers.values()) <= {"fast", "ray", "slow"}
+    for key in tiers:  # a single test's entry names a test that exists
+        if "::" in key:
+            module, test = key.split("::")
+            assert re.search(rf"^def {test}\(", (TESTS / f"{module}.py").read_text(), re.MULTILINE), key
 
 
 def test_tier_markers_are_registered():
