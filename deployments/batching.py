@@ -13,6 +13,10 @@
 
 Stages take and give checkpoints through the results location (serve/results.py), so a call carries only a job id
 and its parameters, and returns a small `StageDone` record.
+
+- One job's bad input fails only that job: a compute may give an exception as one job's output (`load_each` does so
+  for a job whose input checkpoint cannot be read), and only that job's call raises it; the batch's other jobs are
+  computed as usual and do not lose an attempt.
 """
 
 from __future__ import annotations
@@ -51,6 +55,40 @@ class StageDone:
     batch_id: str
     batch_size: int
     switch_step: int | None = None  # sketch only: the K it took
+
+
+class MissingCheckpoint(FileNotFoundError):
+    """A stage's input checkpoint is not in the results location (deleted, or never written)."""
+
+
+def read_checkpoint(results, job_id: str, name: str) -> bytes:
+    """The bytes of a job's checkpoint `name`; MissingCheckpoint (one line naming the job and the file) if absent,
+    rather than a TypeError from decoding None."""
+    data = results.get(job_id, name)
+    if data is None:
+        raise MissingCheckpoint(f"video job {job_id} has no {name} checkpoint in {results.url}")
+    return data
+
+
+def load_each(job_ids: list[str], load: Callable[[str], Any]) -> tuple[list[int], list[Any], list[Any]]:
+    """Each job's input via `load(job_id)`. Returns (indices of the jobs loaded, their inputs, one output slot per
+    job: the exception for a job that could not be loaded, else None). The stage then computes only the loaded jobs:
+    a job with a missing or broken checkpoint fails alone instead of failing its whole batch."""
+    indices, inputs, outputs = [], [], [None] * len(job_ids)
+    for i, job_id in enumerate(job_ids):
+        try:
+            inputs.append(load(job_id))
+            indices.append(i)
+        except Exception as error:  # noqa: BLE001 - this job's failure, raised by its own call
+            outputs[i] = error
+    return indices, inputs, outputs
+
+
+def sub_steps(on_step: StepCallback | None, indices: list[int]) -> StepCallback | None:
+    """`on_step` for an engine call over a subset of a batch: the subset's index i is the batch's indices[i]."""
+    if on_step is None:
+        return None
+    return lambda index, steps_done, num_steps: on_step(indices[index], steps_done, num_steps)
 
 
 class ProgressReporter:
@@ -142,7 +180,10 @@ class StageRunner:
                 queue = self._queues[shape] = self._make_queue()
             running = self._running[job_id] = asyncio.ensure_future(queue((job_id, payload)))
             running.add_done_callback(lambda _: self._running.pop(job_id, None))
-        return await asyncio.shield(running)
+        result = await asyncio.shield(running)
+        if isinstance(result, BaseException):  # this job alone failed (see load_each)
+            raise result
+        return result
 
     def _make_queue(self) -> Callable:
         async def run_batch(items: list[tuple[str, Any]]) -> list[Any]:
@@ -152,12 +193,12 @@ class StageRunner:
             max_batch_size=self._batching.max_batch_size, batch_wait_timeout_s=self._batching.batch_wait_timeout_s
         )(run_batch)
 
-    async def _run_batch(self, items: list[tuple[str, Any]]) -> list[StageDone | Cancelled]:
+    async def _run_batch(self, items: list[tuple[str, Any]]) -> list[StageDone | Cancelled | BaseException]:
         job_ids = [job_id for job_id, _ in items]
         async with self.device:
             already = await asyncio.to_thread(self._reporter.watch, job_ids)
             todo = [i for i, job_id in enumerate(job_ids) if job_id not in already]
-            results: list[StageDone | Cancelled] = [Cancelled(0)] * len(items)
+            results: list[StageDone | Cancelled | BaseException] = [Cancelled(0)] * len(items)
             batch_id = f"{self.stage}-{os.getpid()}-{next(self._batch_ids)}"
             start = time.time()
             try:
@@ -171,7 +212,7 @@ class StageRunner:
                     outputs = await asyncio.to_thread(self._compute, todo_ids, [items[i][1] for i in todo], on_step)
                     end = time.time()
                     for i, output in zip(todo, outputs):
-                        results[i] = output if isinstance(output, Cancelled) else StageDone(
+                        results[i] = output if isinstance(output, Cancelled | BaseException) else StageDone(
                             start=start, end=end, batch_id=batch_id, batch_size=len(todo), **(output or {}))
             finally:
                 await asyncio.to_thread(self._reporter.done, job_ids)

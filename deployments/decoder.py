@@ -6,7 +6,7 @@ import asyncio
 
 import torch
 
-from deployments.batching import StageDone, StageRunner
+from deployments.batching import StageDone, StageRunner, load_each, read_checkpoint
 from deployments.config import DecoderConfig, JobsConfig
 from serve.checkpoint import handoff_from_bytes, latents_from_bytes
 from serve.engine import DecodeStage, EngineConfig
@@ -25,12 +25,16 @@ class Decoder:
     async def decode(self, job_id: str, params: GenerationParams) -> StageDone | Cancelled:
         return await self._runner.run(job_id, params, params.shape_key)
 
-    def _decode(self, job_ids: list[str], requests: list[GenerationParams], on_step=None) -> list[dict]:
-        latents = torch.cat([latents_from_bytes(self._results.get(job_id, LATENTS)) for job_id in job_ids])
-        for job_id, params, video in zip(job_ids, requests, self._stage(latents)):
-            self._results.put(job_id, THUMBNAIL, encode_png(video[0]))
-            self._results.put(job_id, VIDEO, encode_mp4(video, params.fps))  # last: it marks the job decoded
-        return [{} for _ in job_ids]
+    def _decode(self, job_ids: list[str], requests: list[GenerationParams], on_step=None) -> list:
+        indices, latents, outputs = load_each(
+            job_ids, lambda job_id: latents_from_bytes(read_checkpoint(self._results, job_id, LATENTS)))
+        if not indices:
+            return outputs
+        for i, video in zip(indices, self._stage(torch.cat(latents))):
+            self._results.put(job_ids[i], THUMBNAIL, encode_png(video[0]))
+            self._results.put(job_ids[i], VIDEO, encode_mp4(video, requests[i].fps))  # last: it marks the job decoded
+            outputs[i] = {}
+        return outputs
 
     async def preview(self, job_id: str) -> bool:
         """Store a PNG of the first frame of the sketch's clean-latent estimate; False if there is no hand-off."""

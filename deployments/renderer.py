@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deployments.batching import StageDone, StageRunner
+from deployments.batching import StageDone, StageRunner, load_each, read_checkpoint, sub_steps
 from deployments.config import JobsConfig, RendererConfig
 from deployments.worker_group import build_denoising_stage, check_stage_health, shutdown_stage
 from serve.checkpoint import handoff_from_bytes, latents_to_bytes
@@ -29,12 +29,14 @@ class Renderer:
         return await self._runner.run(job_id, params, params.shape_key)
 
     def _render(self, job_ids: list[str], requests: list[GenerationParams], on_step) -> list:
-        handoffs = [handoff_from_bytes(self._results.get(job_id, HANDOFF)) for job_id in job_ids]
-        outputs = []
-        for job_id, latents in zip(job_ids, self._stage(handoffs, on_step=on_step)):
+        indices, handoffs, outputs = load_each(
+            job_ids, lambda job_id: handoff_from_bytes(read_checkpoint(self._results, job_id, HANDOFF)))
+        if not indices:
+            return outputs
+        for i, latents in zip(indices, self._stage(handoffs, on_step=sub_steps(on_step, indices))):
             if not isinstance(latents, Cancelled):
-                self._results.put(job_id, LATENTS, latents_to_bytes(latents))
-            outputs.append(latents if isinstance(latents, Cancelled) else {})
+                self._results.put(job_ids[i], LATENTS, latents_to_bytes(latents))
+            outputs[i] = latents if isinstance(latents, Cancelled) else {}
         return outputs
 
     async def stats(self) -> dict:

@@ -6,7 +6,7 @@ is the one place that decides how the model is held, so a multi-rank worker grou
 
 from __future__ import annotations
 
-from deployments.batching import StageDone, StageRunner
+from deployments.batching import StageDone, StageRunner, load_each, read_checkpoint, sub_steps
 from deployments.config import JobsConfig, SketcherConfig
 from deployments.worker_group import build_denoising_stage, check_stage_health, shutdown_stage
 from serve.checkpoint import embeds_from_bytes, handoff_to_bytes
@@ -33,15 +33,17 @@ class Sketcher:
         return await self._runner.run(job_id, params, params.shape_key)
 
     def _sketch(self, job_ids: list[str], requests: list[GenerationParams], on_step) -> list:
-        embeds = [embeds_from_bytes(self._results.get(job_id, EMBEDS)) for job_id in job_ids]
-        handoffs = self._stage(list(zip(requests, embeds)), on_step=on_step)
-        outputs = []
-        for job_id, handoff in zip(job_ids, handoffs):
+        indices, embeds, outputs = load_each(
+            job_ids, lambda job_id: embeds_from_bytes(read_checkpoint(self._results, job_id, EMBEDS)))
+        if not indices:
+            return outputs
+        handoffs = self._stage([(requests[i], e) for i, e in zip(indices, embeds)], on_step=sub_steps(on_step, indices))
+        for i, handoff in zip(indices, handoffs):
             if isinstance(handoff, Cancelled):
-                outputs.append(handoff)
+                outputs[i] = handoff
                 continue
-            self._results.put(job_id, HANDOFF, handoff_to_bytes(handoff))
-            outputs.append({"switch_step": handoff.step_index})
+            self._results.put(job_ids[i], HANDOFF, handoff_to_bytes(handoff))
+            outputs[i] = {"switch_step": handoff.step_index}
         return outputs
 
     async def stats(self) -> dict:
