@@ -63,6 +63,29 @@ WAN21_T2V = Preset(
     # 720p/81 frames (75,600 tokens) is the largest size Wan2.1 was trained at
     RequestLimits(max_tokens_per_video=75_600, max_steps=100),
 )
+# Wan2.2-T2V-A14B: one pipeline, two 14B experts. The high-noise `transformer` sketches, the low-noise
+# `transformer_2` renders, switching where diffusers' WanPipeline does (boundary_ratio 0.875). Defaults are the model
+# card's (720p, 81 frames, 40 steps, guidance 4.0 high-noise / 3.0 low-noise) and Wan2.2's own t2v-A14B config's
+# sample_shift 12.0.
+WAN22_T2V_A14B = Preset(
+    "wan2.2-t2v-a14b",
+    ModelPair("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", render_subfolder="transformer_2"),
+    GenerationDefaults(
+        width=1280, height=720, num_frames=81, num_inference_steps=40, guidance_scale=4.0, flow_shift=12.0,
+        switch="boundary:0.875", guidance_scale_2=3.0,
+    ),
+    RequestLimits(max_tokens_per_video=75_600, max_steps=100),  # 720p/81 frames
+)
+TINY_WAN22 = Preset(
+    "tiny-wan2.2",
+    None,
+    GenerationDefaults(
+        width=64, height=64, num_frames=17, num_inference_steps=10, guidance_scale=4.0, flow_shift=3.0,
+        switch="boundary:0.875", guidance_scale_2=3.0,
+    ),
+    RequestLimits(max_tokens_per_video=4096, max_steps=100),
+    builder="serve.tiny:ensure_tiny_wan22_models",
+)
 TINY = Preset(
     "tiny",
     None,
@@ -87,7 +110,7 @@ TOY = Preset(
     ),
     RequestLimits(max_tokens_per_video=4096, max_steps=100),
 )
-PRESETS = {p.name: p for p in (WAN21_T2V, TOY, TINY)}
+PRESETS = {p.name: p for p in (WAN21_T2V, WAN22_T2V_A14B, TOY, TINY, TINY_WAN22)}
 
 
 def preset_models(preset: Preset) -> ModelPair:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Collection
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.switch import SwitchPolicy, parse_switch
+from serve.switch import SWITCH_SYNTAX, SwitchPolicy, parse_switch
 
 
 class InvalidRequest(ValueError):
@@ -37,6 +37,7 @@ class GenerationDefaults:
     flow_shift: float
     switch: str
     fps: int = 16
+    guidance_scale_2: float | None = None  # the render stage's guidance; None: the same as guidance_scale
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,9 @@ class VideoRequest(BaseModel):
     num_frames: int | None = Field(None, description="Frame count, of the form 4n+1 (Wan's VAE is 4x temporal).")
     num_inference_steps: int | None = Field(None, description="Denoising steps N, sketch and render together.")
     guidance_scale: float | None = Field(None, description="Classifier-free guidance scale; <= 1 disables it.")
+    guidance_scale_2: float | None = Field(
+        None, description="Guidance scale of the render stage (diffusers' `guidance_scale_2`, Wan2.2's low-noise "
+        "expert); <= 1 disables it there. Default: the model's (Wan2.2-A14B: 3.0), else the same as `guidance_scale`.")
     flow_shift: float | None = Field(None, description="Flow-matching shift of the UniPC sampler.")
     seed: int | None = Field(None, description="Seed of the initial noise (diffusers' CPU generator); random if unset.")
     switch: str | None = Field(
@@ -215,11 +219,11 @@ class VideoRequest(BaseModel):
             raise ValueError(f"`num_inference_steps` must be >= 1 but is {value}")
         return value
 
-    @field_validator("guidance_scale")
+    @field_validator("guidance_scale", "guidance_scale_2")
     @classmethod
-    def _guidance_non_negative(cls, value: float | None) -> float | None:
+    def _guidance_non_negative(cls, value: float | None, info) -> float | None:
         if value is not None and value < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0 but is {value}")
+            raise ValueError(f"`{info.field_name}` must be >= 0 but is {value}")
         return value
 
     @field_validator("flow_shift")
@@ -240,7 +244,16 @@ class VideoRequest(BaseModel):
     @classmethod
     def _switch_parses(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_switch(value)
+            try:
+                parse_switch(value)
+            except ArithmeticError:  # "step:inf": int(inf) overflows inside the parser
+                raise ValueError(f"`switch` {value!r} is invalid: values must be finite numbers; expected "
+                                 f"{SWITCH_SYNTAX}") from None
+            except ValueError as e:
+                if not str(e).startswith("`switch`"):  # "step:nan": int(nan)
+                    raise ValueError(f"`switch` {value!r} is invalid: values must be finite numbers; expected "
+                                     f"{SWITCH_SYNTAX}") from None
+                raise
         return value
 
     def resolve(self, defaults: GenerationDefaults) -> GenerationParams:
@@ -274,6 +287,7 @@ class VideoRequest(BaseModel):
             seed=secrets.randbits(63) if self.seed is None else self.seed,
             switch=switch,
             fps=defaults.fps,
+            guidance_scale_2=defaults.guidance_scale_2 if self.guidance_scale_2 is None else self.guidance_scale_2,
         )
 
 
@@ -292,6 +306,14 @@ class GenerationParams:
     seed: int
     switch: SwitchPolicy
     fps: int
+    # The render stage's guidance (None: guidance_scale). Each stage's own scale decides whether that stage runs
+    # classifier-free guidance (> 1), so with both > 1 the engine equals diffusers' WanPipeline(guidance_scale,
+    # guidance_scale_2); where diffusers lets the first scale alone switch CFG on or off for both experts, it differs.
+    guidance_scale_2: float | None = None
+
+    @property
+    def render_guidance(self) -> float:
+        return self.guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
 
     @property
     def shape_key(self) -> tuple[int, int, int]:
@@ -300,7 +322,8 @@ class GenerationParams:
 
     @property
     def do_cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+        """Whether negative embeddings are needed: either stage guides."""
+        return self.guidance_scale > 1.0 or self.render_guidance > 1.0
 
     def to_dict(self) -> dict:
         """Plain JSON-able data (the switch policy as its spec string), for checkpoints that must not be pickles."""
@@ -312,7 +335,8 @@ class GenerationParams:
     def from_dict(cls, data: dict) -> GenerationParams:
         """The inverse of `to_dict`; raise ValueError on missing or unknown keys (a checkpoint from another version)."""
         names = {f.name for f in fields(cls)}
-        missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
+        required = {f.name for f in fields(cls) if f.default is MISSING}  # fields added later have defaults
+        missing, unknown = sorted(required - set(data)), sorted(set(data) - names)
         if missing or unknown:
             raise ValueError(f"GenerationParams data has missing keys {missing} and unknown keys {unknown}")
         return cls(**{**data, "switch": parse_switch(data["switch"])})

@@ -257,7 +257,7 @@ def render(denoiser, handoffs: list[Handoff], device, on_step: StepCallback | No
     trajectories = [
         _Trajectory(
             params=h.params, embeds=h.embeds.to(device), latents=h.latents.to(device),
-            scheduler=move_scheduler(h.scheduler, device), step=h.step_index, guidance=h.params.guidance_scale,
+            scheduler=move_scheduler(h.scheduler, device), step=h.step_index, guidance=h.params.render_guidance,
             extra={k: v.to(device) for k, v in h.sampler_extra.items()},
         )
         for h in handoffs

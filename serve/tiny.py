@@ -1,8 +1,11 @@
-"""The tiny preset: a random-init Wan pipeline small enough for CPU tests and the README's first command.
+"""The tiny presets: random-init pipelines small enough for CPU tests and the README's first command.
 
-Built offline (no hub), deterministic from a fixed seed, saved once in diffusers' layout and then loaded through the
-same `from_pretrained` code as the real checkpoints. Its weights are random, so its videos look like noise.
-The tokenizer is a byte-level BPE with no merges, built with `tokenizers`, so nothing is downloaded.
+`tiny` is a Wan2.1-shaped pair (a sketch pipeline and a smaller render transformer), `tiny-wan2.2` one Wan2.2-A14B
+shaped pipeline (two experts, boundary_ratio 0.875), `tiny-cogvideox` (serve/families/cogvideox.py) a CogVideoX
+5B/2B-shaped pair. Each is built offline (no hub), deterministic from fixed seeds, saved once in diffusers' layout
+under SRD_CACHE and then loaded through the same `from_pretrained` code as the real checkpoints. Their weights are
+random, so their videos look like noise. The tokenizer is a byte-level BPE with no merges, built with `tokenizers`,
+so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ TEXT_DIM = 32
 MAX_SEQUENCE_LENGTH = 512
 
 
-def cache_dir() -> Path:
+def cache_dir(name: str = "tiny") -> Path:
     root = os.environ.get("SRD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "srd")
-    return Path(root) / f"tiny-{TINY_VERSION}"
+    return Path(root) / f"{name}-{TINY_VERSION}"
 
 
-def _byte_tokenizer():
+def _byte_tokenizer(max_length: int = MAX_SEQUENCE_LENGTH):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -39,7 +42,7 @@ def _byte_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=MAX_SEQUENCE_LENGTH,
+        model_max_length=max_length,
     )
 
 
@@ -54,8 +57,9 @@ def tiny_transformer(num_heads: int, num_layers: int, seed: int):
     )
 
 
-def build_tiny_pipeline():
-    """The tiny pipeline (sketch transformer inside) and the smaller render transformer, in float32."""
+def build_tiny_pipeline(wan22: bool = False):
+    """The tiny pipeline (sketch transformer inside) and the smaller render transformer, in float32; with `wan22`
+    one Wan2.2-A14B-shaped pipeline instead (two experts of one size, boundary_ratio 0.875) and None."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -73,6 +77,11 @@ def build_tiny_pipeline():
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
     )
+    if wan22:
+        pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                           transformer=tiny_transformer(num_heads=4, num_layers=2, seed=4),
+                           transformer_2=tiny_transformer(num_heads=4, num_layers=2, seed=5), boundary_ratio=0.875)
+        return pipe, None
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                        transformer=tiny_transformer(num_heads=4, num_layers=2, seed=2))
     return pipe, tiny_transformer(num_heads=2, num_layers=1, seed=3)
@@ -80,18 +89,34 @@ def build_tiny_pipeline():
 
 def ensure_tiny_models() -> ModelPair:
     """Build and save the tiny preset once (atomically, so concurrent callers never see half a directory)."""
-    root = cache_dir()
-    pair = ModelPair(sketch=str(root / "sketch"), render=str(root / "render"))
+    def build(staging: Path) -> None:
+        pipe, render = build_tiny_pipeline()
+        pipe.save_pretrained(staging / "sketch")
+        render.save_pretrained(staging / "render")
+
+    root = ensure_built("tiny", build)
+    return ModelPair(sketch=str(root / "sketch"), render=str(root / "render"))
+
+
+def ensure_tiny_wan22_models() -> ModelPair:
+    """The tiny-wan2.2 preset: one pipeline directory; its `transformer` sketches, its `transformer_2` renders."""
+    root = ensure_built("tiny-wan2.2", lambda staging: build_tiny_pipeline(wan22=True)[0].save_pretrained(
+        staging / "pipeline"))
+    return ModelPair(sketch=str(root / "pipeline"), render=str(root / "pipeline"), render_subfolder="transformer_2")
+
+
+def ensure_built(name: str, build) -> Path:
+    """`build(staging_dir)` once into SRD_CACHE/name-version, atomically (concurrent callers never see half a
+    directory); the directory."""
+    root = cache_dir(name)
     if (root / "complete").is_file():
-        return pair
+        return root
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    pipe, render = build_tiny_pipeline()
-    pipe.save_pretrained(staging / "sketch")
-    render.save_pretrained(staging / "render")
+    build(staging)
     (staging / "complete").write_text(TINY_VERSION)
     try:
         staging.rename(root)
     except OSError:  # another process finished first
         shutil.rmtree(staging, ignore_errors=True)
-    return pair
+    return root

@@ -1,0 +1,130 @@
+"""Wan2.2-A14B through the engine: the high-noise expert (`transformer`) sketches, the low-noise expert
+(`transformer_2`) renders, and the result equals diffusers' own two-expert pipeline.
+
+Oracle: `WanPipeline(transformer, transformer_2, boundary_ratio)(guidance_scale, guidance_scale_2)` on the
+tiny-wan2.2 preset (one pipeline directory, random weights), float32, relative error <= 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UniPCMultistepScheduler, WanPipeline
+
+from serve.checkpoint import handoff_from_bytes, handoff_to_bytes
+from serve.engine import Engine, EngineConfig
+from serve.models import PRESETS
+from serve.request import InvalidRequest, VideoRequest
+
+TOLERANCE = 1e-5
+SMALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def wan22():
+    return Engine(EngineConfig(preset="tiny-wan2.2"))
+
+
+@pytest.fixture(scope="module")
+def params22():
+    def make(**fields):
+        return VideoRequest(**{"prompt": "a red ball bouncing", "seed": 0, **SMALL, **fields}).resolve(
+            PRESETS["tiny-wan2.2"].defaults)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def oracle22(wan22):
+    base = WanPipeline.from_pretrained(wan22.config.models().sketch)
+    assert base.config.boundary_ratio == 0.875 and base.transformer_2 is not None
+
+    def run(params, boundary_ratio=0.875):
+        pipe = WanPipeline(
+            tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+            scheduler=UniPCMultistepScheduler.from_config(base.scheduler.config, flow_shift=params.flow_shift),
+            transformer=base.transformer, transformer_2=base.transformer_2, boundary_ratio=boundary_ratio,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(
+            prompt=params.prompt, negative_prompt=params.negative_prompt, height=params.height, width=params.width,
+            num_frames=params.num_frames, num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale, guidance_scale_2=params.guidance_scale_2,
+            generator=torch.Generator("cpu").manual_seed(params.seed), output_type="latent",
+        ).frames
+
+    return run
+
+
+def test_preset_defaults_are_the_model_cards():
+    preset = PRESETS["wan2.2-t2v-a14b"]
+    assert preset.models.render_subfolder == "transformer_2"
+    assert preset.models.sketch == preset.models.render == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    d = preset.defaults
+    assert (d.switch, d.guidance_scale, d.guidance_scale_2, d.num_inference_steps) == ("boundary:0.875", 4.0, 3.0, 40)
+
+
+def test_each_stage_loads_its_expert(wan22, oracle22):
+    base = WanPipeline.from_pretrained(wan22.config.models().sketch)
+    for stage, expert in ((wan22.sketcher, base.transformer), (wan22.renderer, base.transformer_2)):
+        mine, theirs = stage.denoiser.transformer.state_dict(), expert.state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert wan22.encoder.pipe.transformer is None and wan22.encoder.pipe.transformer_2 is None
+
+
+@pytest.mark.parametrize(
+    ("steps", "seed", "guidance", "guidance_2", "k"),
+    [(4, 0, 4.0, 3.0, 2), (6, 1, 5.0, 2.0, None), (4, 2, 3.0, None, 2)],
+    ids=["defaults-N4", "N6-other-scales", "guidance_2-unset"],
+)
+def test_boundary_and_both_guidance_scales_equal_wanpipeline(wan22, oracle22, params22, rel_err, steps, seed,
+                                                             guidance, guidance_2, k):
+    fields = {"num_inference_steps": steps, "seed": seed, "guidance_scale": guidance}
+    if guidance_2 is not None:
+        fields["guidance_scale_2"] = guidance_2
+    params = params22(**fields)
+    # unset: the preset's default 3.0, which diffusers is given explicitly
+    assert params.render_guidance == (3.0 if guidance_2 is None else guidance_2)
+    result = wan22.generate(params, decode=False)
+    if k is not None:
+        assert result.switch_step == k  # N=4: t = [999, 900, 750, 500]; t >= 875 is sketched
+    assert rel_err(result.latents, oracle22(params)) <= TOLERANCE
+
+
+def test_other_boundaries_equal_wanpipeline(wan22, oracle22, params22, rel_err):
+    params = params22(switch="boundary:0.6", seed=3)
+    result = wan22.generate(params, decode=False)
+    assert result.switch_step == 3
+    assert rel_err(result.latents, oracle22(params, boundary_ratio=0.6)) <= TOLERANCE
+
+
+def test_guidance_scale_2_matters(wan22, params22, rel_err):
+    """Guards the parity test against a render stage that ignores guidance_scale_2."""
+    a = wan22.generate(params22(guidance_scale_2=3.0, seed=4), decode=False).latents
+    b = wan22.generate(params22(guidance_scale_2=6.0, seed=4), decode=False).latents
+    assert rel_err(a, b) > 1e-3
+
+
+def test_handoff_through_checkpoint_bytes_renders_identically(wan22, params22):
+    params = params22(seed=5)
+    (embeds,) = wan22.encoder([params])
+    (handoff,) = wan22.sketcher([(params, embeds)])
+    restored = handoff_from_bytes(handoff_to_bytes(handoff))
+    assert restored.params == params and restored.params.guidance_scale_2 == 3.0
+    (direct,) = wan22.renderer([handoff])
+    (again,) = wan22.renderer([restored])
+    assert torch.equal(direct, again)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "x"])
+def test_guidance_scale_2_is_validated(value):
+    with pytest.raises(ValueError, match="guidance_scale_2"):
+        VideoRequest(prompt="p", guidance_scale_2=value)
+
+
+def test_guidance_scale_2_defaults_to_guidance_scale_elsewhere(make_params):
+    params = make_params(guidance_scale=7.0)
+    assert params.guidance_scale_2 is None and params.render_guidance == 7.0
+    only_render = make_params(guidance_scale=1.0, guidance_scale_2=4.0)
+    assert only_render.do_cfg and only_render.render_guidance == 4.0  # the render stage needs negative embeddings
+    assert not isinstance(only_render, InvalidRequest)
