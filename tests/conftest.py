@@ -6,7 +6,7 @@ Every test runs on the CPU with the tiny preset (random weights, diffusers' layo
 Tiers (pytest markers, given here and nowhere else, by test module; `python -m pytest -q -m fast` runs one):
     fast   the engine, requests, CLI, config: no Ray, minutes on two cores
     ray    anything that starts Ray or the Serve app
-    slow   training, the toy preset's quality, the benchmarks' smoke runs
+    slow   training, the toy preset's quality, sequence-parallel ranks as processes, the benchmarks' smoke runs
 `python -m pytest -q` runs all three. A test module that TIERS does not name (nor a pattern in it) fails
 test_frontdoor_tiers.py and meanwhile counts as slow.
 """
@@ -29,7 +29,6 @@ TIERS: dict[str, str] = {
     "test_frontdoor_tiers": "fast",
     "test_handoff": "fast",
     "test_job_store": "fast",
-    "test_parallel": "fast",
     "test_parity": "fast",
     "test_random_init": "fast",
     "test_request": "fast",
@@ -49,6 +48,7 @@ TIERS: dict[str, str] = {
     # slow: training, quality, the benchmarks' smoke runs
     "test_toy_preset": "slow",
     "test_toy_train": "slow",
+    "test_parallel": "slow",  # sequence-parallel ranks as processes (gloo, xfuser): tens of seconds each
     "test_bench": "slow",
     "test_bench_families": "slow",
     "test_bench_scaling": "slow",
