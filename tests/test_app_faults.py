@@ -1,7 +1,9 @@
 """Faults and restarts of the Serve app, for real, on the session's local Ray (issue #14, must-shows 1 and 2).
 
-The module runs twice, once per job-store backend: the embedded SQLite store (a file in a tmp `jobs.data_dir`) and
-PostgreSQL (`jobs.store_url`, a table of its own per run, dropped afterwards; results still under a tmp data_dir).
+The app is deployed once per job-store backend: the embedded SQLite store (a file in a tmp `jobs.data_dir`) runs
+every test; PostgreSQL (`jobs.store_url`, a table of its own per run, dropped afterwards; results still under a tmp
+data_dir; skipped if the database does not answer) runs the sketch, render and orchestrator kills, the stage that
+keeps failing and the restart (see BOTH and SQLITE below).
 
 For each of Encoder, Sketcher, Renderer, Decoder, Orchestrator, Ingress and the HTTP proxy, a job is caught in the
 stage that deployment serves and the deployment's replica actor is killed (`ray.kill`, no restart: Serve replaces
