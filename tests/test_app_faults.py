@@ -2,7 +2,7 @@
 
 The app is deployed once per job-store backend: the embedded SQLite store (a file in a tmp `jobs.data_dir`) runs
 every test; PostgreSQL (`jobs.store_url`, a table of its own per run, dropped afterwards; results still under a tmp
-data_dir; skipped if the database does not answer) runs the sketch, render and orchestrator kills, the stage that
+data_dir; a database that does not answer fails the tests) runs the sketch, render and orchestrator kills, the stage that
 keeps failing and the restart (see BOTH and SQLITE below).
 
 For each of Encoder, Sketcher, Renderer, Decoder, Orchestrator, Ingress and the HTTP proxy, a job is caught in the
@@ -111,8 +111,7 @@ def app(request, serve_http, tiny_models, tmp_path_factory):
     jobs = {"data_dir": str(data_dir)}
     if backend == "postgres":
         problem = postgres_reachable()
-        if problem:
-            pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {problem}")
+        assert not problem, f"no PostgreSQL at {POSTGRES_URL}: {problem}"  # a server path is tested, never skipped
         jobs.update(store_url=POSTGRES_URL, store_table=f"srd_faults_{uuid.uuid4().hex[:12]}")
     config = AppConfig.model_validate(app_config(jobs))
 
