@@ -86,6 +86,29 @@ TINY_WAN22 = Preset(
     RequestLimits(max_tokens_per_video=4096, max_steps=100),
     builder="serve.tiny:ensure_tiny_wan22_models",
 )
+# CogVideoX-5B sketches, CogVideoX-2B renders (serve/families/cogvideox.py: the 5B pipeline owns the trajectory).
+# Defaults as CogVideoXPipeline's: 49 frames at 720x480, 50 steps, guidance 6, 8 fps; K = 10 of 50 projects 2.0x
+# over all-5B on an H200 (bench/RESULTS.md). flow_shift does not apply (a DDIM sampler). Limit: the trained size,
+# 13 x 30 x 45 = 17,550 tokens.
+COGVIDEOX = Preset(
+    "cogvideox",
+    ModelPair("THUDM/CogVideoX-5b", "THUDM/CogVideoX-2b"),
+    GenerationDefaults(
+        width=720, height=480, num_frames=49, num_inference_steps=50, guidance_scale=6.0, flow_shift=1.0,
+        switch="ratio:0.2", fps=8,
+    ),
+    RequestLimits(max_tokens_per_video=17_550, max_steps=100),
+)
+TINY_COGVIDEOX = Preset(
+    "tiny-cogvideox",
+    None,
+    GenerationDefaults(
+        width=64, height=64, num_frames=9, num_inference_steps=10, guidance_scale=6.0, flow_shift=1.0,
+        switch="ratio:0.2", fps=8,
+    ),
+    RequestLimits(max_tokens_per_video=4096, max_steps=100),
+    builder="serve.families.cogvideox:ensure_tiny_models",
+)
 TINY = Preset(
     "tiny",
     None,
@@ -110,7 +133,7 @@ TOY = Preset(
     ),
     RequestLimits(max_tokens_per_video=4096, max_steps=100),
 )
-PRESETS = {p.name: p for p in (WAN21_T2V, WAN22_T2V_A14B, TOY, TINY, TINY_WAN22)}
+PRESETS = {p.name: p for p in (WAN21_T2V, WAN22_T2V_A14B, COGVIDEOX, TOY, TINY, TINY_WAN22, TINY_COGVIDEOX)}
 
 
 def preset_models(preset: Preset) -> ModelPair:

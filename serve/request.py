@@ -164,8 +164,8 @@ class VideoRequest(BaseModel):
                                  f"{e.start}") from None
         return value
 
-    @field_validator("width", "height", "num_frames", "num_inference_steps", "guidance_scale", "flow_shift", "seed",
-                     mode="before")
+    @field_validator("width", "height", "num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_2",
+                     "flow_shift", "seed", mode="before")
     @classmethod
     def _not_a_bool(cls, value, info):
         if isinstance(value, bool):  # pydantic's lax mode would read true as 1

@@ -80,6 +80,9 @@ def assert_same_handoff(actual, expected):
     assert_same(actual.embeds.prompt, expected.embeds.prompt, "embeds.prompt")
     assert_same(actual.embeds.negative, expected.embeds.negative, "embeds.negative")
     assert_same_scheduler(actual.scheduler, expected.scheduler)
+    assert sorted(actual.sampler_extra) == sorted(expected.sampler_extra)
+    for name in expected.sampler_extra:
+        assert_same(actual.sampler_extra[name], expected.sampler_extra[name], f"sampler_extra.{name}")
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -142,6 +145,18 @@ def test_handoff_round_trip_is_exact_and_renders_the_same(engine, sketched, swit
     assert_same_handoff(restored, handoff)
     (again,) = engine.renderer([restored])
     assert_same(again, rendered, "rendered latents")
+
+
+def test_sampler_extra_round_trips_and_is_checked(sketched):
+    """A family's sampler state outside the scheduler (CogVideoX DPM: x0 history, generator state) travels exactly;
+    a hand-off written before the field existed reads back with none; a bad entry fails at save, naming it."""
+    handoff, _ = sketched("step:2")
+    extra = {"pred_original_sample": torch.randn(1, 2, 4, 4, 4), "generator_state": torch.Generator().get_state()}
+    with_extra = dataclasses.replace(handoff, sampler_extra=extra)
+    assert_same_handoff(handoff_from_bytes(handoff_to_bytes(with_extra)), with_extra)
+    assert handoff_from_bytes(handoff_to_bytes(handoff)).sampler_extra == {}
+    with pytest.raises(TypeError, match="sampler_extra.*'bad name'"):
+        handoff_to_bytes(dataclasses.replace(handoff, sampler_extra={"bad name": torch.zeros(1)}))
 
 
 def test_dtypes_are_kept(sketched):
