@@ -29,12 +29,11 @@ from ray.serve.deployment import Application
 
 from deployments.config import AppConfig, DeploymentConfig, Resources
 from deployments.decoder import Decoder
+from deployments.denoiser import Denoiser
 from deployments.encoder import Encoder
 from deployments.ingress import Ingress
 from deployments.api import VideoResult
 from deployments.orchestrator import Orchestrator
-from deployments.renderer import Renderer
-from deployments.sketcher import Sketcher
 from serve.engine import EngineConfig
 from serve.request import VideoRequest
 
@@ -60,8 +59,8 @@ def build_app(config: AppConfig) -> Application:
 
     engine, jobs = config.engine, config.jobs
     encoder = deployment(Encoder, "Encoder", config.encoder).bind(engine, config.encoder, jobs)
-    sketcher = deployment(Sketcher, "Sketcher", config.sketcher).bind(engine, config.sketcher, jobs)
-    renderer = deployment(Renderer, "Renderer", config.renderer).bind(engine, config.renderer, jobs)
+    sketcher = deployment(Denoiser, "Sketcher", config.sketcher).bind("sketch", engine, config.sketcher, jobs)
+    renderer = deployment(Denoiser, "Renderer", config.renderer).bind("render", engine, config.renderer, jobs)
     decoder = deployment(Decoder, "Decoder", config.decoder).bind(engine, config.decoder, jobs)
     orchestrator = deployment(Orchestrator, "Orchestrator", config.orchestrator).bind(
         encoder, sketcher, renderer, decoder, config.orchestrator, jobs)

@@ -3,7 +3,7 @@
 Every replica loops: claim unfinished jobs from the job store (a lease in the record, renewed while the replica
 drives the job), then run each job's remaining stages in order, starting after its last checkpoint:
 
-    encoder.encode -> sketcher.sketch -> renderer.render -> decoder.decode      (decoder.preview beside render)
+    encoder.encode -> sketcher.denoise -> renderer.denoise -> decoder.decode    (decoder.preview beside render)
 
 A stage reads its input checkpoint from the results location and writes its output there, so a call carries only
 the job id and its parameters. When a stage call fails (its replica died, or the stage raised), the attempt is
@@ -45,7 +45,7 @@ def error_message(error: BaseException) -> str:
 class Orchestrator:
     def __init__(self, encoder, sketcher, renderer, decoder, config: OrchestratorConfig, jobs_config: JobsConfig):
         self._calls = {
-            "encode": encoder.encode, "sketch": sketcher.sketch, "render": renderer.render, "decode": decoder.decode,
+            "encode": encoder.encode, "sketch": sketcher.denoise, "render": renderer.denoise, "decode": decoder.decode,
         }
         self._decoder = decoder
         self._config = config

@@ -91,17 +91,17 @@ APP_CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def app(ray_local, serve_http):
+def app(ray_local, serve_http, tmp_path_factory):
     from ray import serve
 
     from deployments.app import build_app
     from deployments.config import AppConfig
 
-    config = AppConfig.model_validate(APP_CONFIG)
+    config = AppConfig.model_validate({**APP_CONFIG, "jobs": {"data_dir": str(tmp_path_factory.mktemp("data"))}})
     assert config.sketcher.deployment_options()["placement_group_bundles"] == [{"CPU": 0.5, "GPU": 1}] * 2
     assert config.sketcher.deployment_options()["placement_group_strategy"] == "STRICT_PACK"
     try:  # on the session's Serve (tests/conftest.py `serve_http`)
-        yield serve.run(build_app(config), name=APP, route_prefix=None)
+        yield serve.run(build_app(config), name=APP, route_prefix=None), config
     finally:
         serve.delete(APP)
 
@@ -109,25 +109,38 @@ def app(ray_local, serve_http):
 def test_serve_app_ulysses2_sketcher_equals_one_rank(app, tiny_config, make_params, rel_err):
     from ray import serve
 
+    from serve import jobs
+    from serve.checkpoint import embeds_to_bytes, handoff_from_bytes, latents_from_bytes
     from serve.engine import EncodeStage, Engine, RenderStage, SketchStage
+    from serve.job_store import JobStore
     from serve.request import VideoRequest
+    from serve.results import EMBEDS, HANDOFF, LATENTS, ResultStore
+
+    app, config = app
+    store, results = JobStore(config.jobs.store), ResultStore(config.jobs.results)
+
+    def job_with_embeds(params, embeds) -> str:
+        """A job record and its encode checkpoint, as the orchestrator and the encoder leave them."""
+        job = store.create(jobs.new_job(params.to_dict(), "tiny"))
+        results.put(job.id, EMBEDS, embeds_to_bytes(embeds))
+        return job.id
 
     (rank1,) = _worker_pids()  # the sketch replica's second rank
     # "odd": 3x3x3 = 27 tokens over 2 ranks, so xfuser pads the sequence (and USP must ignore the padding).
     requests = {"even": make_params(**STEPS), "odd": make_params(height=48, width=48, num_frames=9, seed=1, **STEPS)}
     embeds = dict(zip(requests, EncodeStage(tiny_config)(list(requests.values()))))
     sketcher, renderer = SketchStage(tiny_config), RenderStage(tiny_config)
-    store = serve.get_deployment_handle("JobStore", APP)
     sketch = serve.get_deployment_handle("Sketcher", APP)
     render = serve.get_deployment_handle("Renderer", APP)
     for key, params in requests.items():
-        job = store.create.remote(params).result()
-        handoff = sketch.sketch.remote(job.id, params, embeds[key]).result()
+        job_id = job_with_embeds(params, embeds[key])
+        assert sketch.denoise.remote(job_id, params).result().switch_step == 2
+        handoff = handoff_from_bytes(results.get(job_id, HANDOFF))
         (expected,) = sketcher([(params, embeds[key])])
         assert handoff.step_index == expected.step_index == 2
         assert rel_err(handoff.latents, expected.latents) <= TOL
-        final = render.render.remote(job.id, handoff).result()
-        assert rel_err(final, renderer([expected])[0]) <= TOL
+        render.denoise.remote(job_id, params).result()
+        assert rel_err(latents_from_bytes(results.get(job_id, LATENTS)), renderer([expected])[0]) <= TOL
 
     # And a whole job through the ingress handle (encode, sketch on 2 ranks, render, decode).
     request = {"prompt": "a red fox in the snow", "seed": 7, "height": 32, "width": 32, "num_frames": 5, **STEPS}
@@ -140,9 +153,9 @@ def test_serve_app_ulysses2_sketcher_equals_one_rank(app, tiny_config, make_para
     # A rank dies: the next call fails naming it, the replica's health check fails, and Serve replaces the replica
     # (its ranks with it); the new replica's group computes the same result.
     os.kill(rank1, 9)
-    job = store.create.remote(requests["even"]).result()
+    job_id = job_with_embeds(requests["even"], embeds["even"])
     with pytest.raises(Exception, match=r"sketch worker rank 1 died during 'denoise'"):
-        sketch.sketch.remote(job.id, requests["even"], embeds["even"]).result()
+        sketch.denoise.remote(job_id, requests["even"]).result()
     assert _wait(lambda: len(_worker_pids()) == 1 and rank1 not in _worker_pids(), timeout_s=120), _worker_pids()
     (new_rank1,) = _worker_pids()
     result = app.generate.remote(request).result()
