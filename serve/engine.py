@@ -18,6 +18,7 @@ from serve import stages
 from serve.families.base import Family, family_of
 from serve.handoff import Handoff, PromptEmbeds
 from serve.models import PRESETS, ModelPair, Weights, preset_models
+from serve.plan import Plan, make_plan
 from serve.request import GenerationDefaults, GenerationParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -188,33 +189,47 @@ class GenerationResult:
     frames: np.ndarray | None  # uint8 [F, H, W, 3]
     switch_step: int
     timings: dict[str, float] = field(default_factory=dict)
+    plan: Plan | None = None
 
 
 class Engine:
-    """All four stages in one process: what `srd generate` runs."""
+    """All four stages in one process, running each request's plan (serve/plan.py): what `srd generate` runs."""
 
     def __init__(self, config: EngineConfig):
-        config.family().check_compatible(config.models())  # a wrong model pair fails before any weights load
+        self.family = config.family()
+        self.family.check_compatible(config.models())  # a wrong model pair fails before any weights load
         self.config = config
         self.encoder = EncodeStage(config)
         self.sketcher = SketchStage(config)
         self.renderer = RenderStage(config)
         self.decoder = DecodeStage(config)
 
+    def plan(self, params: GenerationParams) -> Plan:
+        """encode -> [sketch steps 0..K-1, render steps K..N-1] -> decode, for this request and this model pair."""
+        return make_plan(self.family.name, params, self.config.models(), self.sketcher.scheduler_config)
+
     def generate(self, params: GenerationParams, decode: bool = True, on_step=None) -> GenerationResult:
+        plan = self.plan(params)
         timings = {}
         t0 = time.perf_counter()
         (embeds,) = self.encoder([params])
         timings["encode"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        (handoff,) = self.sketcher([(params, embeds)], on_step=on_step and (lambda _, s, n: on_step("sketch", s, n)))
-        timings["sketch"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        (latents,) = self.renderer([handoff], on_step=on_step and (lambda _, s, n: on_step("render", s, n)))
-        timings["render"] = time.perf_counter() - t0
+        handoff = latents = None
+        for segment in plan.segments:
+            role = segment.role
+            report = on_step and (lambda _, s, n, role=role: on_step(role, s, n))
+            t0 = time.perf_counter()
+            if role == "sketch":
+                (handoff,) = self.sketcher([(params, embeds)], on_step=report)
+                if isinstance(handoff, Handoff) and segment.stop not in (None, handoff.step_index):
+                    raise RuntimeError(f"the plan sketches {segment.stop} steps but the sketch stage took "
+                                       f"{handoff.step_index}")
+            else:
+                (latents,) = self.renderer([handoff], on_step=report)
+            timings[role] = time.perf_counter() - t0
         frames = None
         if decode:
             t0 = time.perf_counter()
             frames = self.decoder(latents)[0]
             timings["decode"] = time.perf_counter() - t0
-        return GenerationResult(params, latents, frames, handoff.step_index, timings)
+        return GenerationResult(params, latents, frames, handoff.step_index, timings, plan)

@@ -215,3 +215,8 @@ def test_preset_defaults_are_the_pipelines():
         720, 480, 49, 50, 6.0, 8, "ratio:0.2")
     assert preset.limits.max_tokens_per_video == 13 * 30 * 45
 
+
+def test_plan_is_the_familys(cog, params_cog):
+    plan = cog.plan(params_cog(num_inference_steps=10, switch=None))
+    assert plan.family == "cogvideox" and plan.switch_step == 2  # the preset's ratio:0.2 of 10
+    assert [(s.role, s.start, s.stop) for s in plan.segments] == [("sketch", 0, 2), ("render", 2, 10)]

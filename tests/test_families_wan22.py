@@ -128,3 +128,19 @@ def test_guidance_scale_2_defaults_to_guidance_scale_elsewhere(make_params):
     only_render = make_params(guidance_scale=1.0, guidance_scale_2=4.0)
     assert only_render.do_cfg and only_render.render_guidance == 4.0  # the render stage needs negative embeddings
     assert not isinstance(only_render, InvalidRequest)
+
+
+def test_plan_names_each_expert_its_steps_and_guidance(wan22, params22):
+    """One executable plan per request (serve/plan.py): the Engine runs exactly it."""
+    params = params22(seed=6)
+    plan = wan22.plan(params)
+    sketch, render = plan.segments
+    assert (plan.family, plan.encode, plan.decode) == ("wan", sketch.model, sketch.model)
+    assert (sketch.role, sketch.subfolder, sketch.start, sketch.stop, sketch.guidance_scale) == (
+        "sketch", None, 0, 2, 4.0)  # boundary:0.875 over t = [999, 900, 750, 500]
+    assert (render.role, render.model, render.subfolder, render.start, render.stop, render.guidance_scale) == (
+        "render", sketch.model, "transformer_2", 2, 4, 3.0)
+    result = wan22.generate(params, decode=False)
+    assert result.plan == plan and result.switch_step == plan.switch_step == 2
+    adaptive = wan22.plan(params22(switch="adaptive:0.01:1:3"))
+    assert adaptive.switch_step is None and adaptive.segments[1].start is None  # decided while sketching
