@@ -42,7 +42,7 @@ TIERS: dict[str, str] = {
     "test_app": "ray",
     "test_app_api": "ray",
     "test_app_faults": "ray",
-    "test_app_parts": "ray",
+    "test_app_parts": "fast",  # the progress reporter and the encoder cache, in-process
     "test_parallel_ray": "ray",
     "test_frontdoor_serve": "ray",
     # slow: training, quality, the benchmarks' smoke runs
