@@ -144,3 +144,17 @@ def test_plan_names_each_expert_its_steps_and_guidance(wan22, params22):
     assert result.plan == plan and result.switch_step == plan.switch_step == 2
     adaptive = wan22.plan(params22(switch="adaptive:0.01:1:3"))
     assert adaptive.switch_step is None and adaptive.segments[1].start is None  # decided while sketching
+
+
+def test_ti2v_pipelines_are_refused_before_loading(wan22, tmp_path):
+    import json
+    import shutil
+
+    from serve.models import ModelError, ModelPair, check_compatible
+
+    ti2v = tmp_path / "ti2v"
+    shutil.copytree(wan22.config.models().sketch, ti2v)
+    index = json.loads((ti2v / "model_index.json").read_text())
+    (ti2v / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
+    with pytest.raises(ModelError, match="expand_timesteps"):
+        check_compatible(ModelPair(str(ti2v), str(ti2v), render_subfolder="transformer_2"))

@@ -38,6 +38,11 @@ class WanFamily(Family):
         sketch_src, render_src = _locate(pair.sketch, "sketch"), _locate(pair.render, "render")
         if not _is_pipeline(sketch_src):
             raise ModelError(f"sketch model {pair.sketch!r} must be a full pipeline directory (model_index.json)")
+        from serve.families.base import read_model_index
+
+        if read_model_index(sketch_src).get("expand_timesteps"):
+            raise ModelError(f"sketch model {pair.sketch!r} is a Wan2.2 TI2V pipeline (`expand_timesteps`): its "
+                             "per-token timesteps are not supported by this engine")
         sketch = self.transformer_config(sketch_src, "sketch")
         render = self.transformer_config(render_src, "render", pair.render_subfolder)
         for key in ("in_channels", "out_channels", "text_dim", "patch_size"):
