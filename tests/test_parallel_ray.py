@@ -27,17 +27,29 @@ def ray_local(ray_cluster, tiny_models):
 
 
 def _worker_pids() -> set[int]:
-    """Processes of ParallelWorker actors (Ray titles an actor process `ray::<Class>`), zombies excluded."""
-    pids = set()
+    """Processes of ParallelWorker actors (Ray titles an actor process `ray::<Class>`), zombies excluded, of this
+    session's Ray only: its processes descend from this one (another test run on the machine has its own)."""
+    parents, workers = {}, set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
+                with open(f"/proc/{entry}/stat") as f:
+                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+                parents[int(entry)] = int(ppid)
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::ParallelWorker"):
-                        pids.add(int(entry))
-            except OSError:
+                    if state != "Z" and f.read().startswith(b"ray::ParallelWorker"):
+                        workers.add(int(entry))
+            except (OSError, ValueError):
                 pass
-    return pids
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return {pid for pid in workers if ours(pid)}
 
 
 def _wait(condition, timeout_s: float = 60.0) -> bool:
