@@ -144,3 +144,29 @@ def test_generate_via_serve_with_a_broken_model_is_one_line(tiny_models, broken_
                   "--steps", "2", "--out", str(tmp_path / "never.mp4")], tmp_path)
     assert_one_line_failure(proc, "generate", tmp_path)
     assert not (tmp_path / "never.mp4").exists()
+
+
+def test_healthz_is_not_ok_while_a_stage_cannot_load(serve_http, tiny_models, broken_sketch, tmp_path):
+    """An app whose Sketcher cannot load its model: deploying it fails, and the ingress that did start answers
+    /healthz with 503 naming the stage and the cause, not "ok"."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.config import AppConfig
+
+    config = AppConfig.model_validate({
+        "engine": {"preset": "tiny", "sketch": broken_sketch, "render": tiny_models.render},
+        "jobs": {"data_dir": str(tmp_path / "data")},
+        **{stage: {"resources": {"num_cpus": 0.25}} for stage in ("encoder", "sketcher", "renderer", "decoder")},
+    })
+    with pytest.raises(RuntimeError, match="failed"):
+        serve.run(build_app(config), name="srd-broken", route_prefix="/broken")
+    try:
+        response = httpx.get(f"{serve_http}/broken/healthz", timeout=30)
+        assert response.status_code == 503, response.text
+        problems = response.json()["problems"]
+        assert any(p.startswith("Sketcher: DEPLOY_FAILED") and "ModelError: cannot load the sketch transformer" in p
+                   for p in problems), problems
+    finally:
+        serve.delete("srd-broken")
