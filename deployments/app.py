@@ -41,8 +41,10 @@ __all__ = ["AppConfig", "AppStartError", "app", "app_builder", "build_app", "gen
 
 APP_NAME = "srd"
 # Defaults every deployment starts from; its typed config comes next, its `serve_options` last.
+# A model that fails to load three times will not load on the twentieth try (Serve's default): fail the deploy in
+# minutes, not after twenty loads of a 14B checkpoint.
 DEFAULT_OPTIONS = {"health_check_period_s": 10.0, "health_check_timeout_s": 30.0,
-                   "graceful_shutdown_timeout_s": 20.0}
+                   "graceful_shutdown_timeout_s": 20.0, "max_constructor_retry_count": 3}
 
 
 def deployment_options(name: str, config: DeploymentConfig) -> dict:
