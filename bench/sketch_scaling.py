@@ -270,7 +270,7 @@ class Run:
             return
         torch.manual_seed(SEED)  # the same draw as every rank's
         start = time.perf_counter()
-        # What a degree-1 sketch replica builds (deployments/sketcher.py): GuidedDenoiser over the stage transformer,
+        # What a degree-1 sketch replica builds (deployments/denoiser.py): GuidedDenoiser over the stage transformer,
         # the engine's default max_tokens_per_forward (cond and uncond as two B=1 forwards at 480p).
         denoiser = SketchStage(engine.model_copy(update={"device": str(self.device)})).denoiser
         sync(self.device)
