@@ -129,9 +129,6 @@ class Ingress:
             tokens += [t.strip() for t in os.environ[config.auth.tokens_env].split(",") if t.strip()]
         self._tokens = [t.encode() for t in tokens]
 
-    async def _store_call(self, method, *args):
-        return await asyncio.to_thread(method, *args)
-
     # -- Python API (deployment handle): the same operations as HTTP, without auth ------------------------------
 
     async def submit(self, request: VideoRequest | dict, owner: str | None = None) -> Video:
@@ -148,12 +145,12 @@ class Ingress:
         if request.model is not None and request.model != self._config.served_model:
             raise ApiError(422, f"invalid model: {request.model!r} is not served here; this server serves "
                                 f"{self._config.served_model!r}", "model", "model_not_found")
-        if await self._store_call(self._store.count_unfinished) >= self._config.jobs.max_unfinished_jobs:
+        if await asyncio.to_thread(self._store.count_unfinished) >= self._config.jobs.max_unfinished_jobs:
             retry = self._config.jobs.retry_after_s
             raise ApiError(429, f"{self._config.jobs.max_unfinished_jobs} jobs are queued or running; retry in "
                                 f"{retry} s", None, "rate_limit_exceeded", headers={"Retry-After": str(retry)})
         job = jobs.new_job(params.to_dict(), self._config.served_model, owner)
-        await self._store_call(self._store.create, job)
+        await asyncio.to_thread(self._store.create, job)
         return Video.of(job)
 
     async def generate(self, request: VideoRequest | dict, poll_s: float = 0.1) -> VideoResult:
@@ -165,14 +162,14 @@ class Ingress:
         return await self.result(video.id)
 
     async def status(self, job_id: str) -> Video | None:
-        job = await self._store_call(self._store.get, job_id)
+        job = await asyncio.to_thread(self._store.get, job_id)
         return None if job is None else Video.of(job)
 
     async def result(self, job_id: str) -> VideoResult | None:
         video = await self.status(job_id)
         if video is None:
             return None
-        files = {name: await self._store_call(self._results.get, job_id, name)
+        files = {name: await asyncio.to_thread(self._results.get, job_id, name)
                  for name in (VIDEO, LATENTS, PREVIEW, THUMBNAIL)}
         latents = None if files[LATENTS] is None else latents_from_bytes(files[LATENTS])
         completed = video.status == "completed"
@@ -180,7 +177,7 @@ class Ingress:
                            files[PREVIEW], files[THUMBNAIL])
 
     async def cancel(self, job_id: str) -> Video | None:
-        job = await self._store_call(self._store.update, job_id, jobs.request_cancel)
+        job = await asyncio.to_thread(self._store.update, job_id, jobs.request_cancel)
         return None if job is None else Video.of(job)
 
     # -- HTTP -------------------------------------------------------------------------------------------------
@@ -203,12 +200,12 @@ class Ingress:
                           ) -> VideoList:
         owner = self._authorize(request)
         if after is not None:
-            anchor = await self._store_call(self._store.get, after)
+            anchor = await asyncio.to_thread(self._store.get, after)
             if anchor is None or not self._visible(anchor, owner):
                 raise ApiError(404, f"invalid after: no video job with id {after!r}", "after", "not_found",
                                location="query")
         owner_filter = owner if self._tokens else None
-        records, has_more = await self._store_call(self._store.list, owner_filter, limit, after, order)
+        records, has_more = await asyncio.to_thread(self._store.list, owner_filter, limit, after, order)
         data = [Video.of(r) for r in records]
         return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                          has_more=has_more)
@@ -241,7 +238,7 @@ class Ingress:
              responses={200: {"content": {"application/octet-stream": {}}}, 409: {"description": "Not completed"}})
     async def get_latents(self, job_id: str, request: Request) -> Response:
         job = await self._completed(job_id, request, "latents")
-        data = await self._store_call(self._results.get, job.id, LATENTS)
+        data = await asyncio.to_thread(self._results.get, job.id, LATENTS)
         buffer = io.BytesIO()
         np.save(buffer, latents_from_bytes(data).numpy())
         return Response(buffer.getvalue(), media_type="application/octet-stream")
@@ -266,8 +263,8 @@ class Ingress:
         if not job.terminal:
             raise ApiError(409, f"video job {job_id!r} is {job.status}: cancel it first "
                                 f"(POST /v1/videos/{job_id}/cancel), then delete it", None, "not_finished")
-        await self._store_call(self._results.delete, job_id)
-        await self._store_call(self._store.delete, job_id)
+        await asyncio.to_thread(self._results.delete, job_id)
+        await asyncio.to_thread(self._store.delete, job_id)
         return VideoDeleted(id=job_id)
 
     @api.get("/v1/models", summary="The served model")
@@ -280,7 +277,7 @@ class Ingress:
     async def healthz(self) -> JSONResponse:
         problems = []
         try:
-            await self._store_call(self._store.count_unfinished)
+            await asyncio.to_thread(self._store.count_unfinished)
         except Exception as e:
             problems.append(f"job store: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         problems += await asyncio.to_thread(_unhealthy_deployments)
@@ -309,7 +306,7 @@ class Ingress:
 
     async def _job(self, job_id: str, request: Request) -> jobs.JobRecord:
         owner = self._authorize(request)
-        job = await self._store_call(self._store.get, job_id)
+        job = await asyncio.to_thread(self._store.get, job_id)
         if job is None or not self._visible(job, owner):  # another token's job is as good as absent
             raise ApiError(404, f"no video job with id {job_id!r}", None, "not_found")
         return job
@@ -322,7 +319,7 @@ class Ingress:
         return job
 
     async def _stream(self, job_id: str, name: str, media_type: str) -> StreamingResponse:
-        size = await self._store_call(self._results.size, job_id, name)
+        size = await asyncio.to_thread(self._results.size, job_id, name)
         if size is None:
             raise ApiError(404, f"video job {job_id!r} has no {name}", None, "not_found")
         return StreamingResponse(self._results.iter_chunks(job_id, name), media_type=media_type,
@@ -374,7 +371,7 @@ class Ingress:
     async def _events(self, job_id: str):
         version, last_sent = -1, time.monotonic()
         while True:
-            job = await self._store_call(self._store.get, job_id)
+            job = await asyncio.to_thread(self._store.get, job_id)
             if job is None:  # deleted while watched
                 return
             if job.version > version:

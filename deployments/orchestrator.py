@@ -55,9 +55,6 @@ class Orchestrator:
         self._driving: dict[str, asyncio.Task] = {}  # strong references: the event loop keeps only weak ones
         self._loop = asyncio.get_running_loop().create_task(self._claim_loop())
 
-    async def _store_call(self, method, *args):
-        return await asyncio.to_thread(method, *args)
-
     async def _update(self, job_id: str, change) -> jobs.JobRecord | None:
         """Apply a state-machine step to the stored record; a step that no longer applies (the job was cancelled
         or finished meanwhile) leaves the record as it is."""
@@ -69,7 +66,7 @@ class Orchestrator:
             except jobs.InvalidTransition:
                 return None
 
-        return await self._store_call(self._store.update, job_id, guarded)
+        return await asyncio.to_thread(self._store.update, job_id, guarded)
 
     # -- claiming ---------------------------------------------------------------------------------------------
 
@@ -80,7 +77,7 @@ class Orchestrator:
             try:
                 room = self._config.max_running_jobs - len(self._driving)
                 if room > 0:
-                    claimed = await self._store_call(self._store.claim, self.worker, self._jobs.lease_s, room)
+                    claimed = await asyncio.to_thread(self._store.claim, self.worker, self._jobs.lease_s, room)
                     for job in claimed:
                         if job.id not in self._driving:
                             task = asyncio.create_task(self._drive(job.id))
@@ -99,7 +96,7 @@ class Orchestrator:
 
     async def _renew_leases(self) -> None:
         for job_id, task in list(self._driving.items()):
-            if not await self._store_call(self._store.renew, job_id, self.worker, self._jobs.lease_s):
+            if not await asyncio.to_thread(self._store.renew, job_id, self.worker, self._jobs.lease_s):
                 task.cancel()  # finished, deleted, or taken over by another replica: stop driving it
 
     # -- driving one job --------------------------------------------------------------------------------------
@@ -108,7 +105,7 @@ class Orchestrator:
         preview: asyncio.Task | None = None
         try:
             while True:
-                job = await self._store_call(self._store.get, job_id)
+                job = await asyncio.to_thread(self._store.get, job_id)
                 if job is None or job.terminal:
                     return
                 if job.cancel_requested:

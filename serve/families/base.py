@@ -159,3 +159,16 @@ def family_of(source: str) -> Family:
 
 def families() -> list[Family]:
     return [family_named(name) for name in PIPELINE_FAMILIES]
+
+
+def check_same(keys, sketch: dict, render: dict, sketch_source: str, render_source: str) -> None:
+    """Raise ModelError naming the first of `keys` on which the two transformers' configs differ: the render model
+    could not continue the sketch model's latent."""
+    from serve.models import ModelError
+
+    for key in keys:
+        if sketch.get(key) != render.get(key):
+            raise ModelError(
+                f"render model {render_source!r} is incompatible with sketch model {sketch_source!r}: "
+                f"{key} is {render.get(key)} but the sketch model has {sketch.get(key)}"
+            )

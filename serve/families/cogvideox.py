@@ -42,7 +42,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from serve import stages
-from serve.families.base import Family, ModelCapabilities
+from serve.families.base import Family, ModelCapabilities, check_same
 
 MAX_SEQUENCE_LENGTH = 226  # CogVideoXPipeline's default, the transformer's `max_text_seq_length`
 
@@ -126,13 +126,8 @@ class CogVideoXFamily(Family):
             if config.get("patch_size_t") is not None:
                 raise ModelError(f"{role} model {source!r} is CogVideoX 1.5 (`patch_size_t` "
                                  f"{config['patch_size_t']}): only CogVideoX 1.0 pairs are supported")
-        for key in ("in_channels", "out_channels", "patch_size", "text_embed_dim", "max_text_seq_length",
-                    "temporal_compression_ratio"):
-            if sketch.get(key) != render.get(key):
-                raise ModelError(
-                    f"render model {pair.render!r} is incompatible with sketch model {pair.sketch!r}: "
-                    f"{key} is {render.get(key)} but the sketch model has {sketch.get(key)}"
-                )
+        check_same(("in_channels", "out_channels", "patch_size", "text_embed_dim", "max_text_seq_length",
+                    "temporal_compression_ratio"), sketch, render, pair.sketch, pair.render)
         if _is_pipeline(render_src) and Path(render_src).is_dir():
             # Shared text encoder and VAE, checked from the configs. The VAE scaling factor and the scheduler's
             # snr_shift_scale may differ (5B vs 2B): the sketch pipeline owns the trajectory (module docstring).

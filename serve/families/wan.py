@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from serve import stages
-from serve.families.base import Family, ModelCapabilities
+from serve.families.base import Family, ModelCapabilities, check_same
 
 
 class WanFamily(Family):
@@ -45,12 +45,7 @@ class WanFamily(Family):
                              "per-token timesteps are not supported by this engine")
         sketch = self.transformer_config(sketch_src, "sketch")
         render = self.transformer_config(render_src, "render", pair.render_subfolder)
-        for key in ("in_channels", "out_channels", "text_dim", "patch_size"):
-            if sketch.get(key) != render.get(key):
-                raise ModelError(
-                    f"render model {pair.render!r} is incompatible with sketch model {pair.sketch!r}: "
-                    f"{key} is {render.get(key)} but the sketch model has {sketch.get(key)}"
-                )
+        check_same(("in_channels", "out_channels", "text_dim", "patch_size"), sketch, render, pair.sketch, pair.render)
         if _is_pipeline(render_src) and Path(render_src).is_dir():
             from diffusers import AutoencoderKLWan
 
