@@ -38,6 +38,8 @@ from bench import measure, wan
 from bench.measure import GIB, Guard, Peak, free_memory, repeat, timed
 from serve import stages
 from serve.engine import VaeTiling
+from serve.models import ModelPair
+from serve.plan import make_plan, run_plan
 from serve.models import WAN21_T2V
 from serve.request import VideoRequest
 
@@ -288,21 +290,25 @@ def part_e2e(rec: dict, ctx: Context) -> None:
             continue
         params = ctx.params(n, k)
         row, peaks = {}, {}
+
+        def measured_stage(stage: str, call):
+            with Peak(dev) as p:
+                result, row[stage] = timed(call, dev)
+            peaks[stage] = p.as_dict()
+            return result
+
         free_memory(dev)
         wall = time.perf_counter()
-        with Peak(dev) as p:
-            (embeds,), row["encode"] = timed(lambda: _encode(ctx, params), dev)
-        peaks["encode"] = p.as_dict()
-        with Peak(dev) as p:
-            (handoff,), row["sketch"] = timed(
-                lambda: stages.sketch(sketcher, [(params, embeds)], ctx.models["scheduler_config"], spec, dev), dev)
-        peaks["sketch"] = p.as_dict()
-        with Peak(dev) as p:
-            (latents,), row["render"] = timed(lambda: stages.render(renderer, [handoff], dev), dev)
-        peaks["render"] = p.as_dict()
-        with Peak(dev) as p:
-            _, row["decode"] = timed(lambda: stages.decode(ctx.models["pipe"], latents), dev)
-        peaks["decode"] = p.as_dict()
+        run = run_plan(
+            make_plan("wan", params, ModelPair(sketch=ctx.sizes.sketch, render=ctx.sizes.render)), [params],
+            encode=lambda requests: stages.encode(ctx.models["pipe"], requests, dev),
+            denoise={
+                "sketch": lambda batch, on_step: stages.sketch(sketcher, batch, ctx.models["scheduler_config"],
+                                                               spec, dev, on_step),
+                "render": lambda batch, on_step: stages.render(renderer, batch, dev, on_step),
+            },
+            decode=lambda latents: stages.decode(ctx.models["pipe"], latents), around=measured_stage)
+        (handoff,), (latents,) = run.outputs["sketch"], run.latents
         measured = time.perf_counter() - wall
         ideal = k * c_sketch + (n - k) * c_render + fixed
         runs[str(k)] = {
@@ -312,7 +318,7 @@ def part_e2e(rec: dict, ctx: Context) -> None:
         }
         if k < n and ctx.first_handoff is None:
             ctx.first_handoff = handoff
-        del embeds, handoff, latents
+        del run, handoff, latents
     base = runs.get(str(n), {})
     for k, r in runs.items():
         if "measured_s" in r and "measured_s" in base:

@@ -33,6 +33,7 @@ import torch
 
 from bench.measure import repeat
 from serve.engine import Engine, EngineConfig
+from serve.plan import run_plan
 from serve.request import VideoRequest
 from toy import data
 from toy.detector import adherence, detect
@@ -65,11 +66,10 @@ def generate(engine: Engine, scenes: list[data.Scene], switch: str, guidance: fl
             VideoRequest(prompt=s.prompt, seed=seed0 + i + j, switch=switch, guidance_scale=guidance)
             .resolve(engine.config.defaults) for j, s in enumerate(chunk)
         ]
-        embeds = engine.encoder(params)
-        handoffs = engine.sketcher(list(zip(params, embeds)))
-        latents = engine.renderer(handoffs)
-        frames.extend(engine.decoder(torch.cat(latents)))
-        ks.extend(h.step_index for h in handoffs)
+        run = run_plan(engine.plan(params[0]), params, engine.encoder,
+                       {"sketch": engine.sketcher, "render": engine.renderer}, engine.decoder)
+        frames.extend(run.frames)
+        ks.extend(h.step_index for h in run.outputs["sketch"])
     return frames, ks
 
 

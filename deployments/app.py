@@ -65,7 +65,7 @@ def build_app(config: AppConfig) -> Application:
     renderer = deployment(Denoiser, "Renderer", config.renderer).bind("render", engine, config.renderer, jobs)
     decoder = deployment(Decoder, "Decoder", config.decoder).bind(engine, config.decoder, jobs)
     orchestrator = deployment(Orchestrator, "Orchestrator", config.orchestrator).bind(
-        encoder, sketcher, renderer, decoder, config.orchestrator, jobs)
+        encoder, sketcher, renderer, decoder, engine, config.orchestrator, jobs)
     return deployment(Ingress, "Ingress", config.ingress).bind(orchestrator, config)
 
 

@@ -1,9 +1,11 @@
 """Orchestrator deployment: drives jobs through the stages, holding no state of its own.
 
 Every replica loops: claim unfinished jobs from the job store (a lease in the record, renewed while the replica
-drives the job), then run each job's remaining stages in order, starting after its last checkpoint:
+drives the job), then run the remaining stages of the job's plan (serve/plan.py: the same plan the in-process Engine
+runs) in order, starting after its last checkpoint, each on the deployment that holds that stage's model:
 
-    encoder.encode -> sketcher.denoise -> renderer.denoise -> decoder.decode    (decoder.preview beside render)
+    encode -> Encoder.encode, sketch -> Sketcher.denoise, render -> Renderer.denoise, decode -> Decoder.decode
+    (Decoder.preview beside rendering, once the sketch's hand-off is stored)
 
 A stage reads its input checkpoint from the results location and writes its output there, so a call carries only
 the job id and its parameters. When a stage call fails (its replica died, or the stage raised), the attempt is
@@ -28,7 +30,9 @@ import uuid
 from deployments.batching import StageDone
 from deployments.config import JobsConfig, OrchestratorConfig
 from serve import jobs
+from serve.engine import EngineConfig
 from serve.job_store import JobStore
+from serve.plan import Plan, make_plan
 from serve.request import GenerationParams
 from serve.stages import Cancelled
 
@@ -43,10 +47,13 @@ def error_message(error: BaseException) -> str:
 
 
 class Orchestrator:
-    def __init__(self, encoder, sketcher, renderer, decoder, config: OrchestratorConfig, jobs_config: JobsConfig):
+    def __init__(self, encoder, sketcher, renderer, decoder, engine: EngineConfig, config: OrchestratorConfig,
+                 jobs_config: JobsConfig):
         self._calls = {
             "encode": encoder.encode, "sketch": sketcher.denoise, "render": renderer.denoise, "decode": decoder.decode,
         }
+        self._models = engine.models()
+        self._family = engine.family().name
         self._decoder = decoder
         self._config = config
         self._jobs = jobs_config
@@ -101,6 +108,15 @@ class Orchestrator:
 
     # -- driving one job --------------------------------------------------------------------------------------
 
+    def plan(self, params: GenerationParams) -> Plan:
+        """The job's stages. Its switch step may stay open here (boundary and adaptive policies): the sketch stage
+        decides it, and only the order of the stages matters to the orchestrator."""
+        plan = make_plan(self._family, params, self._models)
+        missing = [stage for stage in plan.stages if stage not in self._calls]
+        if missing:
+            raise ValueError(f"this app has no deployment for the plan's stage(s) {', '.join(missing)}")
+        return plan
+
     async def _drive(self, job_id: str) -> None:
         preview: asyncio.Task | None = None
         try:
@@ -111,13 +127,13 @@ class Orchestrator:
                 if job.cancel_requested:
                     await self._update(job_id, lambda j: jobs.cancelled(j, j.steps_done))
                     return
-                stage = job.next_stage()
+                params = GenerationParams.from_dict(job.request)
+                stage = job.next_stage(self.plan(params).stages)
                 if stage is None:
                     if preview is not None:
                         await asyncio.wait([preview])
                     await self._update(job_id, jobs.complete)
                     return
-                params = GenerationParams.from_dict(job.request)
                 if await self._update(job_id, lambda j: jobs.start_stage(j, stage, time.time())) is None:
                     continue
                 try:

@@ -18,7 +18,7 @@ from serve import stages
 from serve.families.base import Family, family_of
 from serve.handoff import Handoff, PromptEmbeds
 from serve.models import PRESETS, ModelPair, Weights, preset_models
-from serve.plan import Plan, make_plan
+from serve.plan import Plan, make_plan, run_plan
 from serve.request import GenerationDefaults, GenerationParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -210,26 +210,17 @@ class Engine:
 
     def generate(self, params: GenerationParams, decode: bool = True, on_step=None) -> GenerationResult:
         plan = self.plan(params)
-        timings = {}
-        t0 = time.perf_counter()
-        (embeds,) = self.encoder([params])
-        timings["encode"] = time.perf_counter() - t0
-        handoff = latents = None
-        for segment in plan.segments:
-            role = segment.role
-            report = on_step and (lambda _, s, n, role=role: on_step(role, s, n))
+        timings: dict[str, float] = {}
+
+        def timed(stage: str, call):
             t0 = time.perf_counter()
-            if role == "sketch":
-                (handoff,) = self.sketcher([(params, embeds)], on_step=report)
-                if isinstance(handoff, Handoff) and segment.stop not in (None, handoff.step_index):
-                    raise RuntimeError(f"the plan sketches {segment.stop} steps but the sketch stage took "
-                                       f"{handoff.step_index}")
-            else:
-                (latents,) = self.renderer([handoff], on_step=report)
-            timings[role] = time.perf_counter() - t0
-        frames = None
-        if decode:
-            t0 = time.perf_counter()
-            frames = self.decoder(latents)[0]
-            timings["decode"] = time.perf_counter() - t0
-        return GenerationResult(params, latents, frames, handoff.step_index, timings, plan)
+            result = call()
+            timings[stage] = time.perf_counter() - t0
+            return result
+
+        run = run_plan(plan, [params], self.encoder, {"sketch": self.sketcher, "render": self.renderer},
+                       self.decoder if decode else None,
+                       on_step=on_step and (lambda role, _, steps, n: on_step(role, steps, n)), around=timed)
+        (handoff,) = run.outputs["sketch"]
+        return GenerationResult(params, run.latents[0], None if run.frames is None else run.frames[0],
+                                handoff.step_index, timings, plan)

@@ -90,10 +90,11 @@ class JobRecord(BaseModel):
     def num_steps(self) -> int:
         return int(self.request["num_inference_steps"])
 
-    def next_stage(self) -> StageName | None:
-        """The stage to run next: the one after the last checkpoint (None once decoded)."""
-        done = -1 if self.checkpoint is None else STAGES.index(self.checkpoint)
-        return STAGES[done + 1] if done + 1 < len(STAGES) else None
+    def next_stage(self, stages: tuple[str, ...] = STAGES) -> StageName | None:
+        """The stage to run next in `stages` (the job's plan): the one after the last checkpoint (None once
+        decoded)."""
+        done = -1 if self.checkpoint is None else stages.index(self.checkpoint)
+        return stages[done + 1] if done + 1 < len(stages) else None
 
     def attempts(self) -> dict[str, int]:
         return {name: stage.attempts for name, stage in self.stages.items()}

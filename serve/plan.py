@@ -1,16 +1,20 @@
 """One executable plan per request: encode -> denoising segments (each a model and the steps it takes) -> decode.
 
 The plan is plain data (frozen dataclasses of strings and ints), made by `make_plan` from a resolved request and the
-model pair, before anything runs: the in-process Engine runs it stage by stage (serve/engine.py), and the Serve app's
-orchestrator can map each entry to the deployment holding that model. A segment's `stop` is known up front for fixed
-switch policies (step:K, ratio:R, boundary:R given the sampler's timesteps) and None for the adaptive policy, which
-decides while sketching; the render segment then starts wherever the sketch stopped (`start` None).
+model pair, before anything runs. Every caller runs it the same way:
+    `run_plan`                 in one process, over stage objects: the Engine (serve/engine.py) and the benchmarks
+    `Plan.stages`              the Serve app's orchestrator walks these names, calling the deployment of each
+                               (deployments/orchestrator.py), one checkpoint per stage in the results store
+A segment's `stop` is known up front for fixed switch policies (step:K, ratio:R, boundary:R given the sampler's
+timesteps) and None for the adaptive policy, which decides while sketching; the render segment then starts wherever
+the sketch stopped (`start` None).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from serve.models import ModelPair
 from serve.request import GenerationParams
@@ -43,6 +47,11 @@ class Plan:
         """K, if known before running."""
         return self.segments[0].stop
 
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stage names in running order: encode, one per segment (its role), decode."""
+        return ("encode", *(segment.role for segment in self.segments), "decode")
+
 
 def switch_step(params: GenerationParams, scheduler_config: dict | None = None) -> int | None:
     """K for fixed policies (boundary needs the sampler's timesteps, from `scheduler_config`); None if only running
@@ -72,3 +81,47 @@ def make_plan(family: str, params: GenerationParams, models: ModelPair, schedule
         decode=models.sketch,
         num_inference_steps=n,
     )
+
+
+@dataclass
+class PlanRun:
+    """What `run_plan` produced for a batch: each segment's outputs by role, the final latents, decoded frames."""
+
+    outputs: dict[str, list]
+    latents: list
+    frames: Any  # the decode stage's output for the batch's stacked latents (None when not decoded)
+
+
+def run_plan(
+    plan: Plan,
+    requests: list[GenerationParams],
+    encode: Callable,
+    denoise: Mapping[str, Callable],
+    decode: Callable | None,
+    on_step: Callable | None = None,
+    around: Callable[[str, Callable[[], Any]], Any] | None = None,
+) -> PlanRun:
+    """Run `plan` in this process for a batch of requests sharing its stages.
+
+    `encode(requests)`, `denoise[role](inputs, on_step=...)` and `decode(latents)` are the stage objects of
+    serve/engine.py (or anything with their signatures): the first segment takes (request, embeddings) pairs, each
+    later one the previous segment's hand-offs. `on_step(role, index, steps_done, n)` sees every denoising step;
+    `around(stage, call)` wraps each stage call (the benchmarks time it and take its memory peak)."""
+    import torch
+
+    around = around or (lambda _, call: call())
+    embeds = around("encode", lambda: encode(requests))
+    inputs: list = list(zip(requests, embeds))
+    outputs: dict[str, list] = {}
+    for segment in plan.segments:
+        report = on_step and (lambda i, s, n, role=segment.role: on_step(role, i, s, n))
+        inputs = outputs[segment.role] = around(
+            segment.role, lambda stage=denoise[segment.role], batch=inputs: stage(batch, on_step=report))
+        first = plan.segments[0]
+        if segment is first and first.stop is not None:
+            for handoff in inputs:
+                if getattr(handoff, "step_index", first.stop) != first.stop:
+                    raise RuntimeError(f"the plan sketches {first.stop} steps but the sketch stage took "
+                                       f"{handoff.step_index}")
+    frames = None if decode is None else around("decode", lambda: decode(torch.cat(inputs)))
+    return PlanRun(outputs, inputs, frames)

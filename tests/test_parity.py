@@ -164,3 +164,20 @@ def test_parity_holds_for_other_shapes(engine, oracle, make_params, rel_err, hei
     expected = oracle(params, boundary_for(oracle.scheduler_config, params, 2))
     assert result.latents.shape == expected.shape == (1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
     assert rel_err(result.latents, expected) <= TOLERANCE
+
+
+def test_run_plan_runs_a_batch_in_plan_order_equal_to_each_request_alone(engine, make_params, rel_err):
+    """serve.plan.run_plan (what the Engine and the benchmarks run): the stages in the plan's order, one call each
+    for the whole batch, and each request's latents equal to generating it alone."""
+    from serve.plan import run_plan
+
+    batch = [make_params(seed=3, switch="step:2"), make_params(seed=4, switch="step:2", prompt="a blue cube")]
+    plan = engine.plan(batch[0])
+    calls = []
+    run = run_plan(plan, batch, engine.encoder, {"sketch": engine.sketcher, "render": engine.renderer},
+                   engine.decoder, around=lambda stage, call: calls.append(stage) or call())
+    assert calls == list(plan.stages) == ["encode", "sketch", "render", "decode"]
+    assert [h.step_index for h in run.outputs["sketch"]] == [2, 2]
+    assert len(run.frames) == 2
+    for params, latents in zip(batch, run.latents):
+        assert rel_err(latents, engine.generate(params, decode=False).latents) <= TOLERANCE
