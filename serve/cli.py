@@ -65,6 +65,10 @@ def _generate_parser(sub) -> None:
     p.add_argument("--guidance", type=float, dest="guidance_scale",
                    help=f"Classifier-free guidance scale; <= 1 turns guidance off (default: "
                         f"{_preset_defaults('guidance_scale')}).")
+    p.add_argument("--guidance-2", type=float, dest="guidance_scale_2",
+                   help="Guidance scale of the render steps (Wan2.2's low-noise expert) (default: --guidance's, "
+                        "except " + ", ".join(f"{name} {p.defaults.guidance_scale_2}" for name, p in sorted(PRESETS.items())
+                                              if p.defaults.guidance_scale_2 is not None) + ").")
     p.add_argument("--shift", type=float, dest="flow_shift",
                    help=f"Flow shift of the UniPC sampler (default: {_preset_defaults('flow_shift')}).")
     p.add_argument("--seed", type=int, help="Seed of the initial noise, drawn as diffusers does (default: random, "
@@ -116,7 +120,7 @@ def warn_outside_toy_grammar(prompt: str, command: str = "generate") -> None:
 
 def _request_fields(args) -> dict:
     names = ("prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
-             "flow_shift", "seed", "switch")
+             "guidance_scale_2", "flow_shift", "seed", "switch")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

@@ -158,3 +158,21 @@ def test_ti2v_pipelines_are_refused_before_loading(wan22, tmp_path):
     (ti2v / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
     with pytest.raises(ModelError, match="expand_timesteps"):
         check_compatible(ModelPair(str(ti2v), str(ti2v), render_subfolder="transformer_2"))
+
+
+def test_cli_guidance_2_sets_the_render_experts_guidance(wan22, params22, rel_err, tmp_path, capsys):
+    """`srd generate --guidance-2` is the request's guidance_scale_2: the saved latents equal the engine's with
+    that value, and a bad value is one line naming the field."""
+    from serve.cli import main
+
+    latents_path = tmp_path / "latents.pt"
+    args = ["generate", "--preset", "tiny-wan2.2", "--prompt", "a red ball bouncing", "--height", "32", "--width",
+            "32", "--frames", "5", "--steps", "4", "--seed", "0", "--out", str(tmp_path / "v.mp4")]
+    assert main([*args, "--guidance-2", "1.5", "--save-latents", str(latents_path)]) == 0
+    expected = wan22.generate(params22(guidance_scale_2=1.5), decode=False).latents
+    assert rel_err(torch.load(latents_path), expected) <= TOLERANCE
+
+    capsys.readouterr()
+    assert main([*args, "--guidance-2", "-1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "guidance_scale_2" in line and "must be >= 0" in line
