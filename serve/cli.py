@@ -67,8 +67,9 @@ def _generate_parser(sub) -> None:
                         f"{_preset_defaults('guidance_scale')}).")
     p.add_argument("--guidance-2", type=float, dest="guidance_scale_2",
                    help="Guidance scale of the render steps (Wan2.2's low-noise expert) (default: --guidance's, "
-                        "except " + ", ".join(f"{name} {p.defaults.guidance_scale_2}" for name, p in sorted(PRESETS.items())
-                                              if p.defaults.guidance_scale_2 is not None) + ").")
+                        "except " + ", ".join(f"{name} {preset.defaults.guidance_scale_2}"
+                                              for name, preset in sorted(PRESETS.items())
+                                              if preset.defaults.guidance_scale_2 is not None) + ").")
     p.add_argument("--shift", type=float, dest="flow_shift",
                    help=f"Flow shift of the UniPC sampler (default: {_preset_defaults('flow_shift')}).")
     p.add_argument("--seed", type=int, help="Seed of the initial noise, drawn as diffusers does (default: random, "

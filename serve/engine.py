@@ -161,9 +161,12 @@ class RenderStage:
                                          subfolder=models.render_subfolder),
             config.max_tokens_per_forward,
         )
+        self.spec = self.family.latent_spec(models.sketch)
 
     def __call__(self, handoffs: list[Handoff], on_step=None):
-        return stages.render(self.denoiser, handoffs, self.config.device, on_step, self.family.sampler)
+        """The final latents of each hand-off, as [1, C, F', H', W'] whatever the family's own layout."""
+        latents = stages.render(self.denoiser, handoffs, self.config.device, on_step, self.family.sampler)
+        return [x if isinstance(x, stages.Cancelled) else self.spec.canonical(x) for x in latents]
 
 
 class DecodeStage:

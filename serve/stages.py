@@ -57,6 +57,11 @@ class LatentSpec:
     patch: tuple[int, int, int] = (1, 2, 2)
     layout: str = "CF"
 
+    def canonical(self, latents: torch.Tensor) -> torch.Tensor:
+        """The family's latents as [B, C, F', H', W'], the layout every output uses (DESIGN.md: `--save-latents`,
+        the LATENTS checkpoint, the decode stage's input) and the video VAEs decode."""
+        return latents.permute(0, 2, 1, 3, 4).contiguous() if self.layout == "FC" else latents
+
     def shape(self, params: GenerationParams) -> tuple[int, ...]:
         frames = (params.num_frames - 1) // self.temporal + 1
         h, w = params.height // self.spatial, params.width // self.spatial

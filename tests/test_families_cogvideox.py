@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
@@ -66,7 +67,8 @@ def params_cog():
 
 @pytest.fixture(scope="module")
 def oracle(cog_models):
-    """oracle(params, k, sketch_dir=None, leak=False) -> CogVideoXPipeline's latents, transformer swapped after K."""
+    """oracle(params, k, sketch_dir=None, leak=False) -> CogVideoXPipeline's latents, transformer swapped after K,
+    as [B, C, F', H', W'] (the pipeline's own [B, F', C, H', W'] permuted: the engine outputs the canonical layout)."""
     render = CogVideoXTransformer3DModel.from_pretrained(cog_models.render, subfolder="transformer")
     assert not render.config.use_rotary_positional_embeddings
     leaking = []  # non-empty: let the sketch model's RoPE through (the naive swap)
@@ -98,7 +100,7 @@ def oracle(cog_models):
                 width=params.width, num_frames=params.num_frames, num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale, generator=torch.Generator("cpu").manual_seed(params.seed),
                 output_type="latent", max_sequence_length=16, callback_on_step_end=swap,
-            ).frames
+            ).frames.permute(0, 2, 1, 3, 4)
         finally:
             pipe.transformer = sketch
             leaking.clear()
@@ -113,7 +115,7 @@ def test_sketch_render_equals_cogvideox_pipeline_with_swap(cog, oracle, params_c
     result = cog.generate(params, decode=False)
     expected = oracle(params, k)
     assert result.switch_step == k
-    assert result.latents.shape == expected.shape == (1, 2, 4, 4, 6)  # [B, F', C, H', W']
+    assert result.latents.shape == expected.shape == (1, 4, 2, 4, 6)  # [B, C, F', H', W']
     assert rel_err(result.latents, expected) <= TOLERANCE
 
 
@@ -168,8 +170,14 @@ def test_decode_and_preview_use_the_sketch_pipelines_vae(cog, params_cog):
     (handoff,) = cog.sketcher([(params, embeds)])
     image = cog.decoder.preview(handoff)
     assert image.dtype.name == "uint8" and image.shape == (32, 48, 3)
-    frames = cog.decoder(cog.renderer([handoff])[0])
+    (latents,) = cog.renderer([handoff])
+    assert latents.shape[1] == 4  # [1, C, F', H', W'], the canonical layout the decoder takes
+    frames = cog.decoder(latents)
     assert frames.dtype.name == "uint8" and frames.shape[0] == 1 and frames.shape[2:] == (32, 48, 3)
+    pipe = cog.decoder.pipe  # diffusers' own decode takes the pipeline's [B, F', C, H', W']
+    with torch.no_grad():
+        expected = pipe.video_processor.postprocess_video(pipe.decode_latents(latents.permute(0, 2, 1, 3, 4)), "np")
+    assert np.array_equal(frames, (np.asarray(expected) * 255).round().clip(0, 255).astype(np.uint8))
 
 
 def test_family_comes_from_model_index(cog_models, tiny_models, tmp_path):

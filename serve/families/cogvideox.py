@@ -7,7 +7,9 @@ the tokenizer's `model_max_length` (226 for the THUDM checkpoints, at most 226: 
 `CogVideoXDDIMScheduler.step(out, t, latents)`, or for `CogVideoXDPMScheduler` `step(out, old_pred_original_sample,
 t, t_prev, latents, generator=...)`, whose x0 history and generator the pipeline (not the scheduler) keeps: here they
 live in the hand-off's `sampler_extra` ("pred_original_sample", "generator_state"), so a DPM trajectory resumes
-exactly in another process. Decode: `vae.decode(latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor)`.
+exactly in another process. The render stage outputs the final latents as [B, C, F', H', W'] (the layout every
+family's outputs use: `--save-latents`, the LATENTS checkpoint), which the VAE decodes after dividing by its
+`scaling_factor`.
 Not mirrored: `use_dynamic_cfg` (off by default in the pipeline; the engine's guidance is constant per stage), and
 in bfloat16 the pipeline casts the latents to bf16 after every step where the engine keeps them in float32.
 
@@ -191,13 +193,13 @@ class CogVideoXFamily(Family):
     def decode(self, pipe, latents: torch.Tensor) -> np.ndarray:
         vae = pipe.vae
         with torch.inference_mode():
-            z = latents.to(vae.device, vae.dtype).permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+            z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor  # [B, C, F', H', W'], canonical
             video = vae.decode(z).sample
             frames = pipe.video_processor.postprocess_video(video=video, output_type="np")
         return (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
 
     def preview(self, pipe, handoff) -> np.ndarray:
-        return self.decode(pipe, handoff.preview_latents[:, :1])[0, 0]
+        return self.decode(pipe, handoff.preview_latents[:, :1].permute(0, 2, 1, 3, 4))[0, 0]  # FC -> CF
 
 
 FAMILY = CogVideoXFamily()
