@@ -44,6 +44,7 @@ TIERS: dict[str, str] = {
     "test_app_faults": "ray",
     "test_app_parts": "fast",  # the progress reporter and the encoder cache, in-process
     "test_parallel_ray": "ray",
+    "test_parallel_groups": "ray",  # the process and the Ray worker group under one test (a killed rank)
     "test_frontdoor_serve": "ray",
     # slow: training, quality, the benchmarks' smoke runs
     "test_toy_preset": "slow",

@@ -162,11 +162,12 @@ def test_serve_app_ulysses2_sketcher_equals_one_rank(app, tiny_config, make_para
     assert rel_err(result.latents, reference.latents) <= TOL
     assert _worker_pids() == {rank1}
 
-    # A rank dies: the next call fails naming it, the replica's health check fails, and Serve replaces the replica
-    # (its ranks with it); the new replica's group computes the same result.
+    # A rank dies: the next call (the new batch's prompt embeddings, sent before its first step) fails naming it, the
+    # replica's health check fails, and Serve replaces the replica (its ranks with it); the new replica's group
+    # computes the same result.
     os.kill(rank1, 9)
     job_id = job_with_embeds(requests["even"], embeds["even"])
-    with pytest.raises(Exception, match=r"sketch worker rank 1 died during 'denoise'"):
+    with pytest.raises(Exception, match=r"sketch worker rank 1 died during 'hold_prompts'"):
         sketch.denoise.remote(job_id, requests["even"]).result()
     assert _wait(lambda: len(_worker_pids()) == 1 and rank1 not in _worker_pids(), timeout_s=120), _worker_pids()
     (new_rank1,) = _worker_pids()
