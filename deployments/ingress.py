@@ -121,6 +121,7 @@ class Ingress:
         self._orchestrator = orchestrator  # bound so that the app deploys it; jobs reach it through the store
         self._config = config
         self._defaults = config.engine.defaults
+        self._family = config.engine.family()  # its check_request refuses what the stages could not run
         self._limits = config.request_limits
         self._store = JobStore(config.jobs.store, config.jobs.store_table)
         self._results = ResultStore(config.jobs.results)
@@ -138,6 +139,7 @@ class Ingress:
                 request = VideoRequest.model_validate(request)
             params = request.resolve(self._defaults)
             self._limits.check(params, request.model_fields_set)
+            self._family.check_request(params)
         except ValidationError as e:
             raise validation_error(e) from None
         except InvalidRequest as e:

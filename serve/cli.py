@@ -148,6 +148,7 @@ def generate(args) -> None:
     diffusers_logging.disable_progress_bar()  # our own bars are per stage
     config = EngineConfig(preset=args.preset, sketch=args.sketch, render=args.render, device=args.device,
                           dtype=args.dtype, vae_tiling=args.vae_tiling)
+    config.family().check_request(params)  # the family's own limits (a config file read, no weights)
     toy_prompt_check = args.preset == "toy" and not args.sketch  # after every error a user can cause, once
     if args.via_serve:
         if toy_prompt_check:

@@ -63,6 +63,10 @@ def test_family_served_end_to_end(preset, serve_http, tmp_path):
             video = read_mp4(http.get(f"/v1/videos/{job['id']}/content").content)
             assert video.shape == (request["num_frames"], 32, 32, 3)
             latents = torch.from_numpy(np.load(io.BytesIO(http.get(f"/v1/videos/{job['id']}/latents").content)))
+            assert latents.shape[:3] == (1, 16 if preset == "tiny-wan2.2" else 4, (request["num_frames"] - 1) // 4 + 1)
+            if preset == "tiny-cogvideox":  # the family's own limits are a 422 naming the field, before admission
+                refused = http.post("/v1/videos", json={**request, "num_frames": 5})
+                assert refused.status_code == 422 and refused.json()["error"]["param"] == "num_frames", refused.text
     finally:
         serve.delete(app_name)
 

@@ -80,10 +80,13 @@ class Family:
         raise NotImplementedError
 
     def check_request(self, params: GenerationParams) -> None:
-        """Raise ValueError naming the field for a request this family cannot run (before any denoising)."""
+        """Raise InvalidRequest naming the field for a request this family cannot run: the ingress calls it before
+        admitting a job (a 4xx), the sketch stage before denoising."""
+        from serve.request import InvalidRequest
+
         if params.switch.kind not in self.switch_kinds:
-            raise ValueError(f"`switch` {str(params.switch)!r}: the {self.name} family supports "
-                             f"{', '.join(k + ':' for k in self.switch_kinds)} policies only")
+            raise InvalidRequest("switch", f"`switch` {str(params.switch)!r}: the {self.name} family supports "
+                                           f"{', '.join(k + ':' for k in self.switch_kinds)} policies only")
 
     # -- loading weights ---------------------------------------------------------------------------------------
 

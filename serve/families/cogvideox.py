@@ -115,6 +115,16 @@ class CogVideoXFamily(Family):
     )
     sampler = CogVideoXSampler()
 
+    def check_request(self, params) -> None:
+        """CogVideoX 1.0's VAE keeps the first latent frame apart and doubles the rest twice in time, so F' latent
+        frames decode to 4(F'-1)+1 frames only for odd F' (49 frames: F' = 13); an even F' would give 4F'."""
+        from serve.request import InvalidRequest
+
+        super().check_request(params)
+        if ((params.num_frames - 1) // 4 + 1) % 2 == 0:
+            raise InvalidRequest("num_frames", f"`num_frames` must be of the form 8n+1 for CogVideoX (9, 17, ..., 49) "
+                                               f"but is {params.num_frames}")
+
     def check_compatible(self, pair) -> None:
         from serve.models import ModelError, _is_pipeline, _load, _locate
 
