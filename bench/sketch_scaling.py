@@ -13,8 +13,9 @@ A step is what `serve.stages` asks of its denoiser once per step: the cond and u
             reference for the checks.
   N GPUs    serve.parallel.RemoteDenoiser over a ProcessWorkerGroup of N spawned ranks (rank r on cuda:r, NCCL), each
             a ParallelWorker running ParallelDenoiser (xfuser USP inside a CFG group; CFG-parallel over groups):
-            the rank code of a Serve sketch replica's worker group. The driver sends the step's inputs to every rank
-            every step (SPMD, as the engine does) and gets rank 0's answer.
+            the rank code of a Serve sketch replica's worker group. The driver sends a batch's prompt embeddings to
+            every rank once, then each step's latents and timesteps (SPMD, as the engine does), and gets rank 0's
+            answer.
 
 Weights: random-init with the real architecture (label "random-init weights, real architecture"): the model sources
 are config-only directories (`bench.wan.write_config_only`) loaded with the engine's `weights="random-init"`, each
@@ -25,7 +26,8 @@ of its parameters, compared in the results), and that times `denoise` on the ran
 Per (config, size): one warm-up step, whose output is checked against the 1-GPU output (relative L2 error), then
 the median of --runs timed steps, each synchronised. Also per row: the ranks' own time inside `denoise` (inputs on
 device, forward, synchronised), so that step - rank time is the per-step transport (driver -> ranks inputs and
-rank 0 -> driver output, pickled through pipes); and `receive`, the inputs alone reaching every rank's device.
+rank 0 -> driver output, pickled through pipes); and `receive`, a step's inputs alone (latents and timesteps; the
+embeddings crossed once, before the first step) reaching every rank's device.
 Efficiency = t_1 / (n x t_n). The check passes when the error is within max(--tol, 3 x floor), where floor is the
 1-GPU output's own change when its input latents are perturbed by half a unit in the last place of the dtype
 (bf16 rounding-level noise), so that a bf16 reordering is not mistaken for a bug; a real bug (wrong shard, missing
@@ -128,8 +130,9 @@ def device_info(device: torch.device) -> dict:
 
 
 class TimedWorker(ParallelWorker):
-    """A ParallelWorker (serve/parallel.py) that seeds its random-init build and times itself. Loading (the engine's
-    `weights="random-init"`), process groups, xfuser's wrapper, ParallelDenoiser and `denoise` are the engine's."""
+    """A ParallelWorker (serve/parallel/worker.py) that seeds its random-init build and times itself. Loading (the
+    engine's `weights="random-init"`), process groups, xfuser's wrapper, ParallelDenoiser and `denoise` are the
+    engine's."""
 
     def __init__(self, **kwargs):
         self.denoise_s: list[float] = []
@@ -152,18 +155,18 @@ class TimedWorker(ParallelWorker):
                 "weights_checksum": self.checksum, "env": env}
 
     @torch.inference_mode()
-    def denoise(self, latents, timesteps, embeds, guidance):
+    def denoise(self, *args):
         sync(self.ctx.device)
         start = time.perf_counter()
-        out = super().denoise(latents, timesteps, embeds, guidance)
+        out = super().denoise(*args)
         sync(self.ctx.device)
         self.denoise_s.append(time.perf_counter() - start)
         return out
 
-    def receive(self, latents, timesteps, embeds, guidance) -> None:
-        """Only the step's inputs reaching this rank's device (the driver times the call: the input transfer)."""
+    def receive(self, latents, timesteps) -> None:
+        """Only a step's inputs reaching this rank's device (the driver times the call: the input transfer)."""
         device = self.ctx.device
-        latents.to(device), timesteps.to(device), [e.to(device) for e in embeds]
+        latents.to(device), timesteps.to(device)
         sync(device)
 
     def stats(self) -> dict:
@@ -397,15 +400,17 @@ class Run:
             bounded.execute("stats")  # drop the warm-up's rank time
             times = [timed(step, "cpu")[1] for _ in range(self.args.runs)]
         stats = bounded.execute("stats")
-        # The inputs alone, exactly what RemoteDenoiser sends (latents in the model dtype), to every rank's device.
-        receive = [timed(lambda: bounded.execute("receive", latents.to(self.dtype), timesteps, embeds, guidance),
-                         "cpu")[1] for _ in range(3)]
+        # A step's inputs alone, exactly what RemoteDenoiser sends per step (latents in the model dtype), to every
+        # rank's device.
+        receive = [timed(lambda: bounded.execute("receive", latents.to(self.dtype), timesteps), "cpu")[1]
+                   for _ in range(3)]
         median = statistics.median(times)
         rank_s = statistics.median(stats["denoise_s"])
         out = out.float()
         row.update(first_step_s=first, times_s=times, step_s=median, rank0_denoise_times_s=stats["denoise_s"],
                    rank_denoise_s=rank_s, transport_s=median - rank_s, input_transfer_s=statistics.median(receive),
-                   input_transfer_times_s=receive, input_bytes=payload_bytes(latents.to(self.dtype), timesteps, embeds),
+                   input_transfer_times_s=receive, input_bytes=payload_bytes(latents.to(self.dtype), timesteps),
+                   prompt_bytes_once=payload_bytes(embeds),
                    output_bytes=out.to(self.dtype).numel() * out.to(self.dtype).element_size(),
                    rank0_peak_gib=stats["peak_gib"], finite=bool(torch.isfinite(out).all()))
         if size in self.baseline:

@@ -120,7 +120,7 @@ class GuidedDenoiser:
 
     Cond rows of all requests, then uncond rows of those with guidance > 1, are stacked and run in as few forwards
     as `max_tokens_per_forward` allows (at least one row each); the guided output is diffusers' formula
-    uncond + g * (cond - uncond). The sequence-parallel denoisers in serve/parallel.py keep this interface.
+    uncond + g * (cond - uncond). The sequence-parallel denoisers in serve/parallel/ keep this interface.
     """
 
     def __init__(self, transformer, max_tokens_per_forward: int = DEFAULT_MAX_TOKENS_PER_FORWARD):
