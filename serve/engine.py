@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kernels.apply import KernelReport, apply_kernels
+from kernels.config import KernelConfig
 from serve import stages
 from serve.families.base import Family, family_of
 from serve.handoff import Handoff, PromptEmbeds
@@ -81,6 +83,11 @@ class EngineConfig(BaseModel):
     )
     vae_tiling: bool = Field(False, description="Decode in spatial tiles (diffusers' AutoencoderKLWan tiling).")
     vae_tile: VaeTiling = Field(default_factory=VaeTiling, description="Tile geometry when `vae_tiling` is on.")
+    sketch_kernels: KernelConfig = Field(
+        default_factory=KernelConfig, description="Speed levers of the sketch transformer (attention backend, FP8 "
+        "linear layers, regional compile); all off by default.")
+    render_kernels: KernelConfig = Field(
+        default_factory=KernelConfig, description="Speed levers of the render transformer; all off by default.")
 
     @field_validator("preset")
     @classmethod
@@ -119,6 +126,23 @@ class EngineConfig(BaseModel):
         """The model family adapter, from the sketch pipeline's model_index.json (no weights load)."""
         return family_of(self.models().sketch)
 
+    def kernels_for(self, role: str, family: Family) -> KernelConfig:
+        """The stage's kernel levers, refused before any weights load where the family's transformer has no
+        support for them (the levers address Wan's blocks and self-attention layers)."""
+        config = getattr(self, f"{role}_kernels")
+        if config.any and family.name != "wan":
+            raise ValueError(f"`{role}_kernels` sets speed levers, which support the wan family only; the model "
+                             f"pair is {family.name}")
+        return config
+
+
+def load_kernels(stage, config: EngineConfig, role: str, denoiser) -> KernelReport:
+    """Apply the stage's levers to its own transformer (an injected denoiser is taken as it is)."""
+    levers = config.kernels_for(role, stage.family)
+    if denoiser is not None or not levers.any:
+        return KernelReport(role)
+    return apply_kernels(stage.denoiser.transformer, levers, role)
+
 
 class EncodeStage:
     def __init__(self, config: EngineConfig):
@@ -143,6 +167,7 @@ class SketchStage:
             self.family.load_transformer(models.sketch, "sketch", config.device, config.torch_dtype, config.weights),
             config.max_tokens_per_forward,
         )
+        self.kernels = load_kernels(self, config, "sketch", denoiser)
 
     def __call__(self, requests: list[tuple[GenerationParams, PromptEmbeds]], on_step=None):
         for params, _ in requests:
@@ -162,10 +187,12 @@ class RenderStage:
             config.max_tokens_per_forward,
         )
         self.spec = self.family.latent_spec(models.sketch)
+        self.kernels = load_kernels(self, config, "render", denoiser)
 
-    def __call__(self, handoffs: list[Handoff], on_step=None):
-        """The final latents of each hand-off, as [1, C, F', H', W'] whatever the family's own layout."""
-        latents = stages.render(self.denoiser, handoffs, self.config.device, on_step, self.family.sampler)
+    def __call__(self, handoffs: list[Handoff], on_step=None, report: dict | None = None):
+        """The final latents of each hand-off, as [1, C, F', H', W'] whatever the family's own layout. `report`, if
+        given, receives per hand-off index the render steps that step caching skipped (`params.render_cache`)."""
+        latents = stages.render(self.denoiser, handoffs, self.config.device, on_step, self.family.sampler, report)
         return [x if isinstance(x, stages.Cancelled) else self.spec.canonical(x) for x in latents]
 
 
@@ -201,6 +228,8 @@ class Engine:
     def __init__(self, config: EngineConfig):
         self.family = config.family()
         self.family.check_compatible(config.models())  # a wrong model pair fails before any weights load
+        for role in ("sketch", "render"):
+            config.kernels_for(role, self.family)  # so do levers the family cannot take
         self.config = config
         self.encoder = EncodeStage(config)
         self.sketcher = SketchStage(config)

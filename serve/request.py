@@ -145,6 +145,10 @@ class VideoRequest(BaseModel):
     switch: str | None = Field(
         None, description="When sketching hands over: step:K | ratio:R | adaptive:THR[:MIN:MAX] | boundary:R."
     )
+    render_cache: float = Field(
+        0.0, ge=0.0, le=1.0, description="Render step caching: a render step reuses the last transformer output "
+        "while the accumulated relative change of its input latents stays below this (0: off, the exact output; "
+        "larger skips more steps, at a cost in quality).")
 
     @field_validator("prompt")
     @classmethod
@@ -279,6 +283,7 @@ class VideoRequest(BaseModel):
             switch=switch,
             fps=defaults.fps,
             guidance_scale_2=defaults.guidance_scale_2 if self.guidance_scale_2 is None else self.guidance_scale_2,
+            render_cache=self.render_cache,
         )
 
 
@@ -301,6 +306,8 @@ class GenerationParams:
     # classifier-free guidance (> 1), so with both > 1 the engine equals diffusers' WanPipeline(guidance_scale,
     # guidance_scale_2); where diffusers lets the first scale alone switch CFG on or off for both experts, it differs.
     guidance_scale_2: float | None = None
+    # Render step caching threshold (kernels/step_cache.py); 0 is off: the output equals the uncached one.
+    render_cache: float = 0.0
 
     @property
     def render_guidance(self) -> float:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from kernels.step_cache import StepCache
 from serve.handoff import Handoff, PromptEmbeds, move_scheduler
 from serve.request import GenerationParams
 from serve.switch import SwitchTracker
@@ -189,6 +190,7 @@ class _Trajectory:
     cancelled: bool = False
     seconds: float = 0.0
     rates: list[float] = field(default_factory=list)
+    cache: StepCache | None = None  # render step caching (params.render_cache > 0)
 
     @property
     def running(self) -> bool:
@@ -207,12 +209,20 @@ def _denoise(denoiser, trajectories: list[_Trajectory], on_step: StepCallback | 
             groups.setdefault(tuple(trajectories[i].latents.shape), []).append(i)
         for members in groups.values():
             trs = [trajectories[i] for i in members]
-            timesteps = torch.stack([tr.scheduler.timesteps[tr.step] for tr in trs])
-            noise = denoiser(
-                torch.cat([tr.latents for tr in trs]), timesteps, [tr.embeds for tr in trs],
-                [tr.guidance for tr in trs],
-            )
-            for i, tr, out in zip(members, trs, noise.unsqueeze(1).unbind(0)):
+            outputs = {id(tr): tr.cache.reuse(tr.latents) for tr in trs if tr.cache is not None}
+            run = [tr for tr in trs if outputs.get(id(tr)) is None]
+            if run:
+                timesteps = torch.stack([tr.scheduler.timesteps[tr.step] for tr in run])
+                noise = denoiser(
+                    torch.cat([tr.latents for tr in run]), timesteps, [tr.embeds for tr in run],
+                    [tr.guidance for tr in run],
+                )
+                for tr, out in zip(run, noise.unsqueeze(1).unbind(0)):
+                    outputs[id(tr)] = out
+                    if tr.cache is not None:
+                        tr.cache.store(tr.latents, out)
+            for i, tr in zip(members, trs):
+                out = outputs[id(tr)]
                 tr.latents = sampler.step(tr.scheduler, tr.extra, out, tr.step, tr.latents)
                 tr.step += 1
                 if tr.tracker is not None and tr.tracker.after_step(tr.step - 1, out):
@@ -256,19 +266,24 @@ def sketch(
 
 
 def render(denoiser, handoffs: list[Handoff], device, on_step: StepCallback | None = None,
-           sampler: Sampler = DEFAULT_SAMPLER) -> list[torch.Tensor | Cancelled]:
+           sampler: Sampler = DEFAULT_SAMPLER, report: dict | None = None) -> list[torch.Tensor | Cancelled]:
     """Finish each hand-off's trajectory (steps K..N-1) with the render model at the render guidance
-    (`params.render_guidance`); returns float32 latents on the CPU."""
+    (`params.render_guidance`); returns float32 latents on the CPU. A request with `render_cache` > 0 reuses the
+    last output on steps whose input barely moved (kernels/step_cache.py); `report`, if given, receives per
+    hand-off index how many render steps that skipped."""
     trajectories = [
         _Trajectory(
             params=h.params, embeds=h.embeds.to(device), latents=h.latents.to(device),
             scheduler=move_scheduler(h.scheduler, device), step=h.step_index, guidance=h.params.render_guidance,
             extra={k: v.to(device) for k, v in h.sampler_extra.items()},
+            cache=StepCache(h.params.render_cache) if h.params.render_cache > 0 else None,
         )
         for h in handoffs
     ]
     with torch.inference_mode():
         _denoise(denoiser, trajectories, on_step, sampler)
+    if report is not None:
+        report.update({i: tr.cache.skipped if tr.cache else 0 for i, tr in enumerate(trajectories)})
     return [Cancelled(tr.step) if tr.cancelled else tr.latents.float().cpu() for tr in trajectories]
 
 

@@ -57,6 +57,7 @@ TIERS: dict[str, str] = {
     # families of modules (fnmatch patterns), for modules not named above
     "test_app_*": "ray",
     "test_families_*": "fast",
+    "test_kernels*": "fast",
     # single tests outside their module's tier ("module::test")
     "test_app_config::test_serve_build_accepts_the_app": "ray",  # Ray's `serve build` CLI in a subprocess
 }
