@@ -1,0 +1,200 @@
+"""Per-forward time of each speed lever of kernels/ against diffusers' eager forward, side by side in one run, with
+the output's cosine similarity and relative error against that eager bf16 output on the same weights and inputs
+(issue 16, must-show 1), for Wan2.1-T2V 1.3B and 14B at 480x832/81 frames (32,760 tokens).
+
+    python -m bench.kernels --device cuda --commit $(git rev-parse --short HEAD) --out $OUT/kernels.json
+    python -m bench.kernels --smoke --out /tmp/kernels.json     # CPU, tiny stand-ins: the code paths only
+
+Per model, in this order (the JSON is rewritten after every row; a row that raises is recorded and the run goes on):
+  attention   every runnable self-attention backend on random q, k, v at the model's shape (B=1, 32,760 tokens):
+              median ms per call and cosine vs torch SDPA; `select_backend` picks one (what attention="auto" does)
+  eager       diffusers' forward, bf16, torch SDPA: the reference output and time
+  levers      each lever alone (attention backends, fp8_linear, compile), then stacked ones, each applied by
+              kernels.apply.apply_kernels (the stage's own path) to a copy of the same weights; compile rows report
+              their first (compiling) call apart
+Then an end-to-end estimate (labelled so, not measured): 50 steps with CFG (2 forwards a step), switch at K=10,
+K*2*C14B + (N-K)*2*C1.3B with the stacked levers, against 50*2*C14B eager; encode/decode/overhead excluded.
+
+All numbers are "random-init weights, real architecture" (bench.wan.LABEL). Random weights make activations
+unlike a trained model's: the accuracy of FP8 here is indicative, the toy pair is where quality is judged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench import measure, wan
+from kernels import attention
+from kernels.apply import apply_kernels
+from kernels.config import KernelConfig
+
+SIZES = {"480p": (480, 832, 81)}
+SMOKE_SIZES = {"smoke": (32, 48, 5)}
+
+
+def inputs(transformer, height: int, width: int, frames: int, device, dtype):
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (1, transformer.config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+    latents = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    text = torch.randn((1, 512, transformer.config.text_dim), generator=generator, device=device, dtype=dtype)
+    return dict(hidden_states=latents, timestep=torch.tensor([500], device=device), encoder_hidden_states=text,
+                return_dict=False)
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    out, ref = out.float().flatten(), ref.float().flatten()
+    return {"cosine": F.cosine_similarity(out, ref, dim=0).item(),
+            "rel_error": ((out - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(out).all())}
+
+
+def levers(selected: str, available: list[str]) -> dict[str, KernelConfig]:
+    rows = {f"attn:{name}": KernelConfig(attention=name) for name in available if name != "sdpa"}
+    rows["compile"] = KernelConfig(compile=True)
+    rows["fp8_linear+compile"] = KernelConfig(fp8_linear=True, compile=True)
+    if selected != "sdpa":
+        rows[f"attn:{selected}+compile"] = KernelConfig(attention=selected, compile=True)
+        rows[f"stacked:attn:{selected}+fp8_linear+compile"] = KernelConfig(attention=selected, fp8_linear=True,
+                                                                           compile=True)
+    for name in available:  # the other 8-bit backend stacked too, so the table shows both
+        if name in attention.EIGHT_BIT_BACKENDS and name != selected:
+            rows[f"stacked:attn:{name}+fp8_linear+compile"] = KernelConfig(attention=name, fp8_linear=True,
+                                                                           compile=True)
+    rows["fp8_linear"] = KernelConfig(fp8_linear=True)  # alone, uncompiled: last, the least informative
+    return rows
+
+
+def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, deadline: float, save) -> dict:
+    height, width, frames = size
+    result: dict = {"model": name, "height": height, "width": width, "num_frames": frames, "rows": {}}
+    base = wan.transformer(name, device, dtype).eval()
+    kwargs = inputs(base, height, width, frames, device, dtype)
+    cfg = base.config
+    tokens = kwargs["hidden_states"].shape[2] * (height // 16) * (width // 16)
+    result["tokens"] = tokens
+
+    shape = (1, tokens, cfg.num_attention_heads, cfg.attention_head_dim)
+    measured = attention.measure_backends(shape, device, dtype, repeats=max(runs, 5))
+    selected, reason = attention.select_backend(measured)
+    result["attention"] = {"shape": shape, "selected": selected, "reason": reason,
+                           "backends": {n: {"ms": m.seconds * 1e3, "cosine": m.cosine} for n, m in measured.items()}}
+    save()
+
+    with torch.inference_mode():
+        ref, first = measure.timed(lambda: base(**kwargs)[0], device)
+        timing = measure.repeat(lambda: base(**kwargs)[0], device, warmup=0, runs=runs)
+    result["rows"]["eager"] = {"median_s": timing["median_s"], "times_s": timing["times_s"], "cosine": 1.0,
+                               "rel_error": 0.0, "first_call_s": first}
+    eager_s = timing["median_s"]
+    save()
+
+    for label, config in levers(selected, list(measured)).items():
+        if time.monotonic() > deadline:
+            result["rows"][label] = {"skipped": "out of time"}
+            continue
+        model = None
+        try:
+            torch._dynamo.reset()
+            model = copy.deepcopy(base)
+            report = apply_kernels(model, config, label)
+            with torch.inference_mode():
+                out, first = measure.timed(lambda: model(**kwargs)[0], device)
+                timing = measure.repeat(lambda: model(**kwargs)[0], device, warmup=0, runs=runs)
+            row = {"median_s": timing["median_s"], "times_s": timing["times_s"], "first_call_s": first,
+                   "speedup": eager_s / timing["median_s"], **compare(out, ref), "report": report.line(),
+                   "numerics": "8-bit" if (config.fp8_linear or config.attention in attention.EIGHT_BIT_BACKENDS)
+                   else "bf16"}
+            row["bound"] = attention.MIN_COSINE_8BIT if row["numerics"] == "8-bit" else attention.MIN_COSINE_BF16
+            row["meets_bound"] = row["cosine"] >= row["bound"]
+            result["rows"][label] = row
+            print(f"{name} {label}: {row['median_s']:.3f} s ({row['speedup']:.2f}x) cos {row['cosine']:.5f} "
+                  f"rel {row['rel_error']:.4f} first {first:.1f} s", flush=True)
+        except Exception as e:  # one failing lever is a row with its error, not a lost run
+            result["rows"][label] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(f"{name} {label}: ERROR {type(e).__name__}: {e}"[:500], flush=True)
+        del model
+        measure.free_memory(device)
+        save()
+    del base
+    measure.free_memory(device)
+    return result
+
+
+def best_stacked(rows: dict) -> tuple[str, float] | None:
+    stacked = {k: v for k, v in rows.items() if k.startswith("stacked") and "median_s" in v and v.get("meets_bound")}
+    if not stacked:
+        return None
+    label = min(stacked, key=lambda k: stacked[k]["median_s"])
+    return label, stacked[label]["median_s"]
+
+
+def e2e_estimate(results: dict, steps: int = 50, k: int = 10) -> dict | None:
+    """Transformer time of one request from this run's per-forward costs (CFG: 2 forwards a step). An estimate,
+    not a measurement: encode, decode and orchestration are left out, and no render caching is counted."""
+    big, small = results.get("wan2.1-t2v-14b"), results.get("wan2.1-t2v-1.3b")
+    if not big or not small:
+        return None
+    eager14, eager13 = big["rows"]["eager"]["median_s"], small["rows"]["eager"]["median_s"]
+    stacked14, stacked13 = best_stacked(big["rows"]), best_stacked(small["rows"])
+    estimate = {"label": "ESTIMATE from per-forward times, transformer time only", "steps": steps, "k": k,
+                "all_14b_eager_s": steps * 2 * eager14, "sr_eager_s": (k * eager14 + (steps - k) * eager13) * 2}
+    estimate["sr_eager_speedup"] = estimate["all_14b_eager_s"] / estimate["sr_eager_s"]
+    if stacked14 and stacked13:
+        estimate["stacked_rows"] = [stacked14[0], stacked13[0]]
+        estimate["sr_stacked_s"] = (k * stacked14[1] + (steps - k) * stacked13[1]) * 2
+        estimate["sr_stacked_speedup"] = estimate["all_14b_eager_s"] / estimate["sr_stacked_s"]
+    return estimate
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--models", default="wan2.1-t2v-1.3b,wan2.1-t2v-14b")
+    parser.add_argument("--runs", type=int, default=3, help="Timed forwards per row (median).")
+    parser.add_argument("--budget-s", type=float, default=540, help="Rows not started by then are skipped.")
+    parser.add_argument("--commit", default="")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny stand-ins, float32: the code paths only.")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.device, args.models, args.runs = "cpu", "smoke-sketch", 1
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    sizes = SMOKE_SIZES if args.smoke else SIZES
+    deadline = time.monotonic() + args.budget_s
+    doc = {"label": wan.LABEL, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": args.commit, "device": torch.cuda.get_device_name() if measure.is_cuda(args.device) else
+           platform.processor() or "cpu", "torch": torch.__version__, "dtype": str(dtype), "results": {}}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
+
+    for name in args.models.split(","):
+        for size_name, size in sizes.items():
+            doc["results"][name] = run_model(name, size, args.device, dtype, args.runs, deadline, save)
+            save()
+    doc["e2e_estimate"] = e2e_estimate(doc["results"])
+    save()
+    for name, result in doc["results"].items():
+        print(f"\n{name} {result['height']}x{result['width']}/{result['num_frames']} ({result['tokens']} tokens); "
+              f"attention selected: {result['attention']['selected']}")
+        for backend, m in result["attention"]["backends"].items():
+            print(f"  attention {backend:10s} {m['ms']:8.2f} ms  cos {m['cosine']:.5f}")
+        for label, row in result["rows"].items():
+            if "median_s" in row:
+                print(f"  {label:45s} {row['median_s']:7.3f} s  x{row.get('speedup', 1.0):.2f}  cos "
+                      f"{row['cosine']:.5f}  rel {row['rel_error']:.4f}")
+            else:
+                print(f"  {label:45s} {row}")
+    print("\ne2e", json.dumps(doc["e2e_estimate"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
