@@ -14,6 +14,9 @@
 Stages take and give checkpoints through the results location (serve/results.py), so a call carries only a job id
 and its parameters, and returns a small `StageDone` record.
 
+- Measured, not assumed: every batch records its size and time, every step its time (deployments/metrics.py), and
+  the replica reports its queued work in seconds (jobs' remaining steps times the measured seconds per step) to
+  the autoscaling policy (deployments/autoscaling.py) through `autoscaling_stats`.
 - One job's bad input fails only that job: a compute may give an exception as one job's output (`load_each` does so
   for a job whose input checkpoint cannot be read), and only that job's call raises it; the batch's other jobs are
   computed as usual and do not lose an attempt.
@@ -36,6 +39,7 @@ import ray
 from ray import serve
 
 from deployments.config import Batching, JobsConfig
+from deployments.metrics import GpuMetrics, StageMetrics
 from serve import jobs
 from serve.job_store import JobStore
 from serve.stages import Cancelled, StepCallback
@@ -153,8 +157,19 @@ class ProgressReporter:
 
 
 class StageRunner:
-    def __init__(self, stage: jobs.StageName, batching: Batching, jobs_config: JobsConfig, compute: Compute):
+    """`span_of(payload)`: (first step, one past the last) a job takes at this stage, as far as is known before it
+    runs ((0, 1) for encode and decode, whose "step" is the whole call); with the measured seconds per step it gives
+    the replica's queued work."""
+
+    def __init__(self, stage: jobs.StageName, batching: Batching, jobs_config: JobsConfig, compute: Compute,
+                 span_of: Callable[[Any], tuple[int, int]] = lambda payload: (0, 1)):
         self.stage = stage
+        self._span_of = span_of
+        self._spans: dict[str, tuple[int, int]] = {}
+        self._steps_left: dict[str, int] = {}  # job id -> steps still to take here, queued or computing
+        self._step_s: float | None = None  # measured seconds per job-step (a batch's step time over its jobs)
+        self.metrics = StageMetrics(stage)
+        self._gpu_metrics = GpuMetrics()
         self._batching = batching
         self._compute = compute
         self._reporter = ProgressReporter(JobStore(jobs_config.store, jobs_config.store_table),
@@ -178,12 +193,33 @@ class StageRunner:
             queue = self._queues.get(shape)
             if queue is None:
                 queue = self._queues[shape] = self._make_queue()
+            start, stop = self._spans[job_id] = self._span_of(payload)
+            self._steps_left[job_id] = stop - start
             running = self._running[job_id] = asyncio.ensure_future(queue((job_id, payload)))
-            running.add_done_callback(lambda _: self._running.pop(job_id, None))
+            running.add_done_callback(lambda _: self._left(job_id))
+            self.metrics.queue_depth(len(self._running))
         result = await asyncio.shield(running)
         if isinstance(result, BaseException):  # this job alone failed (see load_each)
             raise result
         return result
+
+    def _left(self, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        self._steps_left.pop(job_id, None)
+        self._spans.pop(job_id, None)
+        self.metrics.queue_depth(len(self._running))
+
+    def _measured(self, seconds_per_job_step: float) -> None:
+        """Seconds per job-step, smoothed over recent batches (a step's cost drifts with shapes and batch sizes)."""
+        self._step_s = seconds_per_job_step if self._step_s is None else 0.7 * self._step_s + 0.3 * seconds_per_job_step
+
+    def autoscaling_stats(self) -> dict[str, float]:
+        """Queued work of this replica for the autoscaling policy: `queued_steps` (jobs' remaining steps here),
+        `step_s` (measured seconds per job-step; 0 until the first step) and their product `queued_work_s`."""
+        steps = float(sum(self._steps_left.values()))
+        step_s = self._step_s or 0.0
+        return {"queued_steps": steps, "step_s": step_s, "queued_work_s": steps * step_s,
+                "jobs": float(len(self._steps_left))}
 
     def _make_queue(self) -> Callable:
         async def run_batch(items: list[tuple[str, Any]]) -> list[Any]:
@@ -205,12 +241,26 @@ class StageRunner:
                 if todo:
                     self.batches.append({"id": batch_id, "size": len(todo), "jobs": [job_ids[i] for i in todo]})
                     todo_ids = [job_ids[i] for i in todo]
+                    last_step = dict.fromkeys(todo_ids, time.monotonic())  # each job's last step boundary
+                    stepped = [False]
 
                     def on_step(index: int, steps_done: int, num_steps: int) -> bool:
-                        return self._reporter.step(todo_ids[index], steps_done)
+                        job_id, now = todo_ids[index], time.monotonic()
+                        stepping = sum(1 for j in todo_ids if self._steps_left.get(j, 0) > 0) or 1
+                        if job_id in self._steps_left:
+                            start, stop = self._spans[job_id]
+                            self._steps_left[job_id] = max(0, stop - max(start, steps_done))
+                        self.metrics.step(now - last_step[job_id])
+                        self._measured((now - last_step[job_id]) / stepping)
+                        last_step[job_id], stepped[0] = now, True
+                        return self._reporter.step(job_id, steps_done)
 
                     outputs = await asyncio.to_thread(self._compute, todo_ids, [items[i][1] for i in todo], on_step)
                     end = time.time()
+                    self.metrics.batch(len(todo), end - start)
+                    if not stepped[0]:  # encode and decode: the call is the step
+                        self.metrics.step(end - start)
+                        self._measured((end - start) / len(todo))
                     for i, output in zip(todo, outputs):
                         results[i] = output if isinstance(output, Cancelled | BaseException) else StageDone(
                             start=start, end=end, batch_id=batch_id, batch_size=len(todo), **(output or {}))

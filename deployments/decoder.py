@@ -48,3 +48,6 @@ class Decoder:
 
     async def stats(self) -> dict:
         return self._runner.stats()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:  # Ray Serve's hook for custom autoscaling metrics
+        return self._runner.autoscaling_stats()

@@ -12,13 +12,16 @@ group plugs in there.
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 from deployments.batching import StageDone, StageRunner, load_each, read_checkpoint, sub_steps
 from deployments.config import DenoiserConfig, JobsConfig
+from deployments.metrics import HandoffMetrics
 from deployments.worker_group import build_denoising_stage, check_stage_health, shutdown_stage
 from serve.checkpoint import embeds_from_bytes, handoff_from_bytes, handoff_to_bytes, latents_to_bytes
 from serve.engine import EngineConfig, RenderStage, SketchStage
+from serve.plan import switch_step
 from serve.request import GenerationParams
 from serve.results import EMBEDS, HANDOFF, LATENTS, ResultStore
 from serve.stages import Cancelled
@@ -32,7 +35,8 @@ class Denoiser:
         stage_cls = SketchStage if role == "sketch" else RenderStage
         self._stage = build_denoising_stage(stage_cls, role, engine, config.parallel)
         self._results = ResultStore(jobs.results)
-        self._runner = StageRunner(role, config.batching, jobs, self._denoise_jobs)
+        self._runner = StageRunner(role, config.batching, jobs, self._denoise_jobs, span_of=self._span)
+        self._handoff_metrics = HandoffMetrics()
 
     def check_health(self) -> None:
         check_stage_health(self._stage)
@@ -44,10 +48,21 @@ class Denoiser:
     async def denoise(self, job_id: str, params: GenerationParams) -> StageDone | Cancelled:
         return await self._runner.run(job_id, params, params.shape_key)
 
+    def _span(self, params: GenerationParams) -> tuple[int, int]:
+        """The steps this role takes for a request: its K decides the sketch's share. A switch decided while
+        sketching (adaptive, boundary) counts as half the steps until the sketch tells."""
+        n = params.num_inference_steps
+        k = switch_step(params)
+        k = n // 2 if k is None else k
+        return (0, k) if self.role == "sketch" else (k, n)
+
     def _load(self, job_id: str):
         if self.role == "sketch":
             return embeds_from_bytes(read_checkpoint(self._results, job_id, EMBEDS))
-        return handoff_from_bytes(read_checkpoint(self._results, job_id, HANDOFF))
+        start = time.perf_counter()
+        data = read_checkpoint(self._results, job_id, HANDOFF)
+        self._handoff_metrics.moved("read", len(data), time.perf_counter() - start)
+        return handoff_from_bytes(data)
 
     def _denoise_jobs(self, job_ids: list[str], requests: list[GenerationParams], on_step) -> list:
         indices, inputs, outputs = load_each(job_ids, self._load)
@@ -59,7 +74,10 @@ class Denoiser:
             if isinstance(result, Cancelled):
                 outputs[i] = result
             elif self.role == "sketch":
-                self._results.put(job_ids[i], HANDOFF, handoff_to_bytes(result))
+                start, data = time.perf_counter(), handoff_to_bytes(result)
+                self._results.put(job_ids[i], HANDOFF, data)
+                self._handoff_metrics.moved("write", len(data), time.perf_counter() - start)
+                self._handoff_metrics.switched(result.step_index)
                 outputs[i] = {"switch_step": result.step_index}
             else:
                 self._results.put(job_ids[i], LATENTS, latents_to_bytes(result))
@@ -68,3 +86,6 @@ class Denoiser:
 
     async def stats(self) -> dict:
         return self._runner.stats()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:  # Ray Serve's hook for custom autoscaling metrics
+        return self._runner.autoscaling_stats()

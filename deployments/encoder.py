@@ -79,3 +79,6 @@ class Encoder:
 
     async def stats(self) -> dict:
         return {**self._runner.stats(), "cache": {"hits": self._cache.hits, "misses": self._cache.misses}}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:  # Ray Serve's hook for custom autoscaling metrics
+        return self._runner.autoscaling_stats()

@@ -29,6 +29,7 @@ import uuid
 
 from deployments.batching import StageDone
 from deployments.config import JobsConfig, OrchestratorConfig
+from deployments.metrics import JobMetrics
 from serve import jobs
 from serve.engine import EngineConfig
 from serve.job_store import JobStore
@@ -59,6 +60,7 @@ class Orchestrator:
         self._jobs = jobs_config
         self._store = JobStore(jobs_config.store, jobs_config.store_table)
         self.worker = f"orchestrator-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._metrics = JobMetrics()
         self._driving: dict[str, asyncio.Task] = {}  # strong references: the event loop keeps only weak ones
         self._loop = asyncio.get_running_loop().create_task(self._claim_loop())
 
@@ -73,7 +75,10 @@ class Orchestrator:
             except jobs.InvalidTransition:
                 return None
 
-        return await asyncio.to_thread(self._store.update, job_id, guarded)
+        updated = await asyncio.to_thread(self._store.update, job_id, guarded)
+        if updated is not None and updated.terminal:  # this step ended the job
+            self._metrics.finished(updated)
+        return updated
 
     # -- claiming ---------------------------------------------------------------------------------------------
 

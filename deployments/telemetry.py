@@ -7,6 +7,8 @@ import ray
 
 def gpu_telemetry() -> list[dict]:
     """Memory and utilisation of this replica's GPUs; empty without a GPU (or with the fake GPUs of CPU tests)."""
+    if not ray.is_initialized():  # a stage runner in a test's own process
+        return []
     gpu_ids = ray.get_gpu_ids()  # physical indices, which NVML uses too (it ignores CUDA_VISIBLE_DEVICES)
     if not gpu_ids:
         return []

@@ -46,6 +46,7 @@ TIERS: dict[str, str] = {
     "test_parallel_ray": "ray",
     "test_parallel_groups": "ray",  # the process and the Ray worker group under one test (a killed rank)
     "test_frontdoor_serve": "ray",
+    "test_metrics": "ray",  # one job through the app, then Ray's Prometheus endpoint
     # slow: training, quality, the benchmarks' smoke runs
     "test_toy_preset": "slow",
     "test_toy_train": "slow",
@@ -60,6 +61,7 @@ TIERS: dict[str, str] = {
     "test_kernels*": "fast",
     # single tests outside their module's tier ("module::test")
     "test_app_config::test_serve_build_accepts_the_app": "ray",  # Ray's `serve build` CLI in a subprocess
+    "test_metrics::test_dashboard_charts_every_metric_by_its_exported_name": "fast",
 }
 DEFAULT_TIER = "slow"
 
