@@ -49,13 +49,17 @@ class Batching(_Config):
 
 
 class Autoscaling(_Config):
-    """Ray Serve autoscaling on ongoing requests per replica (replaces `num_replicas` when set)."""
+    """Ray Serve autoscaling (replaces `num_replicas` when set): on ongoing requests per replica, unless the Serve
+    config gives the application the cost-aware policy (deployments/autoscaling.py), which sizes the stages from
+    their queued work instead and uses only the bounds and delays below."""
 
     min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 lets an idle stage scale to zero).")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
     target_ongoing_requests: float = Field(2.0, gt=0, description="Ongoing requests per replica to aim for.")
     upscale_delay_s: float = Field(30.0, ge=0, description="How long load must stay high before adding replicas.")
     downscale_delay_s: float = Field(600.0, ge=0, description="How long load must stay low before removing replicas.")
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often each replica reports its load.")
+    look_back_period_s: float = Field(30.0, gt=0, description="The window over which reported load is averaged.")
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:

@@ -37,6 +37,7 @@ TIERS: dict[str, str] = {
     "test_toy_data": "fast",
     "test_video": "fast",
     "test_app_config": "fast",
+    "test_autoscaling": "fast",  # the cost-aware policy on synthetic load
     "test_bench_vae_tiling": "fast",
     # ray: starts Ray or the Serve app
     "test_app": "ray",
@@ -47,6 +48,7 @@ TIERS: dict[str, str] = {
     "test_parallel_groups": "ray",  # the process and the Ray worker group under one test (a killed rank)
     "test_frontdoor_serve": "ray",
     "test_metrics": "ray",  # one job through the app, then Ray's Prometheus endpoint
+    "test_autoscaling_ray": "ray",  # the cost-aware policy driving the app (fake GPUs)
     # slow: training, quality, the benchmarks' smoke runs
     "test_toy_preset": "slow",
     "test_toy_train": "slow",

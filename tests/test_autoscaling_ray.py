@@ -1,0 +1,73 @@
+"""The cost-aware policy driving the real app on local Ray (fake GPUs, half a GPU per denoiser replica).
+
+The app is deployed from a Serve config (as `serve deploy` does), the application-level policy beside its args.
+The same twelve jobs, sketch-heavy (K = N-1) then render-heavy (K = 1), load one stage and barely the other: the
+loaded stage gets a second replica, the other keeps one. Ray's default policy could not tell the two loads apart
+(the same requests pass through both stages).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from ray import serve
+
+APP = "srd-autoscale"
+JOBS, STEPS = 12, 50
+SHAPE = {"height": 128, "width": 128, "num_frames": 17}
+DENOISER = {
+    "resources": {"num_cpus": 0.5, "num_gpus": 0.5},
+    "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+    "max_ongoing_requests": 2,  # the rest wait at the orchestrator's handle, for a new replica to take
+    "autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0, "downscale_delay_s": 600,
+                    "metrics_interval_s": 0.5, "look_back_period_s": 2},
+}
+POLICY = {"policy_function": "deployments.autoscaling:CostAwarePolicy",
+          # a tiny-model step takes milliseconds here: 2 s of queued work per replica
+          "policy_kwargs": {"target_work_s": 2.0, "hysteresis": 0.2, "cooldown_s": 0}}
+
+
+def deploy(data_dir) -> None:
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    stage = {"resources": {"num_cpus": 0.5}}
+    config = ServeDeploySchema.model_validate({"applications": [{
+        "name": APP, "route_prefix": "/autoscale", "import_path": "deployments.app:app_builder",
+        "autoscaling_policy": POLICY,
+        "args": {"engine": {"preset": "tiny"}, "jobs": {"data_dir": str(data_dir)},
+                 "encoder": stage, "decoder": stage, "sketcher": DENOISER, "renderer": DENOISER},
+    }]})
+    _get_global_client().deploy_apps(config, _blocking=True)
+
+
+def replicas(deployment: str) -> int:
+    """Replicas starting or running: what the autoscaler asked for."""
+    states = serve.status().applications[APP].deployments[deployment].replica_states
+    return sum(n for state, n in states.items() if str(state).endswith(("RUNNING", "STARTING")))
+
+
+@pytest.mark.parametrize("switch, loaded, idle", [
+    (STEPS - 1, "Sketcher", "Renderer"),
+    (1, "Renderer", "Sketcher"),
+])
+def test_the_loaded_stage_scales_and_the_other_stays(serve_http, tiny_models, tmp_path, switch, loaded, idle):
+    deploy(tmp_path)
+    try:
+        handle = serve.get_app_handle(APP)
+        ids = [handle.submit.remote({"prompt": f"ball {i}", "seed": i, "num_inference_steps": STEPS,
+                                     "switch": f"step:{switch}", **SHAPE}).result().id for i in range(JOBS)]
+        most = {loaded: 1, idle: 1}
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            for name in most:
+                most[name] = max(most[name], replicas(name))
+            statuses = [handle.status.remote(job_id).result().status for job_id in ids]
+            if all(s in ("completed", "failed") for s in statuses):
+                break
+            time.sleep(0.5)
+        assert statuses == ["completed"] * JOBS
+        assert most == {loaded: 2, idle: 1}
+    finally:
+        serve.delete(APP)
