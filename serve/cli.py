@@ -1,4 +1,4 @@
-"""`srd generate | serve`: the command line. Errors a user can cause print one line and exit 2."""
+"""`srd generate | serve | plan`: the command line. Errors a user can cause print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -100,11 +100,56 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port.")
 
 
+def _plan_parser(sub) -> None:
+    from serve.placement import CARDS, RESOLUTIONS
+
+    p = sub.add_parser("plan", help="Place the stages on GPUs from the measured cost model: sketch:render replicas, "
+                                    "where the text encoder and VAE go, videos/hour; optionally a Serve config.",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs for one copy of the app.")
+    p.add_argument("--card", choices=sorted(CARDS), default="h200", help="GPU model whose measured costs apply.")
+    p.add_argument("--resolution", choices=sorted(RESOLUTIONS), default="480p", help="Video size (HxW: 480x832 "
+                                                                                     "or 720x1280).")
+    p.add_argument("--frames", type=int, default=81, help="Frames per video.")
+    p.add_argument("--steps", type=int, default=50, help="Denoising steps N.")
+    p.add_argument("--switch", default="step:10", help="step:K or ratio:R (the adaptive and boundary policies "
+                                                       "decide K while running: give the K you expect).")
+    p.add_argument("--no-guidance", action="store_true", help="One forward per step instead of two (no CFG).")
+    p.add_argument("--write-config", metavar="PATH", help="Write a Serve config YAML for this placement.")
+
+
+def plan_command(args) -> None:
+    import torch
+
+    from serve.placement import CARDS, RESOLUTIONS, plan, serve_config
+    from serve.switch import parse_switch
+
+    policy = parse_switch(args.switch)
+    if policy.kind not in ("step", "ratio"):
+        raise ValueError(f"`--switch` {args.switch!r}: give step:K or ratio:R (K is only known while running)")
+    policy.check_steps(args.steps)
+    k = policy.tracker(torch.zeros(args.steps)).switch_step  # step:K or ratio:R over N steps
+    height, width = RESOLUTIONS[args.resolution]
+    placement = plan(args.gpus, CARDS[args.card], height, width, args.frames, args.steps, k, not args.no_guidance)
+    print(f"{args.resolution} ({height}x{width}), {args.frames} frames, N={args.steps}, K={k}")
+    print("\n".join(placement.lines()))
+    if args.write_config:
+        import yaml
+
+        command = (f"srd plan --gpus {args.gpus} --card {args.card} --resolution {args.resolution} --frames "
+                   f"{args.frames} --steps {args.steps} --switch {args.switch}"
+                   + (" --no-guidance" if args.no_guidance else "") + f" --write-config {args.write_config}")
+        header = "".join(f"# {line}\n" for line in [command, *placement.lines()])
+        Path(args.write_config).write_text(header + yaml.safe_dump(serve_config(placement), sort_keys=False))
+        print(f"wrote {args.write_config}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srd", description="Sketch/render video diffusion (SRDiffusion).")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _serve_parser(sub)
+    _plan_parser(sub)
     return parser
 
 
@@ -243,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "plan":
+            plan_command(args)
         else:
             serve_command(args)
     except (ValueError, ValidationError, ModelError, OSError) as e:

@@ -76,10 +76,11 @@ def test_serve_yamls_validate_and_build(name):
     assert isinstance(app_builder(application.args), Application)
     ((app_name, route_prefix, built),) = load_serve_config(str(CONFIGS / name))  # what `srd serve --config` runs
     assert (app_name, route_prefix) == ("srd", "/") and isinstance(built, Application)
-    if name == "gpu.yaml":  # sketch and render each on a GPU of their own; encoder and VAE share one
+    if name == "gpu.yaml":  # `srd plan --gpus 3`: sketchers on whole GPUs; encoder and VAE beside the renderer
         assert app_config.engine.device == "cuda"
-        assert app_config.sketcher.resources.num_gpus == 1 and app_config.renderer.resources.num_gpus == 1
-        assert app_config.encoder.resources.num_gpus + app_config.decoder.resources.num_gpus <= 1
+        assert app_config.sketcher.resources.num_gpus == 1
+        assert app_config.renderer.resources.num_gpus + app_config.encoder.resources.num_gpus \
+            + app_config.decoder.resources.num_gpus <= 1
     else:
         assert all(getattr(app_config, s).resources.num_gpus == 0 for s in STAGES)
 
