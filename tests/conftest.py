@@ -39,6 +39,7 @@ TIERS: dict[str, str] = {
     "test_app_config": "fast",
     "test_autoscaling": "fast",  # the cost-aware policy on synthetic load
     "test_placement": "fast",  # the placement planner and `srd plan`
+    "test_kuberay": "fast",  # the RayService manifest against the Serve YAML and Serve's schema
     "test_bench_vae_tiling": "fast",
     # ray: starts Ray or the Serve app
     "test_app": "ray",
