@@ -1,9 +1,10 @@
 """The cost-aware policy driving the real app on local Ray (fake GPUs, half a GPU per denoiser replica).
 
 The app is deployed from a Serve config (as `serve deploy` does), the application-level policy beside its args.
-The same twelve jobs, sketch-heavy (K = N-1) then render-heavy (K = 1), load one stage and barely the other: the
-loaded stage gets a second replica, the other keeps one. Ray's default policy could not tell the two loads apart
-(the same requests pass through both stages).
+Twelve jobs, sketch-heavy (K = N-1) or render-heavy (K = 1), load one stage and barely the other: the loaded stage
+gets a second replica, the other keeps one. The stages' `target_ongoing_requests` is set so high that Ray's default
+policy would never add a replica: the scaling seen is the cost-aware policy's, from the work the replicas report.
+(That the K of the requests, not their number, decides is shown on synthetic load in test_autoscaling.py.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ DENOISER = {
     "resources": {"num_cpus": 0.5, "num_gpus": 0.5},
     "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
     "max_ongoing_requests": 2,  # the rest wait at the orchestrator's handle, for a new replica to take
-    "autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0, "downscale_delay_s": 600,
+    "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 100,
+                    "upscale_delay_s": 0, "downscale_delay_s": 600,
                     "metrics_interval_s": 0.5, "look_back_period_s": 2},
 }
 POLICY = {"policy_function": "deployments.autoscaling:CostAwarePolicy",
