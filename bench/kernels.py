@@ -71,7 +71,8 @@ def levers(selected: str, available: list[str]) -> dict[str, KernelConfig]:
     return rows
 
 
-def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, deadline: float, save) -> dict:
+def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, deadline: float, save,
+              backends=attention.BACKENDS, only: list[str] | None = None) -> dict:
     height, width, frames = size
     result: dict = {"model": name, "height": height, "width": width, "num_frames": frames, "rows": {}}
     base = wan.transformer(name, device, dtype).eval()
@@ -81,7 +82,7 @@ def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, d
     result["tokens"] = tokens
 
     shape = (1, tokens, cfg.num_attention_heads, cfg.attention_head_dim)
-    measured = attention.measure_backends(shape, device, dtype, repeats=max(runs, 5))
+    measured = attention.measure_backends(shape, device, dtype, backends, repeats=max(runs, 5))
     selected, reason = attention.select_backend(measured)
     result["attention"] = {"shape": shape, "selected": selected, "reason": reason,
                            "backends": {n: {"ms": m.seconds * 1e3, "cosine": m.cosine} for n, m in measured.items()}}
@@ -95,7 +96,10 @@ def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, d
     eager_s = timing["median_s"]
     save()
 
-    for label, config in levers(selected, list(measured)).items():
+    rows = levers(selected, list(measured))
+    if only:
+        rows = {label: rows[label] for label in only if label in rows}
+    for label, config in rows.items():
         if time.monotonic() > deadline:
             result["rows"][label] = {"skipped": "out of time"}
             continue
@@ -159,6 +163,9 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default="wan2.1-t2v-1.3b,wan2.1-t2v-14b")
     parser.add_argument("--runs", type=int, default=3, help="Timed forwards per row (median).")
     parser.add_argument("--budget-s", type=float, default=540, help="Rows not started by then are skipped.")
+    parser.add_argument("--backends", default=",".join(attention.BACKENDS),
+                        help="Attention backends to time (and so to offer as levers).")
+    parser.add_argument("--only", default="", help="Comma-separated lever rows to run, in this order (default all).")
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", required=True)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny stand-ins, float32: the code paths only.")
@@ -178,7 +185,8 @@ def main(argv=None) -> None:
 
     for name in args.models.split(","):
         for size_name, size in sizes.items():
-            doc["results"][name] = run_model(name, size, args.device, dtype, args.runs, deadline, save)
+            doc["results"][name] = run_model(name, size, args.device, dtype, args.runs, deadline, save,
+                                             tuple(args.backends.split(",")), [x for x in args.only.split(",") if x])
             save()
     doc["e2e_estimate"] = e2e_estimate(doc["results"])
     save()
