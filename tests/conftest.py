@@ -59,6 +59,7 @@ TIERS: dict[str, str] = {
     "test_bench_families": "slow",
     "test_bench_scaling": "slow",
     "test_bench_serve": "slow",
+    "test_bench_kernels": "slow",
     # families of modules (fnmatch patterns), for modules not named above
     "test_app_*": "ray",
     "test_families_*": "fast",
