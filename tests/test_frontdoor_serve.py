@@ -114,6 +114,12 @@ def broken_sketch(tiny_models, tmp_path_factory) -> str:
     return str(path)
 
 
+# One constructor attempt for the Sketcher that cannot load: its failure is the same on every retry, and each retry
+# is another replica start (seconds each on two cores).
+BROKEN_STAGES = {**{stage: {"resources": {"num_cpus": 0.25}} for stage in ("encoder", "renderer", "decoder")},
+                 "sketcher": {"resources": {"num_cpus": 0.25}, "serve_options": {"max_constructor_retry_count": 1}}}
+
+
 def assert_one_line_failure(proc: subprocess.Popen, command: str, tmp_path: Path) -> None:
     try:
         proc.wait(timeout=START_S + GONE_S)
@@ -131,7 +137,7 @@ def test_serve_with_a_broken_model_is_one_line(tiny_models, broken_sketch, tmp_p
     config = {"applications": [{
         "name": "srd", "route_prefix": "/", "import_path": "deployments.app:app_builder",
         "args": {"engine": {"preset": "tiny", "sketch": broken_sketch, "render": tiny_models.render},
-                 **{stage: {"resources": {"num_cpus": 0.25}} for stage in ("encoder", "sketcher", "renderer", "decoder")}},
+                 **BROKEN_STAGES},
     }]}
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(config))
     proc = start(["serve", "--config", str(tmp_path / "broken.yaml"), "--port", str(free_port())], tmp_path)
@@ -158,7 +164,7 @@ def test_healthz_is_not_ok_while_a_stage_cannot_load(serve_http, tiny_models, br
     config = AppConfig.model_validate({
         "engine": {"preset": "tiny", "sketch": broken_sketch, "render": tiny_models.render},
         "jobs": {"data_dir": str(tmp_path / "data")},
-        **{stage: {"resources": {"num_cpus": 0.25}} for stage in ("encoder", "sketcher", "renderer", "decoder")},
+        **BROKEN_STAGES,
     })
     with pytest.raises(RuntimeError, match="failed"):
         serve.run(build_app(config), name="srd-broken", route_prefix="/broken")
