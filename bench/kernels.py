@@ -3,6 +3,7 @@ the output's cosine similarity and relative error against that eager bf16 output
 (issue 16, must-show 1), for Wan2.1-T2V 1.3B and 14B at 480x832/81 frames (32,760 tokens).
 
     python -m bench.kernels --device cuda --commit $(git rev-parse --short HEAD) --out $OUT/kernels.json
+    (from a checkout that is not pip-installed, e.g. on the device: PYTHONPATH=kernels, where srd_kernels lies)
     python -m bench.kernels --smoke --out /tmp/kernels.json     # CPU, tiny stand-ins: the code paths only
 
 Per model, in this order (the JSON is rewritten after every row; a row that raises is recorded and the run goes on):
@@ -10,7 +11,7 @@ Per model, in this order (the JSON is rewritten after every row; a row that rais
               median ms per call and cosine vs torch SDPA; `select_backend` picks one (what attention="auto" does)
   eager       diffusers' forward, bf16, torch SDPA: the reference output and time
   levers      each lever alone (attention backends, fp8_linear, compile), then stacked ones, each applied by
-              kernels.apply.apply_kernels (the stage's own path) to a copy of the same weights; compile rows report
+              srd_kernels.apply.apply_kernels (the stage's own path) to a copy of the same weights; compile rows report
               their first (compiling) call apart
 Then an end-to-end estimate (labelled so, not measured): 50 steps with CFG (2 forwards a step), switch at K=10,
 K*2*C14B + (N-K)*2*C1.3B with the stacked levers, against 50*2*C14B eager; encode/decode/overhead excluded.
@@ -32,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from bench import measure, wan
-from kernels import attention
-from kernels.apply import apply_kernels
-from kernels.config import KernelConfig
+from srd_kernels import attention
+from srd_kernels.apply import apply_kernels
+from srd_kernels.config import KernelConfig
 
 SIZES = {"480p": (480, 832, 81)}
 SMOKE_SIZES = {"smoke": (32, 48, 5)}

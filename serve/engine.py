@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kernels.apply import KernelReport, apply_kernels
-from kernels.config import KernelConfig
+from srd_kernels.apply import KernelReport, apply_kernels
+from srd_kernels.config import KernelConfig
 from serve import stages
 from serve.families.base import Family, family_of
 from serve.handoff import Handoff, PromptEmbeds

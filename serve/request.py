@@ -306,7 +306,7 @@ class GenerationParams:
     # classifier-free guidance (> 1), so with both > 1 the engine equals diffusers' WanPipeline(guidance_scale,
     # guidance_scale_2); where diffusers lets the first scale alone switch CFG on or off for both experts, it differs.
     guidance_scale_2: float | None = None
-    # Render step caching threshold (kernels/step_cache.py); 0 is off: the output equals the uncached one.
+    # Render step caching threshold (kernels/srd_kernels/step_cache.py); 0 is off: the output equals the uncached one.
     render_cache: float = 0.0
 
     @property

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from kernels.step_cache import StepCache
+from srd_kernels.step_cache import StepCache
 from serve.handoff import Handoff, PromptEmbeds, move_scheduler
 from serve.request import GenerationParams
 from serve.switch import SwitchTracker
@@ -269,7 +269,7 @@ def render(denoiser, handoffs: list[Handoff], device, on_step: StepCallback | No
            sampler: Sampler = DEFAULT_SAMPLER, report: dict | None = None) -> list[torch.Tensor | Cancelled]:
     """Finish each hand-off's trajectory (steps K..N-1) with the render model at the render guidance
     (`params.render_guidance`); returns float32 latents on the CPU. A request with `render_cache` > 0 reuses the
-    last output on steps whose input barely moved (kernels/step_cache.py); `report`, if given, receives per
+    last output on steps whose input barely moved (kernels/srd_kernels/step_cache.py); `report`, if given, receives per
     hand-off index how many render steps that skipped."""
     trajectories = [
         _Trajectory(

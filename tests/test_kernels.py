@@ -9,11 +9,11 @@ import copy
 import pytest
 import torch
 
-from kernels import attention
-from kernels.apply import apply_kernels
-from kernels.attention import Measurement, select_backend
-from kernels.config import KernelConfig
-from kernels.step_cache import StepCache
+from srd_kernels import attention
+from srd_kernels.apply import apply_kernels
+from srd_kernels.attention import Measurement, select_backend
+from srd_kernels.config import KernelConfig
+from srd_kernels.step_cache import StepCache
 
 
 def smoke_transformer():

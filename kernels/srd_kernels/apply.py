@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import attention, linear
-from kernels import compile as regional
-from kernels.config import KernelConfig
+from srd_kernels import attention, linear
+from srd_kernels import compile as regional
+from srd_kernels.config import KernelConfig
 
 logger = logging.getLogger(__name__)
 
