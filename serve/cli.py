@@ -29,6 +29,12 @@ def _preset_defaults(field: str) -> str:
     return "the preset's: " + ", ".join(f"{name} {getattr(p.defaults, field)}" for name, p in sorted(PRESETS.items()))
 
 
+def _preset_summaries() -> str:
+    from serve.models import PRESETS
+
+    return "; ".join(f"{name} ({p.summary})" for name, p in PRESETS.items())
+
+
 def _toy_grammar() -> str:
     from toy import data
 
@@ -47,8 +53,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--prompt", required=True, help="What the video shows (for the toy preset: see below).")
     p.add_argument("--negative-prompt", help="What classifier-free guidance steers away from (default: none).")
     p.add_argument("--preset", choices=sorted(PRESETS), default="toy",
-                   help="Models and request defaults: toy (a small trained pair, shipped), tiny (random weights, "
-                        "built offline), wan2.1-t2v (Wan2.1 14B sketches, 1.3B renders; downloads, needs a GPU).")
+                   help="Models and request defaults: " + _preset_summaries() + ".")
     p.add_argument("--sketch", help="Sketch pipeline: hub id or diffusers directory (with --render; replaces the "
                                     "preset's models, not its defaults) (default: the preset's).")
     p.add_argument("--render", help="Render pipeline or transformer: hub id or diffusers directory (with --sketch) "
@@ -94,7 +99,8 @@ def _serve_parser(sub) -> None:
                        formatter_class=_HelpFormatter)
     p.add_argument("--config", help="Serve config YAML (as for `serve deploy`); replaces --preset (default: none, "
                                     "the app on --preset).")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="toy", help="Models and request defaults of the app.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="toy",
+                   help="Models and request defaults of the app: " + _preset_summaries() + ".")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (loopback: Ray runs without token "
                                                        "auth unless RAY_AUTH_MODE says otherwise).")
     p.add_argument("--port", type=int, default=8000, help="HTTP port.")

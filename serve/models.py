@@ -51,6 +51,7 @@ class Preset:
     defaults: GenerationDefaults
     limits: RequestLimits  # what a served request may cost (the app config may override them)
     builder: str | None = None  # "module:function" returning the ModelPair, built offline and cached (tiny presets)
+    summary: str = ""  # one line for `--help`
 
 
 WAN21_T2V = Preset(
@@ -62,6 +63,7 @@ WAN21_T2V = Preset(
     ),
     # 720p/81 frames (75,600 tokens) is the largest size Wan2.1 was trained at
     RequestLimits(max_tokens_per_video=75_600, max_steps=100),
+    summary="Wan2.1 14B sketches, 1.3B renders; downloads, needs a GPU",
 )
 # Wan2.2-T2V-A14B: one pipeline, two 14B experts. The high-noise `transformer` sketches, the low-noise
 # `transformer_2` renders, switching where diffusers' WanPipeline does (boundary_ratio 0.875). Defaults are the model
@@ -75,6 +77,7 @@ WAN22_T2V_A14B = Preset(
         switch="boundary:0.875", guidance_scale_2=3.0,
     ),
     RequestLimits(max_tokens_per_video=75_600, max_steps=100),  # 720p/81 frames
+    summary="Wan2.2-A14B's high-noise expert sketches, its low-noise expert renders; downloads, needs a GPU",
 )
 TINY_WAN22 = Preset(
     "tiny-wan2.2",
@@ -85,6 +88,7 @@ TINY_WAN22 = Preset(
     ),
     RequestLimits(max_tokens_per_video=4096, max_steps=100),
     builder="serve.tiny:ensure_tiny_wan22_models",
+    summary="random weights in the Wan2.2 layout, built offline",
 )
 # CogVideoX-5B sketches, CogVideoX-2B renders (serve/families/cogvideox.py: the 5B pipeline owns the trajectory).
 # Defaults as CogVideoXPipeline's: 49 frames at 720x480, 50 steps, guidance 6, 8 fps; K = 10 of 50 projects 2.0x
@@ -98,6 +102,7 @@ COGVIDEOX = Preset(
         switch="ratio:0.2", fps=8,
     ),
     RequestLimits(max_tokens_per_video=17_550, max_steps=100),
+    summary="CogVideoX-5B sketches, 2B renders; downloads, needs a GPU",
 )
 TINY_COGVIDEOX = Preset(
     "tiny-cogvideox",
@@ -108,6 +113,7 @@ TINY_COGVIDEOX = Preset(
     ),
     RequestLimits(max_tokens_per_video=4096, max_steps=100),
     builder="serve.families.cogvideox:ensure_tiny_models",
+    summary="random weights in the CogVideoX layout, built offline",
 )
 TINY = Preset(
     "tiny",
@@ -118,6 +124,7 @@ TINY = Preset(
     ),
     RequestLimits(max_tokens_per_video=4096, max_steps=100),  # e.g. 256x256 at 49 frames: seconds on a CPU
     builder="serve.tiny:ensure_tiny_models",
+    summary="random weights in the Wan2.1 layout, built offline",
 )
 # Trained by this project on procedural clips (issue 6; toy/train.py, training.json beside the weights): a 5.9M
 # "large" and a 2.7M "small" Wan DiT. The default switch is the paper's: after 5 of 20 steps, prompt adherence
@@ -132,6 +139,7 @@ TOY = Preset(
         switch="ratio:0.25", fps=8,
     ),
     RequestLimits(max_tokens_per_video=4096, max_steps=100),
+    summary="a small trained Wan pair, shipped",
 )
 PRESETS = {p.name: p for p in (WAN21_T2V, WAN22_T2V_A14B, COGVIDEOX, TOY, TINY, TINY_WAN22, TINY_COGVIDEOX)}
 

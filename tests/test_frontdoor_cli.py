@@ -45,6 +45,16 @@ def test_generate_help_shows_the_toy_vocabulary(capsys):
     assert "(default: toy)" in text and "toy 20" in text  # --preset and the preset's own --steps
 
 
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_preset_help_names_every_preset_with_its_summary(command):
+    from serve.models import PRESETS
+
+    help_text = " ".join(next(a.help for a in subcommands()[command]._actions if "--preset" in a.option_strings)
+                         .split())
+    for name, preset in PRESETS.items():
+        assert preset.summary and f"{name} ({preset.summary})" in help_text, name
+
+
 def test_the_example_prompt_is_in_the_grammar():
     data.parse_prompt(data.EXAMPLE_PROMPT)
     assert all(word in data.vocabulary() for word in data.parse_prompt(data.EXAMPLE_PROMPT).values())
