@@ -12,7 +12,12 @@ Parts (run in the order given; each guarded by a deadline and its own try/except
   forward     per-forward time of each transformer at 480p: B=1 and B=2 (CFG batched) against two B=1 calls
   anchors     encode and decode stage times (serve.stages.encode/decode) with every model resident
   e2e         encode + K sketch + N-K render + decode through serve.stages, for K = N (all-14B) and each --ks,
-              next to the ideal K*C_sketch + (N-K)*C_render + encode + decode from this run's anchors
+              next to the ideal K*C_sketch + (N-K)*C_render + encode + decode from this run's anchors (per-step
+              costs from the forward part, else from the e2e runs' own stage times). With --kernels SPEC, after the
+              eager rows: the levers applied to both resident transformers in place by srd_kernels.apply_kernels
+              (the stages' path; compile warmed at the request's shape, its time reported apart), then the first
+              SR plan again with them, and with render step caching at each --render-cache threshold; each lever
+              row's final latents are compared with the eager SR row's (cosine, relative error)
   handoff     pickling the 480p Handoff that the first SR run's sketch produced: size and seconds
   forward720  per-forward B=1 of both transformers at 720p/81 frames
 
@@ -28,7 +33,9 @@ import datetime
 import json
 import os
 import pickle
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 
@@ -89,12 +96,16 @@ class Context:
         """(warmup, runs) for timing; one run and no warm-up on a smoke run, which only tests the code path."""
         return (0, 1) if self.args.smoke else (warmup, runs)
 
-    def params(self, steps: int, k: int):
+    def params(self, steps: int, k: int, render_cache: float = 0.0):
         s = self.sizes
         return VideoRequest(
             prompt=PROMPT, negative_prompt=NEGATIVE, height=s.height, width=s.width, num_frames=s.num_frames,
-            num_inference_steps=steps, switch=f"step:{k}", seed=0,
+            num_inference_steps=steps, switch=f"step:{k}", seed=0, render_cache=render_cache,
         ).resolve(WAN21_T2V.defaults)
+
+    def save(self) -> None:
+        """Write what is measured so far (a long part saves after each run: a killed call keeps it)."""
+        _write(self.args.out, self.meta, self.results)
 
 
 def latent(sizes: wan.Sizes, batch: int = 1) -> torch.Tensor:
@@ -263,69 +274,273 @@ def part_anchors(rec: dict, ctx: Context) -> None:
     rec["decode"] = {**stats, **peak.as_dict(), "vae_tiling": ctx.args.vae_tile or "off"}
 
 
-def _step_cost(ctx: Context, role: str) -> float:
-    """Seconds of transformer work per denoising step with CFG, as GuidedDenoiser runs it at this size."""
+def _step_cost(ctx: Context, role: str) -> float | None:
+    """Seconds of transformer work per denoising step with CFG, as GuidedDenoiser runs it at this size, from the
+    forward part (None when it did not run: the e2e part then takes them from its own runs)."""
     arch = ctx.sizes.sketch if role == "sketch" else ctx.sizes.render
-    row = ctx.results["forward"][arch]
+    row = ctx.results.get("forward", {}).get(arch)
+    if not isinstance(row, dict) or "B1" not in row:
+        return None
     tokens = row["tokens"]
     rows_per_forward = max(1, stages.DEFAULT_MAX_TOKENS_PER_FORWARD // tokens)
-    return 2 * row["B1"]["median_s"] if rows_per_forward == 1 else row["B2"]["median_s"]
+    if rows_per_forward == 1 or "B2" not in row:
+        return 2 * row["B1"]["median_s"]
+    return row["B2"]["median_s"]
+
+
+def _e2e_run(ctx: Context, n: int, k: int, sketcher, renderer, render_cache: float = 0.0) -> tuple[dict, object]:
+    """One request through the engine's plan (encode, K sketch steps, N-K render steps, decode), each stage timed;
+    returns (record, (handoff, final latents))."""
+    dev, spec, params = ctx.device, stages.LatentSpec(), ctx.params(n, k, render_cache)
+    row, peaks, skipped = {}, {}, {}
+
+    def measured_stage(stage: str, call):
+        with Peak(dev) as p:
+            result, row[stage] = timed(call, dev)
+        peaks[stage] = p.as_dict()
+        return result
+
+    free_memory(dev)
+    wall = time.perf_counter()
+    run = run_plan(
+        make_plan("wan", params, ModelPair(sketch=ctx.sizes.sketch, render=ctx.sizes.render)), [params],
+        encode=lambda requests: stages.encode(ctx.models["pipe"], requests, dev),
+        denoise={
+            "sketch": lambda batch, on_step: stages.sketch(sketcher, batch, ctx.models["scheduler_config"],
+                                                           spec, dev, on_step),
+            "render": lambda batch, on_step: stages.render(renderer, batch, dev, on_step, report=skipped),
+        },
+        decode=lambda latents: stages.decode(ctx.models["pipe"], latents), around=measured_stage)
+    measured = time.perf_counter() - wall
+    (handoff,), (latents,) = run.outputs["sketch"], run.latents
+    record = {
+        "K": k, "N": n, "K_over_N": k / n, "switch_step": handoff.step_index, "stage_s": row,
+        "measured_s": measured, "peak_gib": peaks, "latents_finite": bool(torch.isfinite(latents).all()),
+    }
+    if k < n:
+        record["render_cache"] = render_cache
+        record["render_steps_skipped"] = int(skipped.get(0, 0))
+        record["render_steps_computed"] = n - k - record["render_steps_skipped"]
+    return record, (handoff, latents.detach().float().cpu())
 
 
 def part_e2e(rec: dict, ctx: Context) -> None:
-    dev, n = ctx.device, ctx.args.steps
-    anchors = ctx.results["anchors"]
+    n = ctx.args.steps
+    anchors = ctx.results.get("anchors", {})
     c_sketch, c_render = _step_cost(ctx, "sketch"), _step_cost(ctx, "render")
-    fixed = anchors["encode"]["median_s"] + anchors["decode"]["median_s"]
-    rec["anchors_s"] = {"sketch_step": c_sketch, "render_step": c_render, "encode": anchors["encode"]["median_s"],
-                        "decode": anchors["decode"]["median_s"]}
-    sketcher = stages.GuidedDenoiser(ctx.models["sketch"])
-    renderer = stages.GuidedDenoiser(ctx.models["render"])
-    spec = stages.LatentSpec()
+    fixed = (anchors["encode"]["median_s"] + anchors["decode"]["median_s"]) if "encode" in anchors else None
+    # At 480p one row fills a forward (B=1: cond, then uncond); the smoke sizes would batch both rows (B=2), so
+    # cap them at one row too: the compiled blocks then see the shapes of the real run, as warmed up.
+    _, _, f, h, w = ctx.sizes.latent_shape
+    cap = stages.DEFAULT_MAX_TOKENS_PER_FORWARD if not ctx.args.smoke else f * (h // 2) * (w // 2)
+    sketcher = stages.GuidedDenoiser(ctx.models["sketch"], max_tokens_per_forward=cap)
+    renderer = stages.GuidedDenoiser(ctx.models["render"], max_tokens_per_forward=cap)
     runs = rec.setdefault("runs", {})
+    sr_latents = None
     for k in [n] + [k for k in ctx.args.ks if k != n]:
-        estimate = k * c_sketch + (n - k) * c_render + fixed
-        if ctx.guard.left() < estimate * 1.1 + 5:
-            runs[str(k)] = {"skipped": f"time guard: {ctx.guard.left():.0f} s left, run needs ~{estimate:.0f} s"}
-            continue
-        params = ctx.params(n, k)
-        row, peaks = {}, {}
-
-        def measured_stage(stage: str, call):
-            with Peak(dev) as p:
-                result, row[stage] = timed(call, dev)
-            peaks[stage] = p.as_dict()
-            return result
-
-        free_memory(dev)
-        wall = time.perf_counter()
-        run = run_plan(
-            make_plan("wan", params, ModelPair(sketch=ctx.sizes.sketch, render=ctx.sizes.render)), [params],
-            encode=lambda requests: stages.encode(ctx.models["pipe"], requests, dev),
-            denoise={
-                "sketch": lambda batch, on_step: stages.sketch(sketcher, batch, ctx.models["scheduler_config"],
-                                                               spec, dev, on_step),
-                "render": lambda batch, on_step: stages.render(renderer, batch, dev, on_step),
-            },
-            decode=lambda latents: stages.decode(ctx.models["pipe"], latents), around=measured_stage)
-        (handoff,), (latents,) = run.outputs["sketch"], run.latents
-        measured = time.perf_counter() - wall
-        ideal = k * c_sketch + (n - k) * c_render + fixed
-        runs[str(k)] = {
-            "K": k, "N": n, "K_over_N": k / n, "switch_step": handoff.step_index, "stage_s": row,
-            "measured_s": measured, "ideal_s": ideal, "tax": measured / ideal - 1, "peak_gib": peaks,
-            "latents_finite": bool(torch.isfinite(latents).all()),
-        }
+        if None not in (c_sketch, c_render, fixed):
+            estimate = k * c_sketch + (n - k) * c_render + fixed
+            if ctx.guard.left() < estimate * 1.1 + 5:
+                runs[str(k)] = {"skipped": f"time guard: {ctx.guard.left():.0f} s left, run needs ~{estimate:.0f} s"}
+                continue
+        runs[str(k)], (handoff, latents) = _e2e_run(ctx, n, k, sketcher, renderer)
         if k < n and ctx.first_handoff is None:
-            ctx.first_handoff = handoff
-        del run, handoff, latents
+            ctx.first_handoff, sr_latents = handoff, (k, latents)
+        del handoff, latents
+        ctx.save()
+    # Per-step costs (CFG: two forwards a step) from this run's own stages where the forward part did not run.
     base = runs.get(str(n), {})
-    for k, r in runs.items():
+    sr = runs.get(str(sr_latents[0])) if sr_latents else None
+    source = "forward part"
+    if c_sketch is None and "stage_s" in base:
+        c_sketch, source = base["stage_s"]["sketch"] / n, "e2e stage times"
+    if c_render is None and sr is not None:
+        c_render = sr["stage_s"]["render"] / (n - sr["K"])
+    if fixed is None and "stage_s" in base:
+        fixed = base["stage_s"]["encode"] + base["stage_s"]["decode"]
+    rec["anchors_s"] = {"sketch_step": c_sketch, "render_step": c_render, "encode_plus_decode": fixed,
+                        "source": source}
+    if None in (c_sketch, c_render, fixed):
+        return
+    for r in runs.values():
+        if "measured_s" in r:
+            r["ideal_s"] = r["K"] * c_sketch + (r["N"] - r["K"]) * c_render + fixed
+            r["tax"] = r["measured_s"] / r["ideal_s"] - 1
+    for r in runs.values():
         if "measured_s" in r and "measured_s" in base:
             r["speedup_measured"] = base["measured_s"] / r["measured_s"]
             r["speedup_ideal"] = base["ideal_s"] / r["ideal_s"]
             k50 = round(r["K_over_N"] * 50)
             r["speedup_ideal_at_50_steps"] = (50 * c_sketch + fixed) / (k50 * c_sketch + (50 - k50) * c_render + fixed)
+    ctx.save()
+    if ctx.args.kernels and sr_latents is not None and "measured_s" in base:
+        _e2e_levers(rec, ctx, sketcher, renderer, sr_latents, (c_sketch, c_render, fixed))
+
+
+# ------------------------------------------------------------------------------------------- e2e with levers
+def kernel_config(spec: str, sizes: wan.Sizes, cache_dir: str | None):
+    """A stage KernelConfig from a lever label as bench/kernels.py writes them ("attn:cudnn-fp8+fp8_linear+compile"),
+    with the compile warmed at the request's own shape (the engine's load-time warm-up)."""
+    from srd_kernels.config import KernelConfig
+
+    attention, fp8, compile_ = "sdpa", False, False
+    for token in [t for t in spec.split("+") if t]:
+        if token.startswith("attn:"):
+            attention = token.removeprefix("attn:")
+        elif token == "fp8_linear":
+            fp8 = True
+        elif token == "compile":
+            compile_ = True
+        else:
+            raise ValueError(f"--kernels: unknown lever {token!r} in {spec!r}; known: attn:NAME, fp8_linear, compile")
+    return KernelConfig(attention=attention, fp8_linear=fp8, compile=compile_, compile_cache_dir=cache_dir,
+                        warmup_frames=sizes.num_frames if compile_ else None, warmup_height=sizes.height,
+                        warmup_width=sizes.width)
+
+
+def _static_shapes() -> None:
+    """One process compiles the blocks of both transformers (same block class, other shapes): without this, the
+    second model's shapes would make dynamo recompile the shared block code with dynamic shapes. A stage replica
+    holds one model, so each compiles statically there; so here (and identically in the helper, for its cache)."""
+    torch._dynamo.config.automatic_dynamic_shapes = False
+
+
+def _apply(ctx: Context, role: str, config) -> dict:
+    from srd_kernels.apply import apply_kernels
+
+    model = ctx.models[role]
+    start = time.perf_counter()
+    report = apply_kernels(model, config, role)
+    measure.sync(ctx.device)
+    return {"apply_s": time.perf_counter() - start, "warmup_s": report.warmup_seconds, "report": report.line(),
+            "attention": report.attention, "attention_reason": report.attention_reason,
+            "fp8_linear_layers": report.fp8_linear_layers, "fp8_reason": report.fp8_reason,
+            "compiled": report.compiled}
+
+
+def _compile_helper(ctx: Context, role: str, cache_dir: str) -> tuple[subprocess.Popen, str] | None:
+    """Start a process that builds the `role` transformer, applies the same levers and warms them up (compile) into
+    the shared cache dir, while this process compiles the other one: the in-process apply then loads the compiled
+    kernels (a replica restart with a warm cache) instead of compiling both in turn. It times nothing, and runs
+    only while this process compiles (no timed run overlaps it)."""
+    if ctx.args.no_compile_helper or "compile" not in ctx.args.kernels.split("+"):
+        return None
+    if measure.is_cuda(ctx.device):
+        free, _ = torch.cuda.mem_get_info()
+        if free < 24 * GIB:
+            return None
+    out = os.path.join(cache_dir, f"helper-{role}.json")
+    cmd = [sys.executable, "-m", "bench.run", "--compile-only", role, "--kernels", ctx.args.kernels,
+           "--compile-cache", cache_dir, "--device", ctx.device, "--dtype", ctx.args.dtype, "--out", out]
+    if ctx.args.smoke:
+        cmd.append("--smoke")
+    return subprocess.Popen(cmd), out
+
+
+def compile_only(args) -> dict:
+    """--compile-only ROLE: the helper process of _compile_helper (build, apply with warm-up, report, exit)."""
+    from srd_kernels.apply import apply_kernels
+
+    sizes = wan.SMOKE if args.smoke else wan.REAL_480P
+    _static_shapes()
+    config = kernel_config(args.kernels, sizes, args.compile_cache)
+    model = wan.transformer(sizes.sketch if args.compile_only == "sketch" else sizes.render, args.device,
+                            {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype])
+    start = time.perf_counter()
+    report = apply_kernels(model, config, args.compile_only + " (helper, cold cache)")
+    result = {"apply_s": time.perf_counter() - start, "warmup_s": report.warmup_seconds, "report": report.line()}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    return result
+
+
+def _compare(latents: torch.Tensor, reference: torch.Tensor) -> dict:
+    a, b = latents.flatten().double(), reference.flatten().double()
+    return {"cosine_vs_sr_eager": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+            "rel_error_vs_sr_eager": float((a - b).norm() / b.norm().clamp_min(1e-12))}
+
+
+def _e2e_levers(rec: dict, ctx: Context, sketcher, renderer, sr_latents, costs) -> None:
+    """Apply --kernels to both transformers (in place: the eager rows ran first), then the first SR plan again
+    with them, and with render caching at each --render-cache threshold."""
+    n, (k, reference) = ctx.args.steps, sr_latents
+    c_sketch, c_render, fixed = costs
+    runs, levers = rec["runs"], rec.setdefault("levers", {"spec": ctx.args.kernels})
+    cache_dir = ctx.args.compile_cache or tempfile.mkdtemp(prefix="srd-compile-")
+    levers["compile_cache_dir"] = cache_dir
+    _static_shapes()
+    configs = {role: kernel_config(ctx.args.kernels, ctx.sizes, cache_dir) for role in ("sketch", "render")}
+    levers["config"] = configs["sketch"].model_dump()
+    # The 14B (the longer compile) here, cold; the 1.3B cold in a helper process meanwhile, then here from its cache.
+    helper = _compile_helper(ctx, "render", cache_dir)
+    levers["helper"] = "render, cold cache, in a second process" if helper else "none (each compiled here in turn)"
+    for role in ("sketch", "render"):
+        try:
+            if role == "render" and helper is not None:
+                proc, out = helper
+                try:
+                    proc.wait(timeout=max(1.0, ctx.guard.left() - 60))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                levers["render_helper"] = (json.load(open(out)) if proc.returncode == 0 and os.path.exists(out)
+                                           else {"error": f"helper exit code {proc.returncode}"})
+            levers[role] = _apply(ctx, role, configs[role])
+            print(f"levers {role}: {levers[role]['report']}; apply {levers[role]['apply_s']:.1f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 - a lever that fails is recorded; the other stage may still run
+            import traceback
+
+            levers[role] = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc(limit=8)}
+        ctx.save()
+    applied = [role for role in ("sketch", "render") if "apply_s" in levers.get(role, {})]
+    if not applied:
+        return
+    label = "levers" if len(applied) == 2 else f"levers({applied[0]} only)"
+    base = runs[str(n)]
+    sr_eager = runs[str(k)]
+    estimate = sr_eager["measured_s"]  # the eager SR time: levers make it shorter
+    lever_costs = None
+    for cache in [0.0] + ctx.args.render_cache:
+        key = f"{k}+{label}" + (f"+cache{cache:g}" if cache else "")
+        if ctx.guard.left() < estimate * 1.1 + 5:
+            runs[key] = {"skipped": f"time guard: {ctx.guard.left():.0f} s left, run needs ~{estimate:.0f} s"}
+            continue
+        try:
+            row, (_, latents) = _e2e_run(ctx, n, k, sketcher, renderer, render_cache=cache)
+        except Exception as e:  # noqa: BLE001
+            runs[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            continue
+        row.update({"levers_on": applied, **_compare(latents, reference),
+                    "speedup_measured": base["measured_s"] / row["measured_s"],
+                    "speedup_vs_sr_eager": sr_eager["measured_s"] / row["measured_s"]})
+        if lever_costs is None and not cache:
+            lever_costs = (row["stage_s"]["sketch"] / k, row["stage_s"]["render"] / (n - k))
+        if lever_costs is not None:
+            ls, lr = lever_costs
+            row["ideal_s"] = k * ls + row["render_steps_computed"] * lr + fixed
+            row["tax"] = row["measured_s"] / row["ideal_s"] - 1
+            row["speedup_ideal"] = base["ideal_s"] / row["ideal_s"]
+        runs[key] = row
+        ctx.save()
+    if lever_costs is not None:
+        # The preset's 50 steps, K = 10, from this run's per-step costs (stage time / steps; CFG included).
+        ls, lr = lever_costs
+        all14 = 50 * c_sketch + fixed
+        proj = {"all_14b_eager_s": all14, "sr_eager_s": 10 * c_sketch + 40 * c_render + fixed,
+                "sr_levers_s": 10 * ls + 40 * lr + fixed,
+                "per_step_s": {"sketch_eager": c_sketch, "render_eager": c_render, "sketch_levers": ls,
+                               "render_levers": lr, "encode_plus_decode": fixed}}
+        for key, r in runs.items():
+            if "cache" in key and "render_steps_skipped" in r:
+                fraction = r["render_steps_skipped"] / (n - k)
+                proj[f"sr_levers_{key.rsplit('+', 1)[1]}_s"] = 10 * ls + 40 * (1 - fraction) * lr + fixed
+        for key in [key for key, v in proj.items() if isinstance(v, float) and key != "all_14b_eager_s"]:
+            proj[key.removesuffix("_s") + "_speedup"] = all14 / proj[key]
+        proj["label"] = ("ideal from this run's per-step costs at 50 steps, K=10; cached rows assume the skip "
+                         f"fraction measured at N={n}")
+        rec["ideal_at_50_steps_k10"] = proj
+        ctx.save()
 
 
 def part_handoff(rec: dict, ctx: Context) -> None:
@@ -384,18 +599,35 @@ def table(results: dict) -> str:
         enc, dec = anchors["encode"], anchors["decode"]
         lines.append(f"anchors    encode {_f(enc['median_s'])}s decode {_f(dec['median_s'])}s "
                      f"(decode peak+{_f(dec['peak_above_start_gib'], '{:.2f}')}GiB)")
-    for k, r in results.get("e2e", {}).get("runs", {}).items():
+    e2e = results.get("e2e", {})
+    for k, r in e2e.get("runs", {}).items():
         if "measured_s" not in r:
-            lines.append(f"e2e        K={k} {r}")
+            lines.append(f"e2e        {k} {r}")
             continue
         st = r["stage_s"]
+        extra = ""
+        if "cosine_vs_sr_eager" in r:
+            extra = (f" cos_vs_SR_eager={r['cosine_vs_sr_eager']:.5f} rel={r['rel_error_vs_sr_eager']:.4f}"
+                     f" vs_SR_eager={r['speedup_vs_sr_eager']:.3f}x")
+        if "render_steps_skipped" in r:
+            extra += f" render_skipped={r['render_steps_skipped']}/{r['N'] - r['K']}"
         lines.append(
-            f"e2e        K={r['K']:2d}/N={r['N']} K/N={r['K_over_N']:.2f} measured={r['measured_s']:.2f}s "
-            f"ideal={r['ideal_s']:.2f}s tax={r['tax'] * 100:+.2f}% "
+            f"e2e        {k:22s} K={r['K']:2d}/N={r['N']} measured={r['measured_s']:.2f}s "
+            f"ideal={_f(r.get('ideal_s'), '{:.2f}')}s tax={_f(r.get('tax', 0) * 100, '{:+.2f}')}% "
             f"speedup={_f(r.get('speedup_measured'), '{:.3f}')}x (ideal {_f(r.get('speedup_ideal'), '{:.3f}')}x, "
             f"ideal@50 {_f(r.get('speedup_ideal_at_50_steps'), '{:.3f}')}x) "
-            f"enc/sk/rd/dec={st['encode']:.2f}/{st['sketch']:.2f}/{st['render']:.2f}/{st['decode']:.2f}s"
+            f"enc/sk/rd/dec={st['encode']:.2f}/{st['sketch']:.2f}/{st['render']:.2f}/{st['decode']:.2f}s" + extra
         )
+    levers = e2e.get("levers", {})
+    for role in ("render_helper", "sketch", "render"):
+        if role in levers:
+            v = levers[role]
+            lines.append(f"levers     {role:13s} " + (f"apply {v['apply_s']:.1f}s (warm-up {_f(v.get('warmup_s'), '{:.1f}')}s)"
+                                                      f" {v['report']}" if "apply_s" in v else f"ERROR {v.get('error')}"))
+    proj = e2e.get("ideal_at_50_steps_k10")
+    if proj:
+        lines.append("ideal@50/K=10 " + " ".join(f"{k.removesuffix('_speedup')}={v:.2f}x" for k, v in proj.items()
+                                               if k.endswith("_speedup")))
     h = results.get("handoff", {})
     if "bytes_mb" in h:
         lines.append(f"handoff    {h['bytes_mb']:.1f} MB pickle dumps={h['dumps_s'] * 1e3:.1f}ms "
@@ -421,6 +653,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--vae-tilings", default=None, help="vae parts: names from TILINGS (default: all of the size)")
     ap.add_argument("--no-vae-diagnostics", dest="vae_diagnostics", action="store_false",
                     help="vae: skip the latent-frame scaling and the op transients")
+    ap.add_argument("--kernels", default=None,
+                    help="e2e: also run the first SR plan with these levers on both transformers, e.g. "
+                    "attn:cudnn-fp8+fp8_linear+compile (bench/kernels.py's labels); --smoke defaults to that spec")
+    ap.add_argument("--render-cache", default="0.05,0.1",
+                    help="e2e with --kernels: render step caching thresholds of the extra lever runs ('' for none)")
+    ap.add_argument("--compile-cache", default=None, help="Inductor/Triton cache dir (default: a fresh temp dir)")
+    ap.add_argument("--no-compile-helper", action="store_true",
+                    help="compile both transformers in this process, one after the other (no helper process)")
+    ap.add_argument("--compile-only", choices=["sketch", "render"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--budget-s", type=float, default=560.0, help="deadline for all parts (time guard)")
     ap.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", "unknown"))
     ap.add_argument("--out", required=True)
@@ -430,18 +671,22 @@ def main(argv=None) -> dict:
     args.vae_dtypes = ["float32"] if args.smoke else [d for d in args.vae_dtypes.split(",") if d]
     args.ks = [int(k) for k in args.ks.split(",") if k]
     args.vae_tile = tuple(int(v) for v in args.vae_tile.split(",")) if args.vae_tile else None
+    args.render_cache = [float(c) for c in args.render_cache.split(",") if c]
+    if args.compile_only:
+        return compile_only(args)
     if args.smoke:
         args.steps, args.ks = min(args.steps, 4), [k for k in args.ks if k < 4] or [2]
+        args.kernels = args.kernels or "attn:cudnn-fp8+fp8_linear+compile"  # fall back to sdpa/bf16 on the CPU
 
     ctx = Context(args)
     results: dict = {}
     ctx.results = results
     ctx.guard = Guard(args.budget_s, results)
-    meta = {
+    ctx.meta = meta = {
         "label": wan.LABEL, "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": args.commit, "device": torch.cuda.get_device_name() if measure.is_cuda(args.device) else "cpu",
         "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv, "sizes": asdict(ctx.sizes),
-        "dtype": args.dtype,
+        "dtype": args.dtype, "kernels": args.kernels,
     }
     try:
         import diffusers
@@ -449,6 +694,16 @@ def main(argv=None) -> dict:
         meta["diffusers"] = diffusers.__version__
     except ImportError:
         pass
+    if args.kernels:
+        from importlib.metadata import PackageNotFoundError, version
+
+        for package in ("torchao", "nvidia-cudnn-frontend"):
+            try:
+                meta[package] = version(package)
+            except PackageNotFoundError:
+                meta[package] = None
+        if measure.is_cuda(args.device):
+            meta["cudnn"] = torch.backends.cudnn.version()
     for name in [p for p in args.parts.split(",") if p]:
         fn, estimate = PARTS[name]
         ctx.guard.run(name, estimate if not args.smoke else 0, fn, ctx)
