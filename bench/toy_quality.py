@@ -1,4 +1,5 @@
-"""Prompt adherence of the trained toy pair against the switch step (issue 6): the paper's claim, measured here.
+"""Prompt adherence of the trained toy pair against the switch step (issue 6): the paper's claim, measured here;
+and of each numerics-changing speed lever at the default switch (issue 16).
 
     python -m bench.toy_quality --device cuda --videos 200 --out $OUT/toy_quality.json    # one H100, ~2 min
     python -m bench.toy_quality --device cpu --videos 4 --ks 2 --out /tmp/toy_quality.json  # CPU smoke
@@ -14,8 +15,18 @@ Reference rows: the detector on the ground-truth clips of the same scenes, and o
 this VAE loses of a real clip; a generator may draw clearer shapes than the clips it learnt from, and the shipped
 pair's all-large row reads higher).
 
-Cost ratio of a setting = (K C_large + (N - K) C_small) / (N C_large), with C the median time of one guided step
-(cond and uncond rows) of one request, measured here for each model on --device.
+Lever settings (--levers, issue 16), each at the preset's default switch (--lever-switch) with the same prompts and
+seeds: `default` (the plain engine, the reference row), `cache:T` (render step caching at threshold T, the request's
+`render_cache`), and stacks joined by `+` of `bf16` (the engine's dtype; float32 otherwise), `attn:B` (attention
+backend B on both stages), `fp8_linear` and `compile` (KernelConfig levers on both stages). Each lever row is held
+against the row of its dtype without levers (`default` or `bf16`): the table gives the adherence difference and the
+paired flips (videos whose all-three verdict the lever turned wrong / right). Each row names the attention backend
+each stage actually runs and why (the stage's kernel report): a lever that cannot run here (e.g. FP8 on the CPU, or
+FP8 attention in float32) falls back and says so. A setting that raises is recorded under "failed", not scored.
+
+Cost ratio of a setting = (K C_large + (N - K - S) C_small) / (N C_large_ref), with C the median time of one guided
+step (cond and uncond rows) of one request, measured here for each model on --device, S the render steps that step
+caching skipped (0 without it), and C_large_ref the plain engine's large step (so a lever's own step cost counts).
 """
 
 from __future__ import annotations
@@ -23,16 +34,21 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import gc
 import json
 import os
 import subprocess
+import sys
 import time
+import traceback
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from bench.measure import repeat
 from serve.engine import Engine, EngineConfig
+from srd_kernels.config import KernelConfig
 from serve.plan import run_plan
 from serve.request import VideoRequest
 from toy import data
@@ -48,29 +64,93 @@ def pair_dirs(models: str | None) -> dict:
     return {"sketch": os.path.join(models, "sketch"), "render": os.path.join(models, "render")}
 
 
-def score(frames: list[np.ndarray], scenes: list[data.Scene]) -> dict:
-    """Per-attribute adherence (%) of videos [F, H, W, 3] uint8 to their scenes' prompts."""
+def score(frames: list[np.ndarray], scenes: list[data.Scene], per_video: list | None = None) -> dict:
+    """Per-attribute adherence (%) of videos [F, H, W, 3] uint8 to their scenes' prompts; `per_video`, if given,
+    receives each video's all-three verdict."""
     hits = collections.Counter()
     for video, scene in zip(frames, scenes):
-        for attribute, ok in adherence(detect(video), scene.attributes).items():
+        verdict = adherence(detect(video), scene.attributes)
+        for attribute, ok in verdict.items():
             hits[attribute] += bool(ok)
+        if per_video is not None:
+            per_video.append(bool(verdict["all"]))
     return {a: 100.0 * hits[a] / len(scenes) for a in ATTRIBUTES}
 
 
-def generate(engine: Engine, scenes: list[data.Scene], switch: str, guidance: float, seed0: int, batch: int):
-    """Frames and the switch step of each scene's video, `batch` requests per stage call."""
-    frames, ks = [], []
+def generate(engine: Engine, scenes: list[data.Scene], switch: str, guidance: float, seed0: int, batch: int,
+             render_cache: float = 0.0):
+    """Frames, the switch step and the render steps skipped by step caching of each scene's video, `batch` requests
+    per stage call."""
+    frames, ks, skipped = [], [], []
+
+    def render(handoffs, on_step=None):
+        report: dict = {}
+        latents = engine.renderer(handoffs, on_step=on_step, report=report)
+        skipped.extend(report.get(i, 0) for i in range(len(handoffs)))
+        return latents
+
     for i in range(0, len(scenes), batch):
         chunk = scenes[i : i + batch]
         params = [
-            VideoRequest(prompt=s.prompt, seed=seed0 + i + j, switch=switch, guidance_scale=guidance)
-            .resolve(engine.config.defaults) for j, s in enumerate(chunk)
+            VideoRequest(prompt=s.prompt, seed=seed0 + i + j, switch=switch, guidance_scale=guidance,
+                         render_cache=render_cache).resolve(engine.config.defaults) for j, s in enumerate(chunk)
         ]
         run = run_plan(engine.plan(params[0]), params, engine.encoder,
-                       {"sketch": engine.sketcher, "render": engine.renderer}, engine.decoder)
+                       {"sketch": engine.sketcher, "render": render}, engine.decoder)
         frames.extend(run.frames)
         ks.extend(h.step_index for h in run.outputs["sketch"])
-    return frames, ks
+    skipped += [0] * (len(ks) - len(skipped))  # a plan without a render segment (all-large) skips nothing
+    return frames, ks, skipped
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One lever setting of --levers: the engine it needs (dtype, per-stage kernels) and the request's cache."""
+
+    name: str
+    dtype: str = "float32"
+    kernels: KernelConfig = KernelConfig()
+    render_cache: float = 0.0
+
+    @property
+    def engine_key(self) -> tuple:
+        return (self.dtype, self.kernels)
+
+    @property
+    def reference(self) -> str:
+        """The row this one is held against: the same dtype, no levers."""
+        return "default" if self.dtype == "float32" else "bf16"
+
+
+def parse_lever(spec: str) -> Lever:
+    """`default`, or `+`-joined parts of bf16 | attn:BACKEND | fp8_linear | compile | cache:THRESHOLD."""
+    dtype, kernels, cache = "float32", {}, 0.0
+    for part in spec.split("+"):
+        if part == "default":
+            continue
+        if part == "bf16":
+            dtype = "bfloat16"
+        elif part.startswith("attn:"):
+            kernels["attention"] = part.removeprefix("attn:")
+        elif part in ("fp8_linear", "compile"):
+            kernels[part] = True
+        elif part.startswith("cache:"):
+            cache = float(part.removeprefix("cache:"))
+        else:
+            raise ValueError(f"--levers: unknown part {part!r} in {spec!r}; parts are default, bf16, attn:BACKEND, "
+                             f"fp8_linear, compile, cache:THRESHOLD joined by +")
+    return Lever(spec, dtype, KernelConfig(**kernels), cache)
+
+
+def kernel_summary(engine: Engine) -> dict:
+    """What each stage's transformer actually runs (the stages' kernel reports, fallbacks and their reasons)."""
+    out = {}
+    for role, stage in (("sketch", engine.sketcher), ("render", engine.renderer)):
+        r = stage.kernels
+        out[role] = {"attention": r.attention, "attention_reason": r.attention_reason,
+                     "fp8_linear_layers": r.fp8_linear_layers, "fp8_reason": r.fp8_reason, "compiled": r.compiled,
+                     "line": r.line()}
+    return out
 
 
 def step_cost(engine: Engine, denoiser, params, runs: int) -> float:
@@ -85,6 +165,14 @@ def step_cost(engine: Engine, denoiser, params, runs: int) -> float:
                       runs=runs)["median_s"]
 
 
+# On a GPU: the plain rows of each dtype, render caching at three thresholds (0.05 skipped no step in a CPU smoke
+# run), each kernel lever alone and stacked. `compile` is left out (add `bf16+compile`; on the CPU it would compile
+# C++ for every block). On the CPU every kernel lever falls back, so one row of each kind covers the code cheaply.
+DEFAULT_LEVERS = ("default,cache:0.1,cache:0.2,cache:0.3,bf16,bf16+attn:cudnn-fp8,bf16+fp8_linear,"
+                  "bf16+attn:cudnn-fp8+fp8_linear,bf16+attn:sage,bf16+attn:cudnn-fp8+fp8_linear+cache:0.1")
+CPU_LEVERS = "default,cache:0.2,attn:cudnn-fp8+fp8_linear"  # float32: no slow CPU bfloat16
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=None, help="a directory with sketch/ and render/ (default: the toy preset)")
@@ -93,28 +181,45 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=200, help="requests per stage call")
     ap.add_argument("--ks", default="1,2,3,4,5,6,8,10,14", help="SR switch steps K of N")
     ap.add_argument("--adaptive", default="adaptive:0.01:2:12,adaptive:0.05:2:12")
+    ap.add_argument("--levers", default=None, help="lever settings at --lever-switch, comma-separated ('' for "
+                    f"none; default on a GPU: {DEFAULT_LEVERS}; on the CPU: {CPU_LEVERS})")
+    ap.add_argument("--lever-switch", default=None, help="switch of the lever settings (default: the preset's)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the preset's)")
     ap.add_argument("--seed", type=int, default=2026, help="scenes and noise seeds (training used 0..10)")
     ap.add_argument("--cost-runs", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no further setting once this many seconds have passed (recorded as skipped)")
     default_out = os.path.join(os.environ["OUT"], "toy_quality.json") if os.environ.get("OUT") else None
     ap.add_argument("--out", default=default_out)
     args = ap.parse_args(argv)
+    started = time.perf_counter()
+    if args.levers is None:
+        args.levers = DEFAULT_LEVERS if torch.device(args.device).type == "cuda" else CPU_LEVERS
+    levers = [parse_lever(spec) for spec in args.levers.split(",") if spec]
 
     config = EngineConfig(preset="toy", **pair_dirs(args.models), device=args.device, dtype="float32",
                           max_tokens_per_forward=2 * args.batch * 320)
     defaults = config.defaults
     n = defaults.num_inference_steps
     guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    lever_switch = args.lever_switch or defaults.switch
     engine = Engine(config)
     scenes = data.sample_scenes(args.videos, seed=args.seed, split="eval", height=defaults.height, width=defaults.width)
     meta = {
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": os.environ.get("BENCH_COMMIT") or _commit(), "device": _device_name(args.device),
-        "N": n, "guidance": guidance, "flow_shift": defaults.flow_shift, "videos": args.videos,
+        "torch": torch.__version__, "N": n, "guidance": guidance, "flow_shift": defaults.flow_shift,
+        "videos": args.videos, "seed": args.seed, "lever_switch": lever_switch,
         "size": f"{defaults.height}x{defaults.width}x{defaults.num_frames}", "split": "eval (held-out combinations)",
-        "models": config.models().__dict__,
+        "models": config.models().__dict__, "argv": argv if argv is not None else sys.argv[1:],
     }
-    rows = {}
+    result = {"meta": meta, "rows": {}, "failed": {}, "skipped": []}
+    rows, verdicts = result["rows"], {}
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
 
     clips = data.render_clips(scenes, frames=defaults.num_frames, height=defaults.height, width=defaults.width)
     rows["ground truth"] = {"adherence": score([data.frames_uint8(c) for c in clips], scenes)}
@@ -125,26 +230,93 @@ def main(argv=None) -> dict:
     rows["VAE reconstruction"] = {"adherence": score(list((np.asarray(recon) * 255).round().astype(np.uint8)), scenes)}
 
     probe = VideoRequest(prompt=scenes[0].prompt, seed=0, guidance_scale=guidance).resolve(defaults)
-    cost = {"large_s": step_cost(engine, engine.sketcher.denoiser, probe, args.cost_runs),
-            "small_s": step_cost(engine, engine.renderer.denoiser, probe, args.cost_runs)}
-    meta["step_cost"] = cost
+
+    def costs(e: Engine) -> dict:
+        return {"large_s": step_cost(e, e.sketcher.denoiser, probe, args.cost_runs),
+                "small_s": step_cost(e, e.renderer.denoiser, probe, args.cost_runs)}
+
+    cost = meta["step_cost"] = costs(engine)
+
+    def run_setting(name, e: Engine, switch: str, step: dict, render_cache: float = 0.0) -> dict:
+        start = time.perf_counter()
+        frames, ks, skipped = generate(e, scenes, switch, guidance, seed0=args.seed * 1000, batch=args.batch,
+                                       render_cache=render_cache)
+        ratio = [(k * step["large_s"] + (n - k - s) * step["small_s"]) / (n * cost["large_s"])
+                 for k, s in zip(ks, skipped)]
+        verdicts[name] = []
+        row = {"switch": switch, "adherence": score(frames, scenes, verdicts[name]), "cost_ratio": float(np.mean(ratio)),
+               "k": dict(sorted(collections.Counter(ks).items())), "wall_s": time.perf_counter() - start}
+        if render_cache:
+            row["render_cache"] = render_cache
+            row["render_steps"] = float(np.mean([n - k for k in ks]))
+            row["render_skipped"] = float(np.mean(skipped))
+            row["render_skipped_hist"] = dict(sorted(collections.Counter(skipped).items()))
+        row["all_per_video"] = verdicts[name]
+        return row
+
+    def over_budget(name: str) -> bool:
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            result["skipped"].append(name)
+            print(f"{name:24s} skipped: {time.perf_counter() - started:.0f} s > --budget-s {args.budget_s:.0f}",
+                  flush=True)
+            return True
+        return False
 
     settings = [("all-large", f"step:{n}"), ("all-small", "boundary:1.0")]
     settings += [(f"SR K={k}", f"step:{k}") for k in (int(k) for k in args.ks.split(",") if k) if k < n]
     settings += [(spec, spec) for spec in args.adaptive.split(",") if spec]
     for name, switch in settings:
-        start = time.perf_counter()
-        frames, ks = generate(engine, scenes, switch, guidance, seed0=args.seed * 1000, batch=args.batch)
-        ratio = [(k * cost["large_s"] + (n - k) * cost["small_s"]) / (n * cost["large_s"]) for k in ks]
-        rows[name] = {"switch": switch, "adherence": score(frames, scenes), "cost_ratio": float(np.mean(ratio)),
-                      "k": dict(sorted(collections.Counter(ks).items())), "wall_s": time.perf_counter() - start}
+        if over_budget(name):
+            continue
+        rows[name] = run_setting(name, engine, switch, cost)
         print(f"{name:24s} {rows[name]['adherence']}  cost {rows[name]['cost_ratio']:.3f}  K {rows[name]['k']}",
               flush=True)
-    result = {"meta": meta, "rows": rows}
+        save()
+
+    engines = {Lever("default").engine_key: (engine, cost)}
+    for lever in levers:
+        if over_budget(lever.name):
+            continue
+        try:
+            if lever.engine_key not in engines:
+                for key in [k for k in engines if k != Lever("default").engine_key]:  # one lever engine at a time
+                    del engines[key]
+                gc.collect()
+                if torch.device(args.device).type == "cuda":
+                    torch.cuda.empty_cache()
+                t0 = time.perf_counter()
+                e = Engine(config.model_copy(update={"dtype": lever.dtype, "sketch_kernels": lever.kernels,
+                                                     "render_kernels": lever.kernels}))
+                load_s = time.perf_counter() - t0
+                engines[lever.engine_key] = (e, costs(e))
+                engines[lever.engine_key][1]["load_s"] = load_s
+            e, step = engines[lever.engine_key]
+            row = run_setting(lever.name, e, lever_switch, step, lever.render_cache)
+        except Exception as exc:  # a lever that cannot run this shape here: recorded, never scored
+            result["failed"][lever.name] = f"{type(exc).__name__}: {exc}"
+            print(f"{lever.name:24s} FAILED: {result['failed'][lever.name]}\n{traceback.format_exc()}", flush=True)
+            save()
+            continue
+        row.update(lever=lever.name, dtype=lever.dtype, kernels=kernel_summary(e), step_cost=step,
+                   reference=lever.reference)
+        rows[lever.name] = row
+        ref = verdicts.get(lever.reference)
+        if ref is not None and lever.name != lever.reference:
+            mine = verdicts[lever.name]
+            row["vs_reference"] = {
+                "all_points": row["adherence"]["all"] - rows[lever.reference]["adherence"]["all"],
+                "turned_wrong": sum(r and not m for r, m in zip(ref, mine)),
+                "turned_right": sum(m and not r for r, m in zip(ref, mine)),
+            }
+        print(f"{lever.name:24s} {row['adherence']}  cost {row['cost_ratio']:.3f}  "
+              f"attention {row['kernels']['sketch']['attention']}/{row['kernels']['render']['attention']}"
+              + (f"  skipped {row['render_skipped']:.2f}" if lever.render_cache else ""), flush=True)
+        save()
+    meta["total_s"] = time.perf_counter() - started
     print(table(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    if levers:
+        print(lever_table(result))
+    save()
     return result
 
 
@@ -156,11 +328,56 @@ def table(result: dict) -> str:
              "| setting | colour | shape | direction | all three | cost vs all-large | K chosen |",
              "|---|---|---|---|---|---|---|"]
     for name, row in result["rows"].items():
+        if "lever" in row:
+            continue
         a = row["adherence"]
         cost = f"{row['cost_ratio']:.3f}" if "cost_ratio" in row else ""
         ks = ", ".join(f"{k}: {c}" for k, c in row.get("k", {}).items()) if name.startswith("adaptive") else ""
         lines.append(f"| {name} | {a['colour']:.1f} | {a['shape']:.1f} | {a['direction']:.1f} | **{a['all']:.1f}** | "
                      f"{cost} | {ks} |")
+    return "\n".join(lines)
+
+
+def _attention(kernels: dict) -> str:
+    parts = []
+    for role in ("sketch", "render"):
+        k = kernels[role]
+        fell = k["attention_reason"].startswith("fallback")
+        parts.append(f"{k['attention']}" + (f" (FALLBACK: {k['attention_reason'].removeprefix('fallback: ')})"
+                                            if fell else ""))
+    return " / ".join(parts) if parts[0] != parts[1] else parts[0]
+
+
+def lever_table(result: dict) -> str:
+    """The lever rows (issue 16): adherence, its difference from the same-dtype plain row, what ran, cost."""
+    meta = result["meta"]
+    lines = [f"levers at switch {meta['lever_switch']}, {meta['videos']} videos per setting, {meta['device']}",
+             "| setting | colour | shape | direction | all three | vs reference (points; flips -/+) | attention "
+             "(sketch / render) | FP8 linear layers (sketch / render) | render steps skipped by the cache | "
+             "cost vs all-large | step ms (large / small) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        if "lever" not in row:
+            continue
+        a, k = row["adherence"], row["kernels"]
+        vs = row.get("vs_reference")
+        vs = (f"{vs['all_points']:+.1f} vs {row['reference']} (-{vs['turned_wrong']} / +{vs['turned_right']})"
+              if vs else "reference" if name == row["reference"] else f"no {row['reference']} row")
+        fp8 = " / ".join(str(k[r]["fp8_linear_layers"]) for r in ("sketch", "render"))
+        if any(k[r]["fp8_reason"].startswith("fallback") for r in ("sketch", "render")):
+            fp8 += f" (FALLBACK: {k['sketch']['fp8_reason']})"
+        skipped = (f"{row['render_skipped']:.2f} of {row['render_steps']:.0f} "
+                   f"({100 * row['render_skipped'] / row['render_steps']:.0f}%)" if "render_skipped" in row else "")
+        if k["sketch"]["compiled"]:
+            name += " (compiled)"
+        lines.append(f"| {name} | {a['colour']:.1f} | {a['shape']:.1f} | {a['direction']:.1f} | **{a['all']:.1f}** | "
+                     f"{vs} | {_attention(k)} | {fp8} | {skipped} | {row['cost_ratio']:.3f} | "
+                     f"{row['step_cost']['large_s'] * 1e3:.2f} / {row['step_cost']['small_s'] * 1e3:.2f} | "
+                     f"{row['wall_s']:.1f} |")
+    for name, why in result.get("failed", {}).items():
+        lines.append(f"| {name} | FAILED: {why} |")
+    for name in result.get("skipped", []):
+        lines.append(f"| {name} | skipped (--budget-s) |")
     return "\n".join(lines)
 
 
