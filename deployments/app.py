@@ -77,14 +77,16 @@ def app_builder(args: dict) -> Application:
 app = build_app(AppConfig())
 
 
-def local_config(engine: EngineConfig) -> AppConfig:
+def local_config(engine: EngineConfig, constructor_attempts: int | None = None) -> AppConfig:
     """The app on this one machine: the four stages share its CPUs (a quarter each, so they fit however few cores
-    it has) and, on CUDA, GPU 0 (a quarter each)."""
+    it has) and, on CUDA, GPU 0 (a quarter each); `constructor_attempts` replaces DEFAULT_OPTIONS' for them."""
     cpus = len(os.sched_getaffinity(0)) / 4
     share = Resources(num_cpus=cpus, num_gpus=0.25 if engine.device.startswith("cuda") else 0.0)
+    options = {} if constructor_attempts is None else {"max_constructor_retry_count": constructor_attempts}
     return AppConfig.model_validate({
         "engine": engine.model_dump(),
-        **{stage: {"resources": share.model_dump()} for stage in ("encoder", "sketcher", "renderer", "decoder")},
+        **{stage: {"resources": share.model_dump(), "serve_options": options}
+           for stage in ("encoder", "sketcher", "renderer", "decoder")},
     })
 
 
@@ -327,7 +329,10 @@ def generate_local(request: VideoRequest, engine: EngineConfig,
         try:
             if started:
                 serve.start(proxy_location="Disabled", logging_config=QUIET_LOGGING)
-            handle = _deploy(build_app(local_config(engine)), name, route_prefix=None, logging_config=QUIET_LOGGING)
+            # One job on this machine: a stage whose model fails to load fails the command at once (a load that
+            # failed here fails again; a server, `srd serve`, keeps DEFAULT_OPTIONS' three attempts).
+            app = build_app(local_config(engine, constructor_attempts=1))
+            handle = _deploy(app, name, route_prefix=None, logging_config=QUIET_LOGGING)
             job = handle.submit.remote(request).result()
             seen = (job.status, job.stage, job.progress)
             while job.status not in ("completed", "failed", "cancelled"):
