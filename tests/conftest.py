@@ -40,6 +40,7 @@ TIERS: dict[str, str] = {
     "test_autoscaling": "fast",  # the cost-aware policy on synthetic load
     "test_placement": "fast",  # the placement planner and `srd plan`
     "test_kuberay": "fast",  # the RayService manifest against the Serve YAML and Serve's schema
+    "test_metrics": "fast",  # the Grafana dashboard against the metric names (test_app scrapes the metrics)
     "test_bench_vae_tiling": "fast",
     # ray: starts Ray or the Serve app
     "test_app": "ray",
@@ -49,7 +50,6 @@ TIERS: dict[str, str] = {
     "test_parallel_ray": "ray",
     "test_parallel_groups": "ray",  # the process and the Ray worker group under one test (a killed rank)
     "test_frontdoor_serve": "ray",
-    "test_metrics": "ray",  # one job through the app, then Ray's Prometheus endpoint
     "test_autoscaling_ray": "ray",  # the cost-aware policy driving the app (fake GPUs)
     # slow: training, quality, the benchmarks' smoke runs
     "test_toy_preset": "slow",
@@ -66,7 +66,6 @@ TIERS: dict[str, str] = {
     "test_kernels*": "fast",
     # single tests outside their module's tier ("module::test")
     "test_app_config::test_serve_build_accepts_the_app": "ray",  # Ray's `serve build` CLI in a subprocess
-    "test_metrics::test_dashboard_charts_every_metric_by_its_exported_name": "fast",
 }
 DEFAULT_TIER = "slow"
 
@@ -207,6 +206,9 @@ def ray_cluster(srd_cache):
         return
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")
+        # Serve checks its HTTP proxy every 10 s and replaces it after 3 failed checks: every 1 s here, so that
+        # test_app_faults' killed proxy is back in seconds, not half a minute (read by Serve's controller at start).
+        env.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "1")
         ray.init(num_cpus=4 + len(os.sched_getaffinity(0)), num_gpus=2, object_store_memory=100 * 1024**2,
                  include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         try:

@@ -1,15 +1,18 @@
 """The disaggregated Serve app for real, on the session's local Ray with two fake GPUs: one app for the module.
 
 Sketcher and renderer each reserve one (fake) GPU, so they land on different ones, as on a GPU node. Every result
-is checked against the in-process engine (same seed and switch): relative error <= 1e-5. Faults, restarts, limits,
-auth and the OpenAI SDK have modules of their own (test_app_faults.py, test_app_api.py).
+is checked against the in-process engine (same seed and switch): relative error <= 1e-5; after a job, the stages'
+metrics are on Ray's Prometheus endpoint. Faults, restarts, limits, auth and the OpenAI SDK have modules of their
+own (test_app_faults.py, test_app_api.py).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import time
+import urllib.request
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +21,8 @@ import pytest
 import httpx
 import ray
 from ray import serve
+
+from deployments.metrics import PROMETHEUS_PREFIX
 
 TOLERANCE = 1e-5
 APP = "srd-test"
@@ -34,6 +39,7 @@ TEST_CONFIG = {
     "renderer": {"resources": {"num_cpus": 0.5, "num_gpus": 1},
                  "batching": {"max_batch_size": 3, "batch_wait_timeout_s": 0.05}},
     "decoder": {**STAGE, "batching": {"max_batch_size": 3, "batch_wait_timeout_s": 0.05}},
+    "limits": {"max_steps": 600},  # the progress test's long render (the tiny preset accepts 100)
 }
 
 
@@ -201,7 +207,10 @@ def test_concurrent_jobs_batch_by_shape_and_pipeline(app, engine, rel_err):
 def test_progress_is_monotonic_and_preview_precedes_completion(app):
     from PIL import Image
 
-    request = {"prompt": "a slow sunrise", "seed": 3, "num_inference_steps": 100, "switch": "step:4", **BIG}
+    # The events stream samples the store every 0.25 s (ingress SSE_POLL_S) and stages write their step counts every
+    # 0.1 s: 600 render steps last about 1.5 s even on an idle machine (about 2.5 ms a step), so that several
+    # samples fall inside the render. (100 steps rendered within one sample when the machine was idle.)
+    request = {"prompt": "a slow sunrise", "seed": 3, "num_inference_steps": 600, "switch": "step:4", **BIG}
     job_id = app.http.post("/v1/videos", json=request).json()["id"]
     events, preview_while_running = [], None
     with httpx.Client(base_url=str(app.http.base_url), timeout=60) as side:
@@ -318,3 +327,53 @@ def test_srd_generate_via_serve(app, engine, rel_err, tmp_path):
                "seed": 9}
     assert rel_err(torch.load(latents), reference_latents(engine, request)) <= TOLERANCE
     assert APP in serve.status().applications and len(serve.status().applications) == 1  # it removed its app
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def series(body: str, name: str) -> list[str]:
+    """Sample lines of one metric (a histogram's `_count` lines stand for it), with their labels."""
+    name = PROMETHEUS_PREFIX + name
+    return [line for line in body.splitlines()
+            if line.startswith((name + "{", name + "_count{", name + "_total{")) and not line.startswith("#")]
+
+
+def label(line: str, key: str) -> str | None:
+    match = re.search(rf'[{{,]{key}="([^"]*)"', line)
+    return match.group(1) if match else None
+
+
+def test_a_job_publishes_per_stage_metrics(app):
+    """After a job, Ray's Prometheus endpoint (the node's metrics export port) carries the stages' series; Ray's
+    exporter publishes every few seconds, so the scrape is repeated until they are there (bounded)."""
+    result = app.handle.generate.remote({"prompt": "a red ball", "height": 32, "width": 32, "num_frames": 5,
+                                         "num_inference_steps": 4, "switch": "step:1", "seed": 0}).result()
+    assert result.job.status == "completed", result.job
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = {"srd_stage_queue_depth", "srd_stage_batch_size", "srd_stage_step_seconds", "srd_stage_seconds"}
+    deadline, body = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        body = scrape(port)
+        stages = {name: {label(line, "stage") for line in series(body, name)} for name in wanted}
+        if all({"encode", "sketch", "render", "decode"} <= found for found in stages.values()) \
+                and series(body, "srd_jobs"):
+            break
+        time.sleep(1.0)
+    for name in wanted:
+        assert {"encode", "sketch", "render", "decode"} <= {label(line, "stage") for line in series(body, name)}, \
+            (name, series(body, name))
+    # at least this job's one sketch step (K=1) and three render steps, each timed once: counts, not timings
+    steps = {label(line, "stage"): float(line.rsplit(" ", 1)[1])
+             for line in series(body, "srd_stage_step_seconds") if "_count{" in line}
+    assert steps["sketch"] >= 1 and steps["render"] >= 3
+    assert any(label(line, "deployment") == "Sketcher" for line in series(body, "srd_stage_step_seconds"))
+    switch = [line for line in series(body, "srd_switch_step") if "_count{" in line]
+    assert switch and float(switch[0].rsplit(" ", 1)[1]) >= 1
+    assert {label(line, "direction") for line in series(body, "srd_handoff_bytes")} >= {"write", "read"}
+    completed = [line for line in series(body, "srd_jobs") if label(line, "status") == "completed"]
+    assert completed and float(completed[0].rsplit(" ", 1)[1]) >= 1
+    assert series(body, "srd_job_queue_wait_seconds") and series(body, "srd_job_compute_seconds")
+    assert not series(body, "srd_gpu_utilization_percent")  # fake GPUs: NVML stays quiet

@@ -1,17 +1,17 @@
 """The cost-aware policy driving the real app on local Ray (fake GPUs, half a GPU per denoiser replica).
 
 The app is deployed from a Serve config (as `serve deploy` does), the application-level policy beside its args.
-Twelve jobs, sketch-heavy (K = N-1) or render-heavy (K = 1), load one stage and barely the other: the loaded stage
-gets a second replica, the other keeps one. The stages' `target_ongoing_requests` is set so high that Ray's default
-policy would never add a replica: the scaling seen is the cost-aware policy's, from the work the replicas report.
-(That the K of the requests, not their number, decides is shown on synthetic load in test_autoscaling.py.)
+One app, two loads in turn: twelve jobs, sketch-heavy (K = N-1), then twelve render-heavy (K = 1), each loading one
+stage and barely the other: the loaded stage gets a second replica while the other keeps one, and once its work is
+done it goes back to one. The stages' `target_ongoing_requests` is set so high that Ray's default policy would
+never add a replica: the scaling seen is the cost-aware policy's, from the work the replicas report. (That the K of
+the requests, not their number, decides is shown on synthetic load in test_autoscaling.py.)
 """
 
 from __future__ import annotations
 
 import time
 
-import pytest
 from ray import serve
 
 APP = "srd-autoscale"
@@ -22,7 +22,7 @@ DENOISER = {
     "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
     "max_ongoing_requests": 2,  # the rest wait at the orchestrator's handle, for a new replica to take
     "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 100,
-                    "upscale_delay_s": 0, "downscale_delay_s": 600,
+                    "upscale_delay_s": 0, "downscale_delay_s": 1,
                     "metrics_interval_s": 0.5, "look_back_period_s": 2},
 }
 POLICY = {"policy_function": "deployments.autoscaling:CostAwarePolicy",
@@ -50,26 +50,33 @@ def replicas(deployment: str) -> int:
     return sum(n for state, n in states.items() if str(state).endswith(("RUNNING", "STARTING")))
 
 
-@pytest.mark.parametrize("switch, loaded, idle", [
-    (STEPS - 1, "Sketcher", "Renderer"),
-    (1, "Renderer", "Sketcher"),
-])
-def test_the_loaded_stage_scales_and_the_other_stays(serve_http, tiny_models, tmp_path, switch, loaded, idle):
+def run_load(handle, switch: int, loaded: str, idle: str) -> None:
+    """Twelve jobs with K = `switch`: all complete, `loaded` got a second replica meanwhile, `idle` kept one; then
+    `loaded` is back to one replica (its work is done)."""
+    ids = [handle.submit.remote({"prompt": f"ball {i}", "seed": i, "num_inference_steps": STEPS,
+                                 "switch": f"step:{switch}", **SHAPE}).result().id for i in range(JOBS)]
+    most = {loaded: 1, idle: 1}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for name in most:
+            most[name] = max(most[name], replicas(name))
+        statuses = [handle.status.remote(job_id).result().status for job_id in ids]
+        if all(s in ("completed", "failed") for s in statuses):
+            break
+        time.sleep(0.5)
+    assert statuses == ["completed"] * JOBS
+    assert most == {loaded: 2, idle: 1}
+    deadline = time.monotonic() + 120
+    while replicas(loaded) > 1:
+        assert time.monotonic() < deadline, f"{loaded} kept {replicas(loaded)} replicas with no work left"
+        time.sleep(0.5)
+
+
+def test_the_loaded_stage_scales_and_the_other_stays(serve_http, tiny_models, tmp_path):
     deploy(tmp_path)
     try:
         handle = serve.get_app_handle(APP)
-        ids = [handle.submit.remote({"prompt": f"ball {i}", "seed": i, "num_inference_steps": STEPS,
-                                     "switch": f"step:{switch}", **SHAPE}).result().id for i in range(JOBS)]
-        most = {loaded: 1, idle: 1}
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            for name in most:
-                most[name] = max(most[name], replicas(name))
-            statuses = [handle.status.remote(job_id).result().status for job_id in ids]
-            if all(s in ("completed", "failed") for s in statuses):
-                break
-            time.sleep(0.5)
-        assert statuses == ["completed"] * JOBS
-        assert most == {loaded: 2, idle: 1}
+        run_load(handle, STEPS - 1, "Sketcher", "Renderer")  # sketch-heavy
+        run_load(handle, 1, "Renderer", "Sketcher")  # render-heavy
     finally:
         serve.delete(APP)
