@@ -27,6 +27,13 @@ def test_bench_smoke_stages_e2e_handoff(tmp_path):
     assert sr["switch_step"] == 2 and sr["latents_finite"]
     assert set(sr["stage_s"]) == {"encode", "sketch", "render", "decode"} and sr["ideal_s"] > 0
     assert parts["handoff"]["bytes_mb"] > 0 and parts["handoff"]["roundtrip_equal"]
+    # the levers' rows (--smoke's spec): on the CPU every lever falls back, visibly, and the numerics stay eager's
+    levers = parts["e2e"]["levers"]
+    assert levers["render"]["attention"] == "sdpa" and "fallback" in levers["render"]["attention_reason"]
+    stacked = runs["2+levers"]
+    assert stacked["levers_on"] == ["sketch", "render"] and stacked["render_steps_computed"] == 2
+    assert stacked["cosine_vs_sr_eager"] == pytest.approx(1.0) and stacked["rel_error_vs_sr_eager"] <= 1e-6
+    assert {"2+levers+cache0.05", "2+levers+cache0.1"} <= set(runs)
 
 
 def test_bench_smoke_vae(tmp_path):
