@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from srd_kernels.step_cache import StepCache
 from serve.handoff import Handoff, PromptEmbeds, move_scheduler
@@ -77,6 +76,10 @@ class LatentSpec:
 def initial_noise(params: GenerationParams, spec: LatentSpec, device) -> torch.Tensor:
     """The seed contract: the same draw as WanPipeline.prepare_latents with a CPU generator."""
     generator = torch.Generator("cpu").manual_seed(params.seed)
+    # diffusers is imported here, not at the top: the ingress and the orchestrator use this module's types and
+    # need not load diffusers (over a second of every replica's start on a small machine)
+    from diffusers.utils.torch_utils import randn_tensor
+
     return randn_tensor(spec.shape(params), generator=generator, device=torch.device(device), dtype=torch.float32)
 
 

@@ -41,7 +41,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from serve import stages
 from serve.families.base import Family, ModelCapabilities, check_same
@@ -54,6 +53,8 @@ class CogVideoXSampler(stages.Sampler):
 
     def initial_latents(self, params, spec, device, scheduler, extra):
         generator = torch.Generator("cpu").manual_seed(params.seed)
+        from diffusers.utils.torch_utils import randn_tensor  # at first use, as in serve/stages.py
+
         latents = randn_tensor(spec.shape(params), generator=generator, device=torch.device(device),
                                dtype=torch.float32)
         if _is_dpm(scheduler):  # DPM draws fresh noise every step from the same generator
