@@ -320,14 +320,16 @@ def generate_local(request: VideoRequest, engine: EngineConfig,
                    on_update: Callable[[object], None] | None = None, poll_s: float = 0.2) -> VideoResult:
     """One job through the disaggregated app on a local Ray (no HTTP proxy), over its deployment handle.
 
-    Starts Ray and the app (unless Ray is already initialised here: then only the app, deleted afterwards), submits,
-    reports every change of the job's status, stage or progress to `on_update`, and shuts down what it started. A
-    deployment that fails to start raises AppStartError (one line).
+    Starts Ray and the app (unless Ray is already initialised here, or RAY_ADDRESS names a cluster: then only the
+    app, deleted afterwards), submits, reports every change of the job's status, stage or progress to `on_update`,
+    and shuts down what it started. A deployment that fails to start raises AppStartError (one line).
     """
     name = f"{APP_NAME}-generate"
+    joined = bool(os.environ.get("RAY_ADDRESS"))  # a cluster's Ray and Serve outlive this command, its app does not
     with _local_ray("127.0.0.1") as started:
+        own_ray = started and not joined
         try:
-            if started:
+            if own_ray:
                 serve.start(proxy_location="Disabled", logging_config=QUIET_LOGGING)
             # One job on this machine: a stage whose model fails to load fails the command at once (a load that
             # failed here fails again; a server, `srd serve`, keeps DEFAULT_OPTIONS' three attempts).
@@ -343,5 +345,5 @@ def generate_local(request: VideoRequest, engine: EngineConfig,
                 seen = (job.status, job.stage, job.progress)
             return handle.result.remote(job.id).result()
         finally:
-            if not started:
+            if not own_ray:
                 serve.delete(name)

@@ -309,24 +309,33 @@ def test_cancel_during_sketching(app, engine, rel_err):
     assert app.http.get(f"/v1/videos/{long_id}").status_code == 404 and not files.exists()
 
 
-def test_srd_generate_via_serve(app, engine, rel_err, tmp_path):
-    """The README's first command: `srd generate --via-serve` runs the job through the app's deployments (on its
-    own, it starts and stops a local Ray; here it joins the module's) and writes the same video and latents."""
+def test_srd_generate_via_serve_on_a_cluster(app, engine, rel_err, tmp_path):
+    """The README's first command, `srd generate --via-serve`, as a process of its own that joins a running cluster
+    (RAY_ADDRESS: here the module's Ray; alone, it starts and stops a local Ray, as .ci/run and
+    test_frontdoor_serve.py run it): the job runs through the app's deployments and writes the same video and
+    latents, and the command leaves its app behind on neither the cluster's Serve nor its Ray."""
+    import os
+    import subprocess
+    import sys
+
     import torch
 
-    from serve.cli import main
     from serve.video import read_mp4
 
     out, latents = tmp_path / "demo.mp4", tmp_path / "final_latents.pt"
     argv = ["generate", "--via-serve", "--preset", "tiny", "--prompt", "a red ball bouncing", "--height", "32",
             "--width", "32", "--frames", "9", "--steps", "4", "--seed", "9", "--out", str(out),
             "--save-latents", str(latents)]
-    assert main(argv) == 0
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-m", "serve.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert read_mp4(out.read_bytes()).shape == (9, 32, 32, 3)
     request = {"prompt": "a red ball bouncing", "height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4,
                "seed": 9}
     assert rel_err(torch.load(latents), reference_latents(engine, request)) <= TOLERANCE
-    assert APP in serve.status().applications and len(serve.status().applications) == 1  # it removed its app
+    assert set(serve.status().applications) == {APP}  # it removed its app, and left the module's
+    assert app.http.get("/healthz").status_code == 200
 
 
 def scrape(port: int) -> str:
