@@ -160,7 +160,9 @@ def train_vae(vae, args, device) -> dict:
                 row = {"step": step, "weighted_mse": mse.item(), "s": plan.elapsed(),
                        "lr": opt.param_groups[0]["lr"]}
                 decoded.clear()
-                row.update({f"held_out_{k}": v for k, v in check_vae(vae, device, args.seed + 8, 64).items()})
+                # 64 held-out clips in the log (the final check takes --check-clips), fewer if asked for fewer
+                clips_now = min(64, args.check_clips)
+                row.update({f"held_out_{k}": v for k, v in check_vae(vae, device, args.seed + 8, clips_now).items()})
                 log.append(row)
                 print("vae " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
             step += 1
@@ -288,7 +290,8 @@ def main(argv=None) -> dict:
                     help="loss weight of a pixel of the moving shape against one of the background (toy run 3: "
                     "with 1 the detector read 73.5%% of held-out reconstructions, with 10 85%%)")
     ap.add_argument("--vae-l2", type=float, default=1e-5, help="weight of the L2 pull on the latent means")
-    ap.add_argument("--check-clips", type=int, default=200, help="held-out clips of the VAE check")
+    ap.add_argument("--check-clips", type=int, default=200, help="held-out clips of the final VAE check (the "
+                    "training log's checks take at most 64)")
     ap.add_argument("--vae-from", help="a pipeline directory whose trained VAE to reuse (skips the VAE phase)")
     ap.add_argument("--min-vae-adherence", type=float, default=80.0,
                     help="stop before the DiTs (exit 1, VAE saved) if the detector reads fewer %% of held-out "
