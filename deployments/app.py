@@ -90,16 +90,20 @@ def local_config(engine: EngineConfig, constructor_attempts: int | None = None) 
     })
 
 
-def load_serve_config(config_path: str) -> list[tuple[str, str | None, Application]]:
-    """The applications of a Serve config YAML (as `serve deploy` takes it): (name, route_prefix, app) each."""
+def load_serve_config(config_path: str) -> tuple[list[tuple[str, str | None, Application]], list[str]]:
+    """The applications of a Serve config YAML (as `serve deploy` takes it): (name, route_prefix, app) each, and one
+    line per setting that `srd serve` (Serve's `serve.run`, which takes no application-level policy) leaves out."""
     from ray.serve.schema import ServeDeploySchema
 
     path = Path(config_path)
     if not path.is_file():
         raise ValueError(f"--config {config_path!r} is not a file")
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    apps = []
+    apps, left_out = [], []
     for spec in schema.applications:
+        if spec.autoscaling_policy:
+            left_out.append(f"application {spec.name!r} sets `autoscaling_policy`, which `srd serve` does not apply "
+                            "(its stages scale by Ray's default policy): `serve deploy` applies it")
         if spec.deployments or spec.runtime_env:
             raise ValueError(
                 f"application {spec.name!r} in {config_path!r} sets `deployments` or `runtime_env`, which "
@@ -109,7 +113,7 @@ def load_serve_config(config_path: str) -> list[tuple[str, str | None, Applicati
         target = getattr(importlib.import_module(module_name), attr)
         built = target if isinstance(target, Application) else target(spec.args or {})
         apps.append((spec.name, spec.route_prefix, built))
-    return apps
+    return apps, left_out
 
 
 class AppStartError(RuntimeError):
@@ -287,7 +291,9 @@ def run_local(config_path: str | None = None, preset: str = "toy", host: str = "
     SIGTERM or SIGHUP; then shut the app and Ray down, leaving no Ray process behind. A deployment that fails to
     start raises AppStartError (one line)."""
     if config_path:
-        apps = load_serve_config(config_path)
+        apps, left_out = load_serve_config(config_path)
+        for line in left_out:
+            print(f"srd serve: warning: {line}", file=sys.stderr, flush=True)
     else:
         apps = [(APP_NAME, "/", build_app(local_config(EngineConfig(preset=preset))))]
     stop = _StopSignals()
