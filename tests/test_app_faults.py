@@ -2,7 +2,7 @@
 
 The app is deployed once per job-store backend: the embedded SQLite store (a file in a tmp `jobs.data_dir`) runs
 every test; PostgreSQL (`jobs.store_url`, a table of its own per run, dropped afterwards; results still under a tmp
-data_dir; a database that does not answer fails the tests) runs the sketch, render and orchestrator kills, the stage that
+data_dir; a database that does not answer fails the tests) runs the render and orchestrator kills, the stage that
 keeps failing and the restart (see BOTH and SQLITE below).
 
 For each of Encoder, Sketcher, Renderer, Decoder, Orchestrator, Ingress and the HTTP proxy, a job is caught in the
@@ -96,8 +96,8 @@ def postgres_reachable() -> str | None:
 
 
 # Every test runs on both backends, but for the kills whose recovery does not touch the store in a backend-specific
-# way (encoder and decoder: the same retry path as sketch and render; ingress and proxy: stateless), which run on
-# SQLite only, to keep the module's run time down. PostgreSQL runs the sketch, render and orchestrator kills (the
+# way (encoder, sketch and decoder: the same retry path as render; ingress and proxy: stateless), which run on
+# SQLite only, to keep the module's run time down. PostgreSQL runs the render and orchestrator kills (the
 # orchestrator's takeover is the store's lease protocol), the stage that keeps failing, and the restart.
 BOTH = pytest.mark.parametrize("app", ["sqlite", "postgres"], indirect=True)
 SQLITE = pytest.mark.parametrize("app", ["sqlite"], indirect=True)
@@ -304,7 +304,7 @@ def test_encoder_killed_mid_encode(app, reference, rel_err):
     assert all(job["stages"][s]["attempts"] == 1 for s in ("sketch", "render", "decode"))
 
 
-@BOTH
+@SQLITE
 def test_sketcher_killed_mid_sketch(app, reference, rel_err):
     job = killed_mid_stage(app, "Sketcher", "sketch", SKETCH_LONG, min_steps=0)
     assert_reference(app, job, SKETCH_LONG, reference, rel_err)
