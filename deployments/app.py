@@ -183,11 +183,12 @@ def _stop_processes(processes: set[tuple[int, str]], grace_s: float = 10.0) -> N
 
 @contextlib.contextmanager
 def _local_ray(host: str, before_shutdown: Callable[[], None] | None = None):
-    """Ray for one command. Already initialised in this process: used as is (yields False). Otherwise started, or
-    joined with RAY_ADDRESS, quietly (Ray's and the replicas' logs stay in Ray's log directory, not on this
-    terminal), and on the way out shut down with everything it left behind: `ray.shutdown()` stops the processes it
-    started itself, not always what those started (workers, dashboard and runtime-env agents), so any process born
-    below this one since `ray.init` is waited for, then terminated (yields True)."""
+    """Ray for one command; yields whether the command owns it (started it here). Already initialised in this
+    process: used as is (False). Otherwise started (True), or joined with RAY_ADDRESS (False: the cluster outlives
+    the command), quietly (Ray's and the replicas' logs stay in Ray's log directory, not on this terminal), and on
+    the way out shut down with everything it left behind: `ray.shutdown()` stops the processes it started itself,
+    not always what those started (workers, dashboard and runtime-env agents), so any process born below this one
+    since `ray.init` is waited for, then terminated."""
     import ray
 
     if ray.is_initialized():
@@ -198,7 +199,7 @@ def _local_ray(host: str, before_shutdown: Callable[[], None] | None = None):
     before = _descendants()
     try:
         ray.init(logging_level=logging.WARNING, log_to_driver=False)
-        yield True
+        yield not os.environ.get("RAY_ADDRESS")
     finally:
         if before_shutdown is not None:
             before_shutdown()
@@ -331,9 +332,7 @@ def generate_local(request: VideoRequest, engine: EngineConfig,
     and shuts down what it started. A deployment that fails to start raises AppStartError (one line).
     """
     name = f"{APP_NAME}-generate"
-    joined = bool(os.environ.get("RAY_ADDRESS"))  # a cluster's Ray and Serve outlive this command, its app does not
-    with _local_ray("127.0.0.1") as started:
-        own_ray = started and not joined
+    with _local_ray("127.0.0.1") as own_ray:  # a Ray it does not own outlives the command; its app does not
         try:
             if own_ray:
                 serve.start(proxy_location="Disabled", logging_config=QUIET_LOGGING)

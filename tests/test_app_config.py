@@ -77,10 +77,10 @@ def test_serve_yamls_validate_and_build(name):
     ((app_name, route_prefix, built),), left_out = load_serve_config(str(CONFIGS / name))  # `srd serve --config`
     assert (app_name, route_prefix) == ("srd", "/") and isinstance(built, Application)
     # serve.run takes no application-level autoscaling policy: `srd serve` says so (one line), `serve deploy` applies
-    assert [line.split(" sets ")[1].split(",")[0] for line in left_out] == (
-        ["`autoscaling_policy`"] if application.autoscaling_policy else [])
+    assert len(left_out) == (1 if application.autoscaling_policy else 0)
+    assert all("`autoscaling_policy`" in line for line in left_out)
     if name == "gpu.yaml":  # `srd plan --gpus 3`: sketchers on whole GPUs; encoder and VAE beside the renderer
-        assert left_out and application.autoscaling_policy  # the planned config's cost-aware policy
+        assert left_out  # the planned config's cost-aware policy
         assert app_config.engine.device == "cuda"
         assert app_config.sketcher.resources.num_gpus == 1
         assert app_config.renderer.resources.num_gpus + app_config.encoder.resources.num_gpus \
