@@ -179,6 +179,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--videos", type=int, default=200, help="videos per setting")
     ap.add_argument("--batch", type=int, default=200, help="requests per stage call")
+    ap.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=True,
+                    help="the all-large and all-small rows (--no-anchors: lever rows only, each held against its "
+                         "own reference row)")
     ap.add_argument("--ks", default="1,2,3,4,5,6,8,10,14", help="SR switch steps K of N")
     ap.add_argument("--adaptive", default="adaptive:0.01:2:12,adaptive:0.05:2:12")
     ap.add_argument("--levers", default=None, help="lever settings at --lever-switch, comma-separated ('' for "
@@ -262,7 +265,7 @@ def main(argv=None) -> dict:
             return True
         return False
 
-    settings = [("all-large", f"step:{n}"), ("all-small", "boundary:1.0")]
+    settings = [("all-large", f"step:{n}"), ("all-small", "boundary:1.0")] if args.anchors else []
     settings += [(f"SR K={k}", f"step:{k}") for k in (int(k) for k in args.ks.split(",") if k) if k < n]
     settings += [(spec, spec) for spec in args.adaptive.split(",") if spec]
     for name, switch in settings:
