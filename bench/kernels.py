@@ -10,7 +10,7 @@ Per model, in this order (the JSON is rewritten after every row; a row that rais
   attention   every runnable self-attention backend on random q, k, v at the model's shape (B=1, 32,760 tokens):
               median ms per call and cosine vs torch SDPA; `select_backend` picks one (what attention="auto" does)
   eager       diffusers' forward, bf16, torch SDPA: the reference output and time
-  levers      each lever alone (attention backends, fp8_linear, compile), then stacked ones, each applied by
+  levers      each lever alone (attention backends, norm_rope, fp8_linear, compile), then stacked ones, each applied by
               srd_kernels.apply.apply_kernels (the stage's own path) to a copy of the same weights; compile rows report
               their first (compiling) call apart
 Then an end-to-end estimate (labelled so, not measured): 50 steps with CFG (2 forwards a step), switch at K=10,
@@ -58,12 +58,18 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def levers(selected: str, available: list[str]) -> dict[str, KernelConfig]:
     rows = {f"attn:{name}": KernelConfig(attention=name) for name in available if name != "sdpa"}
+    rows["norm_rope"] = KernelConfig(fused_norm_rope=True)  # the fused Triton kernel, eager
+    if selected != "sdpa":
+        rows[f"attn:{selected}+norm_rope"] = KernelConfig(attention=selected, fused_norm_rope=True)
     rows["compile"] = KernelConfig(compile=True)
     rows["fp8_linear+compile"] = KernelConfig(fp8_linear=True, compile=True)
     if selected != "sdpa":
         rows[f"attn:{selected}+compile"] = KernelConfig(attention=selected, compile=True)
         rows[f"stacked:attn:{selected}+fp8_linear+compile"] = KernelConfig(attention=selected, fp8_linear=True,
                                                                            compile=True)
+        # the kernel as an opaque op in the compiled block, against Inductor's own fusion of the same ops
+        rows[f"stacked:attn:{selected}+norm_rope+fp8_linear+compile"] = KernelConfig.from_label(
+            f"attn:{selected}+norm_rope+fp8_linear+compile")
     for name in available:  # the other 8-bit backend stacked too, so the table shows both
         if name in attention.EIGHT_BIT_BACKENDS and name != selected:
             rows[f"stacked:attn:{name}+fp8_linear+compile"] = KernelConfig(attention=name, fp8_linear=True,

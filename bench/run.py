@@ -383,19 +383,13 @@ def kernel_config(spec: str, sizes: wan.Sizes, cache_dir: str | None):
     with the compile warmed at the request's own shape (the engine's load-time warm-up)."""
     from srd_kernels.config import KernelConfig
 
-    attention, fp8, compile_ = "sdpa", False, False
-    for token in [t for t in spec.split("+") if t]:
-        if token.startswith("attn:"):
-            attention = token.removeprefix("attn:")
-        elif token == "fp8_linear":
-            fp8 = True
-        elif token == "compile":
-            compile_ = True
-        else:
-            raise ValueError(f"--kernels: unknown lever {token!r} in {spec!r}; known: attn:NAME, fp8_linear, compile")
-    return KernelConfig(attention=attention, fp8_linear=fp8, compile=compile_, compile_cache_dir=cache_dir,
-                        warmup_frames=sizes.num_frames if compile_ else None, warmup_height=sizes.height,
-                        warmup_width=sizes.width)
+    compiled = "compile" in spec.split("+")
+    try:
+        return KernelConfig.from_label(spec, compile_cache_dir=cache_dir,
+                                       warmup_frames=sizes.num_frames if compiled else None,
+                                       warmup_height=sizes.height, warmup_width=sizes.width)
+    except ValueError as e:
+        raise ValueError(f"--kernels: {e}") from None
 
 
 def _static_shapes() -> None:

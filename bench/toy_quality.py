@@ -123,23 +123,23 @@ class Lever:
 
 
 def parse_lever(spec: str) -> Lever:
-    """`default`, or `+`-joined parts of bf16 | attn:BACKEND | fp8_linear | compile | cache:THRESHOLD."""
-    dtype, kernels, cache = "float32", {}, 0.0
+    """`default`, or `+`-joined parts of bf16 | cache:THRESHOLD | the kernel levers of `KernelConfig.from_label`
+    (attn:BACKEND, fp8_linear, norm_rope, compile)."""
+    dtype, kernel_parts, cache = "float32", [], 0.0
     for part in spec.split("+"):
         if part == "default":
             continue
         if part == "bf16":
             dtype = "bfloat16"
-        elif part.startswith("attn:"):
-            kernels["attention"] = part.removeprefix("attn:")
-        elif part in ("fp8_linear", "compile"):
-            kernels[part] = True
         elif part.startswith("cache:"):
             cache = float(part.removeprefix("cache:"))
         else:
-            raise ValueError(f"--levers: unknown part {part!r} in {spec!r}; parts are default, bf16, attn:BACKEND, "
-                             f"fp8_linear, compile, cache:THRESHOLD joined by +")
-    return Lever(spec, dtype, KernelConfig(**kernels), cache)
+            kernel_parts.append(part)
+    try:
+        kernels = KernelConfig.from_label("+".join(kernel_parts))
+    except ValueError as e:
+        raise ValueError(f"--levers: {e} (other parts: default, bf16, cache:THRESHOLD)") from None
+    return Lever(spec, dtype, kernels, cache)
 
 
 def kernel_summary(engine: Engine) -> dict:
@@ -168,7 +168,7 @@ def step_cost(engine: Engine, denoiser, params, runs: int) -> float:
 # On a GPU: the plain rows of each dtype, render caching at three thresholds (0.05 skipped no step in a CPU smoke
 # run), each kernel lever alone and stacked. `compile` is left out (add `bf16+compile`; on the CPU it would compile
 # C++ for every block). On the CPU every kernel lever falls back, so one row of each kind covers the code cheaply.
-DEFAULT_LEVERS = ("default,cache:0.1,cache:0.2,cache:0.3,bf16,bf16+attn:cudnn-fp8,bf16+fp8_linear,"
+DEFAULT_LEVERS = ("default,cache:0.1,cache:0.2,cache:0.3,bf16,bf16+norm_rope,bf16+attn:cudnn-fp8,bf16+fp8_linear,"
                   "bf16+attn:cudnn-fp8+fp8_linear,bf16+attn:sage,bf16+attn:cudnn-fp8+fp8_linear+cache:0.1")
 CPU_LEVERS = "default,cache:0.2,attn:cudnn-fp8+fp8_linear"  # float32: no slow CPU bfloat16
 

@@ -17,8 +17,12 @@ import fnmatch
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Triton kernels (kernels/srd_kernels) run in Triton's CPU interpreter here. Set before anything imports triton: its
+# own library functions are built for the mode it finds at import, and a kernel cannot mix the two.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TIERS: dict[str, str] = {
     # fast: no Ray

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from srd_kernels import attention, linear
+from srd_kernels import attention, linear, norm_rope
 from srd_kernels import compile as regional
 from srd_kernels.config import KernelConfig
 
@@ -25,6 +25,8 @@ class KernelReport:
     attention_reason: str = "default"
     fp8_linear_layers: int = 0
     fp8_reason: str = "off"
+    fused_norm_rope: bool = False
+    norm_rope_reason: str = "off"
     compiled: bool = False
     warmup_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -32,7 +34,8 @@ class KernelReport:
     def line(self) -> str:
         warm = f", warm-up {self.warmup_seconds:.1f} s" if self.warmup_seconds is not None else ""
         return (f"{self.stage} kernels: attention={self.attention} ({self.attention_reason}); "
-                f"fp8_linear={self.fp8_linear_layers} layers ({self.fp8_reason}); compiled={self.compiled}{warm}")
+                f"fp8_linear={self.fp8_linear_layers} layers ({self.fp8_reason}); "
+                f"fused_norm_rope={self.fused_norm_rope} ({self.norm_rope_reason}); compiled={self.compiled}{warm}")
 
 
 def latent_shape(transformer, frames: int, height: int, width: int, spatial: int = 8, temporal: int = 4):
@@ -58,9 +61,19 @@ def apply_kernels(transformer: torch.nn.Module, config: KernelConfig, stage: str
         backend, reason = attention.select_backend(measured)
     elif (why := attention.unavailable(backend, device, head_dim, dtype)) is not None:
         backend, reason = "sdpa", f"fallback: {why}"
-    if backend != "sdpa":
-        attention.set_self_attention(transformer, backend)
     report.attention, report.attention_reason = backend, reason
+
+    if config.fused_norm_rope:
+        why = norm_rope.unavailable(device)
+        if why is None and not attention.norm_rope_fusable(transformer):
+            why = "a self-attention layer's q/k norm is not a torch.nn.RMSNorm with a weight"
+        report.fused_norm_rope = why is None
+        if why is not None:
+            report.norm_rope_reason = f"fallback to torch: {why}"
+        else:
+            report.norm_rope_reason = "Triton interpreter" if device.type == "cpu" else "Triton"
+    if backend != "sdpa" or report.fused_norm_rope:
+        attention.set_self_attention(transformer, backend, report.fused_norm_rope)
 
     if config.fp8_linear:
         if (why := linear.unavailable(device)) is not None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from srd_kernels import norm_rope
+
 BACKENDS = ("sdpa", "cudnn", "flash", "sage", "cudnn-fp8")
 FP8_BACKENDS = frozenset({"cudnn-fp8"})
 EIGHT_BIT_BACKENDS = frozenset({"sage", "cudnn-fp8"})  # numerics-changing: held to the 8-bit bound
@@ -244,12 +246,14 @@ def rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) ->
 
 
 class KernelAttnProcessor:
-    """A Wan attention layer's processor: self-attention through `attention(..., backend)`, anything else
-    (cross-attention, I2V image context, sequence-parallel configs) through the diffusers processor it replaces."""
+    """A Wan attention layer's processor: self-attention through `attention(..., backend)`, its q/k RMSNorm and RoPE
+    through the fused kernel if `fused_norm_rope`; anything else (cross-attention, I2V image context,
+    sequence-parallel configs) through the diffusers processor it replaces."""
 
-    def __init__(self, backend: str, fallback):
+    def __init__(self, backend: str, fallback, fused_norm_rope: bool = False):
         self.backend = backend
         self.fallback = fallback
+        self.fused_norm_rope = fused_norm_rope
 
     def __getattr__(self, name):  # diffusers reads _attention_backend/_parallel_config on processors
         if "fallback" not in self.__dict__:  # during copy/unpickle, before __init__'s attributes exist
@@ -264,21 +268,32 @@ class KernelAttnProcessor:
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))
-        if rotary_emb is not None:
-            q, k = rotary(q, *rotary_emb), rotary(k, *rotary_emb)
+        if self.fused_norm_rope and rotary_emb is not None:
+            q = norm_rope.norm_rope(q, attn.norm_q.weight, attn.norm_q.eps, attn.heads, *rotary_emb)
+            k = norm_rope.norm_rope(k, attn.norm_k.weight, attn.norm_k.eps, attn.heads, *rotary_emb)
+            v = v.unflatten(2, (attn.heads, -1))
+        else:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+            q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))
+            if rotary_emb is not None:
+                q, k = rotary(q, *rotary_emb), rotary(k, *rotary_emb)
         out = attention(q, k, v, self.backend).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def set_self_attention(transformer: torch.nn.Module, backend: str) -> int:
-    """Route every self-attention layer (`attn1` of each block) of a diffusers Wan transformer through `backend`;
-    returns how many layers it changed."""
+def norm_rope_fusable(transformer: torch.nn.Module) -> bool:
+    """Whether every self-attention layer normalises q and k in a way the fused kernel computes."""
+    return all(norm_rope.fusable(block.attn1.norm_q) and norm_rope.fusable(block.attn1.norm_k)
+               for block in transformer.blocks)
+
+
+def set_self_attention(transformer: torch.nn.Module, backend: str, fused_norm_rope: bool = False) -> int:
+    """Route every self-attention layer (`attn1` of each block) of a diffusers Wan transformer through `backend`
+    (and its q/k norm and RoPE through the fused kernel); returns how many layers it changed."""
     changed = 0
     for block in transformer.blocks:
         processor = block.attn1.processor
         fallback = processor.fallback if isinstance(processor, KernelAttnProcessor) else processor
-        block.attn1.set_processor(KernelAttnProcessor(backend, fallback))
+        block.attn1.set_processor(KernelAttnProcessor(backend, fallback, fused_norm_rope))
         changed += 1
     return changed

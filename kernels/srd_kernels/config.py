@@ -32,6 +32,13 @@ class KernelConfig(BaseModel):
         description="Quantize the transformer blocks' linear layers to FP8 through torchao (dynamic activations, "
         "rowwise scales). Pays only with `compile` (unfused quantization is slower than bf16).",
     )
+    fused_norm_rope: bool = Field(
+        False,
+        description="Self-attention's RMSNorm across heads and RoPE on q and k as one Triton kernel "
+        "(srd_kernels.norm_rope) instead of about ten eager passes. Compiled blocks get such a fusion from Inductor "
+        "already; this is for stages that run eagerly. Needs Triton on a CUDA device, else the stage reports the "
+        "fallback.",
+    )
     compile: bool = Field(
         False, description="Regional torch.compile of the repeated transformer blocks (diffusers' "
         "`compile_repeated_blocks`), warmed at load when `warmup_shape` is set.",
@@ -49,4 +56,21 @@ class KernelConfig(BaseModel):
 
     @property
     def any(self) -> bool:
-        return self.attention != "sdpa" or self.fp8_linear or self.compile
+        return self.attention != "sdpa" or self.fp8_linear or self.fused_norm_rope or self.compile
+
+    @classmethod
+    def from_label(cls, label: str, **settings) -> KernelConfig:
+        """The config a lever label names, as the benches write them: `+`-joined `attn:NAME`, `fp8_linear`,
+        `norm_rope`, `compile` (e.g. "attn:cudnn-fp8+fp8_linear+compile"); `settings` sets the other fields."""
+        levers: dict = {}
+        for token in [t for t in label.split("+") if t]:
+            if token.startswith("attn:"):
+                levers["attention"] = token.removeprefix("attn:")
+            elif token in LEVER_TOKENS:
+                levers[LEVER_TOKENS[token]] = True
+            else:
+                raise ValueError(f"unknown lever {token!r} in {label!r}; known: attn:NAME, {', '.join(LEVER_TOKENS)}")
+        return cls(**levers, **settings)
+
+
+LEVER_TOKENS = {"fp8_linear": "fp8_linear", "norm_rope": "fused_norm_rope", "compile": "compile"}
