@@ -69,6 +69,7 @@ TIERS: dict[str, str] = {
     "test_families_*": "fast",
     "test_kernels*": "fast",
     # single tests outside their module's tier ("module::test")
+    "test_kernels::test_a_restarted_stage_loads_its_compiled_blocks_from_the_cache": "slow",  # two CPU compiles
     "test_app_config::test_serve_build_accepts_the_app": "ray",  # Ray's `serve build` CLI in a subprocess
 }
 DEFAULT_TIER = "slow"

@@ -145,3 +145,36 @@ def _with_params(handoff, params):
     import dataclasses
 
     return dataclasses.replace(handoff, params=params)
+
+
+RESTART = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from torch._dynamo.utils import counters
+from test_kernels import smoke_transformer
+from srd_kernels.apply import apply_kernels
+from srd_kernels.config import KernelConfig
+
+config = KernelConfig(compile=True, compile_cache_dir={cache!r}, warmup_frames=5, warmup_height=32, warmup_width=48)
+report = apply_kernels(smoke_transformer(), config, "render")
+print(json.dumps({{"compiled": report.compiled, **counters["inductor"]}}))
+"""
+
+
+def test_a_restarted_stage_loads_its_compiled_blocks_from_the_cache(tmp_path):
+    """`compile_cache_dir`: the first process compiles the block (an Inductor FX graph cache miss) and stores it; a
+    second process, as a restarted replica, loads it (a hit, no miss) instead of compiling again."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = RESTART.format(tests=str(Path(__file__).parent), cache=str(tmp_path / "cache"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    first, restarted = (json.loads(subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                                                  capture_output=True, text=True).stdout.splitlines()[-1])
+                        for _ in range(2))
+    assert first["compiled"] and first.get("fxgraph_cache_miss", 0) >= 1 and not first.get("fxgraph_cache_hit")
+    assert restarted.get("fxgraph_cache_hit", 0) >= 1 and not restarted.get("fxgraph_cache_miss")
+    assert (tmp_path / "cache" / "fxgraph").is_dir()

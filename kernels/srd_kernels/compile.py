@@ -12,10 +12,12 @@ import torch
 
 
 def set_cache_dir(path: str) -> None:
-    """Point Inductor's and Triton's on-disk caches at `path` (set before the first compile of the process)."""
+    """Point Inductor's and Triton's on-disk caches at `path` (before the first compile of the process). The
+    environment is set outright, not defaulted: Inductor writes its default directory into TORCHINDUCTOR_CACHE_DIR
+    the first time anything asks for it (importing diffusers does), so a default would always be taken already."""
     os.makedirs(path, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", path)
-    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(path, "triton"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(path)
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(os.path.abspath(path), "triton")
 
 
 def compile_blocks(transformer: torch.nn.Module, fullgraph: bool = True) -> None:
