@@ -178,3 +178,28 @@ def test_a_restarted_stage_loads_its_compiled_blocks_from_the_cache(tmp_path):
     assert first["compiled"] and first.get("fxgraph_cache_miss", 0) >= 1 and not first.get("fxgraph_cache_hit")
     assert restarted.get("fxgraph_cache_hit", 0) >= 1 and not restarted.get("fxgraph_cache_miss")
     assert (tmp_path / "cache" / "fxgraph").is_dir()
+
+
+def test_fp8_attention_quantises_outside_the_library_call():
+    """cudnn-fp8's K smoothing, amax and E4M3 casts are torch ops in the traced graph, around one opaque cuDNN op,
+    so that a compiled block fuses them into the ops beside them (the op itself needs a GPU: traced with its fake)."""
+
+    class SelfAttention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return attention.attention(q, k, v, "cudnn-fp8")
+
+    q, k, v = (torch.randn((1, 64, 2, 16), dtype=torch.bfloat16) for _ in range(3))
+    graph = torch.export.export(SelfAttention(), (q, k, v)).graph
+    ops = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    library = [i for i, op in enumerate(ops) if op.startswith("srd_kernels.")]
+    assert [ops[i] for i in library] == ["srd_kernels.cudnn_fp8_sdpa.default"]
+    before = ops[:library[0]]
+    assert before.count("aten.amax.default") == 3 and "aten.mean.dim" in before
+    assert "aten.mul.Tensor" in ops[library[0]:]  # the dequantisation, after the call
+
+
+def test_e4m3_scaling_maps_the_largest_value_to_the_top_of_the_range():
+    x = torch.randn((2, 50, 3, 16), generator=torch.Generator().manual_seed(0)) * 7
+    x8, descale = attention._to_e4m3(x)
+    assert x8.dtype == torch.float8_e4m3fn and x8.float().abs().max() == attention.E4M3_MAX
+    torch.testing.assert_close(x8.float() * descale, x, rtol=2 ** -3, atol=descale.item() * 2 ** -6)

@@ -113,28 +113,38 @@ def _to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / descale).to(torch.float8_e4m3fn), descale.reshape(1, 1, 1, 1)
 
 
-@torch.library.custom_op("srd_kernels::cudnn_fp8_attention", mutates_args=())
-def _cudnn_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    built = _fp8_graph(tuple(q.shape), q.device)
-    k = k - k.mean(dim=1, keepdim=True)  # softmax is invariant to a per-query constant: q.mean(k) is one
-    (q8, dq), (k8, dk), (v8, dv) = _to_e4m3(q), _to_e4m3(k), _to_e4m3(v)
+@torch.library.custom_op("srd_kernels::cudnn_fp8_sdpa", mutates_args=())
+def _cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
+                    descale_k: torch.Tensor, descale_v: torch.Tensor) -> torch.Tensor:
+    """cuDNN's FP8 SDPA on E4M3 q, k, v and their descales: O in E4M3, scaled by 1 / descale_v."""
+    built = _fp8_graph(tuple(q8.shape), q8.device)
     # P = softmax(...) lies in [0, 1]: scale it to E4M3's range. |O| <= max|v|: scale O by max|v| too.
-    scale_s = torch.full((1, 1, 1, 1), E4M3_MAX, device=q.device)
+    scale_s = torch.full((1, 1, 1, 1), E4M3_MAX, device=q8.device)
     descale_s = 1.0 / scale_s
-    scale_o = 1.0 / dv
-    out = torch.empty(q.shape, device=q.device, dtype=torch.float8_e4m3fn)
-    amax_s = torch.empty((1, 1, 1, 1), device=q.device)
+    scale_o = 1.0 / descale_v
+    out = torch.empty(q8.shape, device=q8.device, dtype=torch.float8_e4m3fn)
+    amax_s = torch.empty((1, 1, 1, 1), device=q8.device)
     amax_o = torch.empty_like(amax_s)
     tq, tk, tv, tdq, tdk, tdv, tds, tss, tso, to, tas, tao = built.tensors
-    pack = {tq: q8, tk: k8, tv: v8, tdq: dq, tdk: dk, tdv: dv, tds: descale_s, tss: scale_s, tso: scale_o, to: out,
-            tas: amax_s, tao: amax_o}
+    pack = {tq: q8, tk: k8, tv: v8, tdq: descale_q, tdk: descale_k, tdv: descale_v, tds: descale_s, tss: scale_s,
+            tso: scale_o, to: out, tas: amax_s, tao: amax_o}
     built.graph.execute(pack, built.workspace)
-    return (out.float() * dv).to(q.dtype)
+    return out
 
 
-@_cudnn_fp8.register_fake
-def _(q, k, v):
-    return torch.empty_like(q)
+@_cudnn_fp8_sdpa.register_fake
+def _(q8, k8, v8, descale_q, descale_k, descale_v):
+    return torch.empty_like(q8)
+
+
+def _cudnn_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FP8 attention through cuDNN. The quantisation (K smoothing, per-tensor amax, E4M3 casts) and the output's
+    dequantisation are plain torch ops outside the library call, so that in a compiled block Inductor fuses them
+    into the ops that produce q, k, v (RMSNorm, RoPE, projection) and consume the output, instead of their running
+    as separate passes inside an opaque op."""
+    k = k - k.mean(dim=1, keepdim=True)  # softmax is invariant to a per-query constant: q.mean(k) is one
+    (q8, dq), (k8, dk), (v8, dv) = _to_e4m3(q), _to_e4m3(k), _to_e4m3(v)
+    return (_cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv).float() * dv).to(q.dtype)
 
 
 _FUNCTIONS: dict[str, Callable] = {"sdpa": sdpa, "cudnn": _cudnn, "flash": _flash, "sage": _sage,
