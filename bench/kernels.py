@@ -68,8 +68,8 @@ def levers(selected: str, available: list[str]) -> dict[str, KernelConfig]:
         rows[f"stacked:attn:{selected}+fp8_linear+compile"] = KernelConfig(attention=selected, fp8_linear=True,
                                                                            compile=True)
         # the kernel as an opaque op in the compiled block, against Inductor's own fusion of the same ops
-        rows[f"stacked:attn:{selected}+norm_rope+fp8_linear+compile"] = KernelConfig.from_label(
-            f"attn:{selected}+norm_rope+fp8_linear+compile")
+        rows[f"stacked:attn:{selected}+norm_rope+fp8_linear+compile"] = KernelConfig(
+            attention=selected, fused_norm_rope=True, fp8_linear=True, compile=True)
     for name in available:  # the other 8-bit backend stacked too, so the table shows both
         if name in attention.EIGHT_BIT_BACKENDS and name != selected:
             rows[f"stacked:attn:{name}+fp8_linear+compile"] = KernelConfig(attention=name, fp8_linear=True,
