@@ -71,9 +71,12 @@ def test_the_reference_is_diffusers_wan_attention_path():
     attn = transformer.blocks[0].attn1
     tokens = cos.shape[1]
     x = torch.randn((2, tokens, attn.inner_dim), generator=torch.Generator().manual_seed(6))
-    expected = attention.rotary(attn.norm_q(x).unflatten(2, (attn.heads, -1)), cos, sin)
+    # RoPE written independently: each interleaved pair as a complex number, turned by e^(i angle)
+    pairs = torch.view_as_complex(attn.norm_q(x).unflatten(2, (attn.heads, -1)).unflatten(-1, (-1, 2)).contiguous())
+    turn = torch.complex(cos[..., 0::2], sin[..., 1::2])
+    expected = torch.view_as_real(pairs * turn).flatten(-2)
     torch.testing.assert_close(norm_rope.reference(x, attn.norm_q.weight, attn.norm_q.eps, attn.heads, cos, sin),
-                               expected, rtol=0, atol=0)
+                               expected, rtol=1e-6, atol=1e-6)
 
 
 def test_a_stage_with_the_fused_kernel_gives_diffusers_output(interpreter):

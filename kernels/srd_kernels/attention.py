@@ -248,13 +248,6 @@ def _median_seconds(call, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's RoPE on interleaved pairs of the last axis (the maths of diffusers' WanAttnProcessor)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
-
-
 class KernelAttnProcessor:
     """A Wan attention layer's processor: self-attention through `attention(..., backend)`, its q/k RMSNorm and RoPE
     through the fused kernel if `fused_norm_rope`; anything else (cross-attention, I2V image context,
@@ -286,7 +279,7 @@ class KernelAttnProcessor:
             q, k = attn.norm_q(q), attn.norm_k(k)
             q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))
             if rotary_emb is not None:
-                q, k = rotary(q, *rotary_emb), rotary(k, *rotary_emb)
+                q, k = norm_rope.rotary(q, *rotary_emb), norm_rope.rotary(k, *rotary_emb)
         out = attention(q, k, v, self.backend).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 

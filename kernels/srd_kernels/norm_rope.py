@@ -23,15 +23,20 @@ import torch
 import torch.nn.functional as F
 
 
+def rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE on interleaved pairs of the last axis (the maths of diffusers' WanAttnProcessor): pair i turns by
+    the angle whose cosine is freqs_cos[..., 2i] and whose sine is freqs_sin[..., 2i + 1]."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, freqs_cos: torch.Tensor,
               freqs_sin: torch.Tensor) -> torch.Tensor:
     """RMSNorm of x ([batch, tokens, heads * head_dim]) over its last axis with `weight`, split into heads, RoPE on
     interleaved pairs with freqs ([1, tokens, 1, head_dim], each pair's angle repeated): [batch, tokens, heads,
     head_dim], as diffusers' WanAttnProcessor computes it (two roundings to x's dtype: after the norm, after RoPE)."""
-    normed = F.rms_norm(x, (x.shape[-1],), weight, eps).unflatten(2, (heads, -1))
-    x1, x2 = normed.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(normed)
+    return rotary(F.rms_norm(x, (x.shape[-1],), weight, eps).unflatten(2, (heads, -1)), freqs_cos, freqs_sin)
 
 
 def interpreted() -> bool:
