@@ -78,6 +78,28 @@ def levers(selected: str, available: list[str]) -> dict[str, KernelConfig]:
     return rows
 
 
+def fp8_split(shape, device, dtype, repeats: int) -> dict:
+    """Where cudnn-fp8's time goes at `shape`: cuDNN's FP8 SDPA alone on already-quantised inputs, against the
+    whole backend (K smoothing, amax, E4M3 casts, output dequantisation) eager and compiled (the quantisation
+    fused by Inductor, as it is inside a compiled block)."""
+    generator = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
+    quantised = [t for x in (q, k, v) for t in attention._to_e4m3(x)]
+    q8, dq, k8, dk, v8, dv = quantised
+    op = lambda: attention._cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv)  # noqa: E731
+    compiled = torch.compile(lambda: attention.attention(q, k, v, "cudnn-fp8"), fullgraph=True)
+    ms = {"op_only_ms": op, "eager_ms": lambda: attention.attention(q, k, v, "cudnn-fp8"), "compiled_ms": compiled}
+    result = {}
+    for name, call in ms.items():
+        call()  # warm-up, and the compile
+        result[name] = attention._median_seconds(call, repeats) * 1e3
+    flops = 4 * shape[0] * shape[1] ** 2 * shape[2] * shape[3]
+    result["op_only_tflops"] = flops / result["op_only_ms"] / 1e9
+    print(f"cudnn-fp8 at {shape}: op alone {result['op_only_ms']:.2f} ms ({result['op_only_tflops']:.0f} TFLOP/s), "
+          f"eager {result['eager_ms']:.2f} ms, compiled {result['compiled_ms']:.2f} ms", flush=True)
+    return result
+
+
 def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, deadline: float, save,
               backends=attention.BACKENDS, only: list[str] | None = None) -> dict:
     height, width, frames = size
@@ -93,6 +115,8 @@ def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, d
     selected, reason = attention.select_backend(measured)
     result["attention"] = {"shape": shape, "selected": selected, "reason": reason,
                            "backends": {n: {"ms": m.seconds * 1e3, "cosine": m.cosine} for n, m in measured.items()}}
+    if "cudnn-fp8" in measured:
+        result["attention"]["cudnn-fp8 split"] = fp8_split(shape, device, dtype, max(runs, 5))
     save()
 
     with torch.inference_mode():

@@ -63,25 +63,38 @@ QUIET = {"log_level": "WARNING", "enable_access_log": False}
 
 
 # --------------------------------------------------------------------------------------------------- the app
-def app_config(args, models):
-    """The app on one GPU: the four stages share it (`--gpu-share` each) and the machine's CPUs (a quarter each, as
-    deployments.app.local_config does); sketch and render take one request per batch."""
+def one_gpu_placement(args):
+    """The placement planner's layout of one GPU (serve.placement.plan) at the run's size, steps and switch, on the
+    card this run finds (H100 figures for any card that is not an H200): the GPU shares the app gets, and the
+    videos/hour the planner's cost model predicts for them, which the measured runs are held against."""
+    from serve.placement import CARDS, plan
+
+    card = CARDS["h200" if "H200" in _gpu_name() else "h100"]
+    return plan(1, card, args.height, args.width, args.frames, args.steps, _switch_k(args.sr_switch, args.steps))
+
+
+def app_config(args, models, placement):
+    """The app on one GPU: the four stages share it as the planner places them and the machine's CPUs (a quarter
+    each, as deployments.app.local_config does); sketch and render take one request per batch."""
     from deployments.config import AppConfig
 
     cpus = len(os.sched_getaffinity(0)) / 4
-    resources = {"num_cpus": cpus, "num_gpus": args.gpu_share}
     one = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+
+    def resources(role: str) -> dict:
+        return {"num_cpus": cpus, "num_gpus": placement.gpu_share[role]}
+
     return AppConfig.model_validate({
         "engine": {"preset": "wan2.1-t2v", "sketch": models.sketch, "render": models.render, "device": args.device,
                    "dtype": args.dtype, "weights": "random-init"},
-        "encoder": {"resources": resources, "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0}},
-        "sketcher": {"resources": resources, "batching": one},
-        "renderer": {"resources": resources, "batching": one},
-        "decoder": {"resources": resources, "batching": one},
+        "encoder": {"resources": resources("encoder"), "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0}},
+        "sketcher": {"resources": resources("sketcher"), "batching": one},
+        "renderer": {"resources": resources("renderer"), "batching": one},
+        "decoder": {"resources": resources("decoder"), "batching": one},
     })
 
 
-def start_app(rec: dict, args, models, timeout_s: float):
+def start_app(rec: dict, args, models, placement, timeout_s: float):
     """Local Ray with one GPU and exactly the CPUs the stages reserve, then the app; a TimeoutError (naming each
     deployment's state) if it is not running within `timeout_s`, rather than waiting for ever."""
     import ray
@@ -89,7 +102,7 @@ def start_app(rec: dict, args, models, timeout_s: float):
 
     from deployments.app import build_app
 
-    config = app_config(args, models)
+    config = app_config(args, models, placement)
     rec["app_config"] = config.model_dump(mode="json")
     t0 = time.monotonic()
     ray.init(num_cpus=len(os.sched_getaffinity(0)), num_gpus=1, include_dashboard=False,
@@ -374,14 +387,38 @@ def part_mp4(rec: dict, ctx: Context) -> None:
     rec.update({"encoder": mp4_encoder(), "noise_encode_s": time.perf_counter() - t0, "noise_mp4_mb": len(data) / 1e6})
 
 
-PARTS = {"warmup": part_warmup, "single": part_single, "sr": part_sr, "all14b": part_all14b, "mp4": part_mp4}
+def part_metrics(rec: dict, ctx: Context) -> None:
+    """After the jobs: Ray's Prometheus endpoint (this node's metrics export port), as an operator's Prometheus
+    scrapes it. Records which of deployments/metrics.py's series are there, and the NVML gauges' samples (absent on
+    a CPU run). Ray's exporter publishes every few seconds, so it scrapes until every series is there (bounded)."""
+    import urllib.request
+
+    import ray
+
+    from deployments.metrics import METRICS, PROMETHEUS_PREFIX
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, found, body = time.monotonic() + 30, set(), ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            body = response.read().decode()
+        found = {name for name in METRICS if f"\n{PROMETHEUS_PREFIX}{name}" in body}
+        if found == set(METRICS):
+            break
+        time.sleep(2.0)
+    rec.update({"series_found": sorted(found), "series_missing": sorted(set(METRICS) - found),
+                "gpu_samples": [line for line in body.splitlines() if line.startswith(PROMETHEUS_PREFIX + "srd_gpu_")]})
+
+
+PARTS = {"warmup": part_warmup, "single": part_single, "sr": part_sr, "all14b": part_all14b, "mp4": part_mp4,
+         "metrics": part_metrics}
 
 
 def estimate_s(name: str, ctx: Context) -> float:
     n, m = ctx.args.steps, ctx.args.requests
     k = _switch_k(ctx.args.sr_switch, n)
     return {"warmup": 0.0, "single": ctx.estimate(k, n), "sr": m * ctx.estimate(k, n),
-            "all14b": m * ctx.estimate(n, n), "mp4": 2 * ctx.per_step.get("decode", 0.0)}[name]
+            "all14b": m * ctx.estimate(n, n), "mp4": 2 * ctx.per_step.get("decode", 0.0), "metrics": 30.0}[name]
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -443,6 +480,19 @@ def table(results: dict) -> str:
         verdict = "met" if single["overhead_pct"] <= 1.0 else "NOT met"
         lines.append(f"target hand-off + queueing <= 1% of latency (single request): {single['overhead_pct']:.2f}% "
                      f"({verdict}); hand-off alone {single['handoff_pct']:.2f}%; gaps: {gaps}")
+    placement = results.get("setup", {}).get("placement")
+    if placement and "videos_per_hour" in sr:
+        predicted = placement["predicted_videos_per_hour"]
+        lines += ["", "placement: " + "; ".join(placement["lines"][:2]),
+                  f"SR videos/hour: measured {sr['videos_per_hour']:.1f}, the planner's cost model "
+                  f"{predicted:.1f} (measured / predicted {sr['videos_per_hour'] / predicted:.2f})"]
+    metrics = results.get("metrics", {})
+    if "series_found" in metrics:
+        lines.append(f"metrics endpoint: {len(metrics['series_found'])} of "
+                     f"{len(metrics['series_found']) + len(metrics['series_missing'])} srd series"
+                     + (f", missing {', '.join(metrics['series_missing'])}" if metrics["series_missing"] else "")
+                     + f"; NVML gauge samples: {len(metrics['gpu_samples'])}")
+        lines += metrics["gpu_samples"][:6]
     mp4 = results.get("mp4", {})
     if "noise_encode_s" in mp4:
         lines.append(f"mp4 ({mp4['encoder']}) of noise frames in the decode stage: {mp4['noise_encode_s']:.2f} s, "
@@ -506,9 +556,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--height", type=int, default=None, help="480 (32 with --smoke)")
     ap.add_argument("--width", type=int, default=None, help="832 (48 with --smoke)")
     ap.add_argument("--frames", type=int, default=None, help="81 (5 with --smoke)")
-    ap.add_argument("--gpu-share", type=float, default=0.25, help="num_gpus of each stage replica (4 share 1 GPU)")
     ap.add_argument("--object-store-gib", type=float, default=None, help="Ray object store (4 GiB; 0.2 with --smoke)")
-    ap.add_argument("--parts", default="warmup,single,sr,all14b,mp4")
+    ap.add_argument("--parts", default="warmup,single,sr,all14b,mp4,metrics")
     ap.add_argument("--budget-s", type=float, default=300.0, help="deadline for everything (time guard)")
     ap.add_argument("--start-timeout-s", type=float, default=240.0, help="most seconds for Ray and the app to start")
     ap.add_argument("--commit", default=os.environ.get("BENCH_COMMIT") or None)
@@ -546,7 +595,11 @@ def main(argv=None) -> dict:
             models = wan.write_config_only(sizes, models_dir)
             setup["models"] = {"sketch": sizes.sketch, "render": sizes.render, "text_encoder": sizes.text_encoder,
                                "vae": sizes.vae, "weights": "random-init", "dir": models_dir}
-            handle = start_app(setup, args, models, timeout_s=min(args.start_timeout_s, guard.left()))
+            placement = one_gpu_placement(args)
+            setup["placement"] = {"lines": placement.lines(), "gpu_share": placement.gpu_share,
+                                  "predicted_videos_per_hour": placement.videos_per_hour,
+                                  "predicted_video_s": placement.cost.total_s}
+            handle = start_app(setup, args, models, placement, timeout_s=min(args.start_timeout_s, guard.left()))
         except Exception as e:  # noqa: BLE001 - recorded; nothing else can run
             setup["error"] = f"{type(e).__name__}: {e}"
             setup["traceback"] = traceback.format_exc(limit=12)

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from bench import serve_throughput as bench
+from deployments.metrics import METRICS
 
 
 def _job(t: float, durations: dict[str, float], gaps: list[float]) -> dict:
@@ -55,13 +56,20 @@ def test_smoke_runs_every_part_through_the_app(tmp_path):
     assert out.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     parts = result["parts"]
-    for name in ("setup", "warmup", "single", "sr", "all14b", "mp4"):
+    for name in ("setup", "warmup", "single", "sr", "all14b", "mp4", "metrics"):
         assert "error" not in parts[name], (name, parts[name].get("traceback"))
         assert "skipped" not in parts[name], (name, parts[name]["skipped"])
     assert result["meta"]["label"] == "random-init weights, real architecture"
 
-    # every stage replica reserved a share of the same (fake) GPU
+    # every stage replica reserved the planner's share of the same (fake) GPU
     assert {tuple(ids) for ids in parts["setup"]["stage_gpu_ids"].values()} == {("0",)}
+    shares = {role: parts["setup"]["app_config"][role]["resources"]["num_gpus"]
+              for role in ("encoder", "sketcher", "renderer", "decoder")}
+    assert shares == parts["setup"]["placement"]["gpu_share"] and sum(shares.values()) == 1
+    # the metrics endpoint carried every series but NVML's, which stays quiet without a real GPU
+    metrics = parts["metrics"]
+    assert set(metrics["series_missing"]) == {name for name in METRICS if name.startswith("srd_gpu_")}
+    assert "srd_stage_step_seconds" in metrics["series_found"] and not metrics["gpu_samples"]
     single = parts["single"]
     assert single["switch_step"] == 1 and single["queueing_s"] == 0
     assert single["latency_s"] == pytest.approx(single["stage_sum_s"] + single["overhead_s"])
