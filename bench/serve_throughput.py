@@ -1,12 +1,12 @@
-"""One-GPU serving benchmark (issue 5 (c) and (d)): the Serve app itself, with random-init weights of the real
-architectures, its four stage replicas sharing one GPU.
+"""One-GPU serving benchmark (issue 5 (c) and (d), issue 17): the Serve app itself, with random-init weights of the
+real architectures, its four stage replicas sharing one GPU as the placement planner lays them out.
 
     python -m bench.serve_throughput --out $OUT/serve_throughput.json     # one H100, ~4.5 min at the defaults
     python -m bench.serve_throughput --smoke --out /tmp/serve.json         # CPU, tiny configs, well under 2 min
 
 What runs: local Ray (one GPU), the app built by `deployments.app.build_app` from an AppConfig whose encoder,
-sketcher, renderer and decoder replicas each reserve `--gpu-share` (0.25) of the one GPU, so all four share it; the
-engine loads config-only model directories (bench/wan.py `write_config_only`) with `weights="random-init"`.
+sketcher, renderer and decoder replicas each reserve the share of the one GPU that `serve.placement.plan` gives them
+for one GPU at the run's size, steps and switch (a quarter each), and whose videos/hour it predicts; the engine loads config-only model directories (bench/wan.py `write_config_only`) with `weights="random-init"`.
 Sketch and render batches hold one request (`max_batch_size` 1): at 480p/81 frames a batch of two is no faster
 than two calls (DESIGN.md, bench/RESULTS.md), so batching buys nothing there. Requests go through the app's
 deployment handle (`generate`: submit, run, return the result), timed on the client.
@@ -19,6 +19,7 @@ with a note, one that fails is recorded with its traceback, and the run goes on)
   sr       (c) M concurrent SR requests (`--sr-switch`, default step:1 of N=6, K/N ~ 0.17): makespan, videos/hour;
            (d) per request, with the waits for a stage busy with another job (queueing) told apart
   all14b   (c) M more requests like those, with step:N (all-14B: the renderer runs no steps), on the same app
+  metrics  after the jobs, Ray's Prometheus endpoint: which srd series it carries, and NVML's GPU gauges
   mp4      how long the decode stage's mp4 encoding takes for noise frames of the run's size (random-init outputs
            are noise, which costs an encoder far more than real video does; where PyAV is missing, as on the GPU
            image, serve.video encodes MPEG-4 through OpenCV: meta.mp4_encoder says which)
@@ -557,7 +558,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--width", type=int, default=None, help="832 (48 with --smoke)")
     ap.add_argument("--frames", type=int, default=None, help="81 (5 with --smoke)")
     ap.add_argument("--object-store-gib", type=float, default=None, help="Ray object store (4 GiB; 0.2 with --smoke)")
-    ap.add_argument("--parts", default="warmup,single,sr,all14b,mp4,metrics")
+    ap.add_argument("--parts", default="warmup,single,sr,all14b,metrics,mp4")
     ap.add_argument("--budget-s", type=float, default=300.0, help="deadline for everything (time guard)")
     ap.add_argument("--start-timeout-s", type=float, default=240.0, help="most seconds for Ray and the app to start")
     ap.add_argument("--commit", default=os.environ.get("BENCH_COMMIT") or None)
