@@ -72,9 +72,6 @@ class _Fp8Graph:
     graph: object
     tensors: tuple
     workspace: torch.Tensor
-    plan: int = 0  # the execution plan run: the fastest of the heuristics' list at this shape
-    plan_ms: dict[int, float] | None = None  # what each plan measured at build time (None: not measured, and why)
-    plan_note: str = ""
 
 
 _FP8_GRAPHS: dict[tuple, _Fp8Graph] = {}  # one built cuDNN graph per (shape, device): building costs ~100 ms
@@ -104,58 +101,10 @@ def _fp8_graph(shape: tuple[int, int, int, int], device: torch.device) -> _Fp8Gr
     graph.build_operation_graph()
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     graph.check_support()
-    graph.build_plans(cudnn.build_plan_policy.ALL)
-    built = _Fp8Graph(graph, (q, k, v, *scalars, o, amax_s, amax_o), torch.empty(0, device=device))
-    _pick_fastest_plan(built, shape, device)
-    _FP8_GRAPHS[key] = built
+    graph.build_plans()
+    workspace = torch.empty(graph.get_workspace_size(), device=device, dtype=torch.uint8)
+    built = _FP8_GRAPHS[key] = _Fp8Graph(graph, (q, k, v, *scalars, o, amax_s, amax_o), workspace)
     return built
-
-
-def _pick_fastest_plan(built: _Fp8Graph, shape: tuple[int, int, int, int], device: torch.device) -> None:
-    """Time every plan cuDNN built for this graph on random inputs of its shape and keep the fastest (the
-    heuristics' first choice is not always it). Any failure keeps plan 0, the heuristics' choice, and says why."""
-    graph = built.graph
-    sizes = {}
-    try:
-        for index in range(graph.get_execution_plan_count()):
-            try:
-                sizes[index] = graph.get_workspace_size_plan_at_index(index)
-            except Exception:  # noqa: BLE001 - a plan that did not build is no candidate
-                continue
-    except Exception as e:  # noqa: BLE001
-        built.plan_note = f"plans not enumerable ({type(e).__name__}: {e}); heuristics' first plan"
-    built.workspace = torch.empty(max(sizes.values(), default=graph.get_workspace_size()), device=device,
-                                  dtype=torch.uint8)
-    if len(sizes) < 2:
-        built.plan_note = built.plan_note or f"{len(sizes)} plan built; nothing to choose"
-        return
-    generator = torch.Generator(device).manual_seed(0)
-    q8, k8, v8 = (torch.randn(shape, device=device, generator=generator).to(torch.float8_e4m3fn) for _ in range(3))
-    one = torch.ones((1, 1, 1, 1), device=device)
-    pack = _pack(built, q8, k8, v8, one, one, one)[0]
-    built.plan_ms = {}
-    for index in sizes:
-        try:
-            run = lambda: graph.execute_plan_at_index(pack, built.workspace, index=index)  # noqa: B023, E731
-            run()
-            built.plan_ms[index] = _median_seconds(run, 5) * 1e3
-        except Exception:  # noqa: BLE001
-            continue
-    if built.plan_ms:
-        built.plan = min(built.plan_ms, key=built.plan_ms.get)
-        built.plan_note = f"plan {built.plan} of {len(sizes)} (ms: " + ", ".join(
-            f"{i}: {ms:.2f}" for i, ms in built.plan_ms.items()) + ")"
-
-
-def _pack(built: _Fp8Graph, q8, k8, v8, descale_q, descale_k, descale_v) -> tuple[dict, torch.Tensor]:
-    """The graph's variant pack for these inputs, and the output tensor it writes."""
-    # P = softmax(...) lies in [0, 1]: scale it to E4M3's range. |O| <= max|v|: scale O by max|v| too.
-    scale_s = torch.full((1, 1, 1, 1), E4M3_MAX, device=q8.device)
-    out = torch.empty(q8.shape, device=q8.device, dtype=torch.float8_e4m3fn)
-    amax_s = torch.empty((1, 1, 1, 1), device=q8.device)
-    tq, tk, tv, tdq, tdk, tdv, tds, tss, tso, to, tas, tao = built.tensors
-    return {tq: q8, tk: k8, tv: v8, tdq: descale_q, tdk: descale_k, tdv: descale_v, tds: 1.0 / scale_s,
-            tss: scale_s, tso: 1.0 / descale_v, to: out, tas: amax_s, tao: torch.empty_like(amax_s)}, out
 
 
 def _to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +118,17 @@ def _cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descal
                     descale_k: torch.Tensor, descale_v: torch.Tensor) -> torch.Tensor:
     """cuDNN's FP8 SDPA on E4M3 q, k, v and their descales: O in E4M3, scaled by 1 / descale_v."""
     built = _fp8_graph(tuple(q8.shape), q8.device)
-    pack, out = _pack(built, q8, k8, v8, descale_q, descale_k, descale_v)
-    built.graph.execute_plan_at_index(pack, built.workspace, index=built.plan)
+    # P = softmax(...) lies in [0, 1]: scale it to E4M3's range. |O| <= max|v|: scale O by max|v| too.
+    scale_s = torch.full((1, 1, 1, 1), E4M3_MAX, device=q8.device)
+    descale_s = 1.0 / scale_s
+    scale_o = 1.0 / descale_v
+    out = torch.empty(q8.shape, device=q8.device, dtype=torch.float8_e4m3fn)
+    amax_s = torch.empty((1, 1, 1, 1), device=q8.device)
+    amax_o = torch.empty_like(amax_s)
+    tq, tk, tv, tdq, tdk, tdv, tds, tss, tso, to, tas, tao = built.tensors
+    pack = {tq: q8, tk: k8, tv: v8, tdq: descale_q, tdk: descale_k, tdv: descale_v, tds: descale_s, tss: scale_s,
+            tso: scale_o, to: out, tas: amax_s, tao: amax_o}
+    built.graph.execute(pack, built.workspace)
     return out
 
 
