@@ -6,7 +6,9 @@ real architectures, its four stage replicas sharing one GPU as the placement pla
 
 What runs: local Ray (one GPU), the app built by `deployments.app.build_app` from an AppConfig whose encoder,
 sketcher, renderer and decoder replicas each reserve the share of the one GPU that `serve.placement.plan` gives them
-for one GPU at the run's size, steps and switch (a quarter each), and whose videos/hour it predicts; the engine loads config-only model directories (bench/wan.py `write_config_only`) with `weights="random-init"`.
+at the run's size, steps and switch (a quarter each; the planner's predicted videos/hour is reported beside the
+measured); the engine loads config-only model directories (bench/wan.py `write_config_only`) with
+`weights="random-init"`.
 Sketch and render batches hold one request (`max_batch_size` 1): at 480p/81 frames a batch of two is no faster
 than two calls (DESIGN.md, bench/RESULTS.md), so batching buys nothing there. Requests go through the app's
 deployment handle (`generate`: submit, run, return the result), timed on the client.
@@ -411,8 +413,8 @@ def part_metrics(rec: dict, ctx: Context) -> None:
                 "gpu_samples": [line for line in body.splitlines() if line.startswith(PROMETHEUS_PREFIX + "srd_gpu_")]})
 
 
-PARTS = {"warmup": part_warmup, "single": part_single, "sr": part_sr, "all14b": part_all14b, "mp4": part_mp4,
-         "metrics": part_metrics}
+PARTS = {"warmup": part_warmup, "single": part_single, "sr": part_sr, "all14b": part_all14b, "metrics": part_metrics,
+         "mp4": part_mp4}
 
 
 def estimate_s(name: str, ctx: Context) -> float:
