@@ -1,9 +1,11 @@
 """The cost-aware policy driving the real app on local Ray (fake GPUs, half a GPU per denoiser replica).
 
 The app is deployed from a Serve config (as `serve deploy` does), the application-level policy beside its args.
-One app, two loads in turn: twelve jobs, sketch-heavy (K = N-1), then twelve render-heavy (K = 1), each loading one
-stage and barely the other: the loaded stage gets a second replica while the other keeps one, and once its work is
-done it goes back to one. The stages' `target_ongoing_requests` is set so high that Ray's default policy would
+One app, two loads in turn: twelve jobs arriving a quarter second apart, sketch-heavy (K = N-1), then twelve
+render-heavy (K = 1), each loading one stage and barely the other: the loaded stage gets a second replica while the
+other keeps one, and once its work is done it goes back to one. The jobs arrive spread out, as a service's do,
+rather than in one burst: a burst of twelve one-step jobs is a queue of twelve steps at the idle stage, which is
+briefly as much work as the policy's target, while spread out they leave it at most a step or two. The stages' `target_ongoing_requests` is set so high that Ray's default policy would
 never add a replica: the scaling seen is the cost-aware policy's, from the work the replicas report. (That the K of
 the requests, not their number, decides is shown on synthetic load in test_autoscaling.py.)
 """
@@ -16,6 +18,7 @@ from ray import serve
 
 APP = "srd-autoscale"
 JOBS, STEPS = 12, 50
+ARRIVAL_S = 0.25  # between two jobs: longer than an idle stage's step, far shorter than a loaded stage's job
 SHAPE = {"height": 128, "width": 128, "num_frames": 17}
 DENOISER = {
     "resources": {"num_cpus": 0.5, "num_gpus": 0.5},
@@ -26,9 +29,9 @@ DENOISER = {
                     "metrics_interval_s": 0.5, "look_back_period_s": 2},
 }
 POLICY = {"policy_function": "deployments.autoscaling:CostAwarePolicy",
-          # a tiny-model step takes milliseconds here: 0.5 s of queued work per replica. The loaded stage's work
-          # peaks at several seconds, the idle one's stays near 0.1 s (measured on 2 cores); at 2 s the render-heavy
-          # load, which reaches the renderer only as fast as the sketcher passes it on, stayed under the bar on CI
+          # 0.5 s of queued work per replica, 0.6 s with the hysteresis: measured on 2 cores with the jobs spread
+          # out, the loaded stage's work peaks at 12-23 s (sketch) and 10-12 s (render), the idle stage's stays
+          # under 0.03 s, so the bar sits ~20x from each
           "policy_kwargs": {"target_work_s": 0.5, "hysteresis": 0.2, "cooldown_s": 0}}
 
 
@@ -55,9 +58,14 @@ def replicas(deployment: str) -> int:
 def run_load(handle, switch: int, loaded: str, idle: str) -> None:
     """Twelve jobs with K = `switch`: all complete, `loaded` got a second replica meanwhile, `idle` kept one; then
     `loaded` is back to one replica (its work is done)."""
-    ids = [handle.submit.remote({"prompt": f"ball {i}", "seed": i, "num_inference_steps": STEPS,
-                                 "switch": f"step:{switch}", **SHAPE}).result().id for i in range(JOBS)]
     most = {loaded: 1, idle: 1}
+    ids = []
+    for i in range(JOBS):
+        ids.append(handle.submit.remote({"prompt": f"ball {i}", "seed": i, "num_inference_steps": STEPS,
+                                         "switch": f"step:{switch}", **SHAPE}).result().id)
+        time.sleep(ARRIVAL_S)
+        for name in most:
+            most[name] = max(most[name], replicas(name))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         for name in most:
