@@ -5,9 +5,10 @@ One app, two loads in turn: twelve jobs arriving a quarter second apart, sketch-
 render-heavy (K = 1), each loading one stage and barely the other: the loaded stage gets a second replica while the
 other keeps one, and once its work is done it goes back to one. The jobs arrive spread out, as a service's do,
 rather than in one burst: a burst of twelve one-step jobs is a queue of twelve steps at the idle stage, which is
-briefly as much work as the policy's target, while spread out they leave it at most a step or two. The stages' `target_ongoing_requests` is set so high that Ray's default policy would
-never add a replica: the scaling seen is the cost-aware policy's, from the work the replicas report. (That the K of
-the requests, not their number, decides is shown on synthetic load in test_autoscaling.py.)
+briefly as much work as the policy's target, while spread out they leave it at most a step or two. The stages'
+`target_ongoing_requests` is set so high that Ray's default policy would never add a replica: the scaling seen is
+the cost-aware policy's, from the work the replicas report. (That the K of the requests, not their number, decides
+is shown on synthetic load in test_autoscaling.py.)
 """
 
 from __future__ import annotations
