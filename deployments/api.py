@@ -12,12 +12,15 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from serve.jobs import JobRecord, StageRecord
+from serve.jobs.state import JobError, JobRecord, StageRecord
 
 
-class VideoError(BaseModel):
-    code: str = Field(description="stage_failed, cancelled or internal_error.")
-    message: str = Field(description="One line; for a failed stage it names the stage and the cause.")
+class Segment(BaseModel):
+    """Denoising steps one model took: a segment of the job's plan."""
+
+    stage: str = Field(description="The step: sketch, render, sketch.2 ...")
+    start: int = Field(description="Its first denoising step.")
+    stop: int = Field(description="One past its last.")
 
 
 class Video(BaseModel):
@@ -34,12 +37,14 @@ class Video(BaseModel):
     size: str = Field(description="WIDTHxHEIGHT in pixels.")
     seconds: str = Field(description="Duration, (num_frames - 1) / fps.")
     prompt: str
-    error: VideoError | None = None
+    error: JobError | None = None
     # -- extras ------------------------------------------------------------------------------------------------
     cancelled: bool = Field(False, description="The job was cancelled (status failed, error.code cancelled).")
-    stage: str | None = Field(None, description="The stage working on the job now: encode, sketch, render, decode.")
-    steps_done: int = Field(0, description="Denoising steps done, sketch and render together.")
+    stage: str | None = Field(None, description="The step working on the job now: encode, sketch, render, decode "
+                                                "(sketch.2: a plan's second sketch segment).")
+    steps_done: int = Field(0, description="Denoising steps done, all segments together.")
     switch_step: int | None = Field(None, description="K: steps the sketch model took (once sketching ended).")
+    segments: list[Segment] = Field(default_factory=list, description="The denoising segments done so far.")
     num_frames: int
     fps: int
     request: dict = Field(description="The resolved request: every field filled in, the seed included.")
@@ -65,11 +70,13 @@ class Video(BaseModel):
             completed_at=None if job.completed_at is None else int(job.completed_at),
             size=f"{request['width']}x{request['height']}",
             seconds=f"{(request['num_frames'] - 1) / request['fps']:g}", prompt=request["prompt"],
-            error=None if job.error is None else VideoError(**job.error.model_dump()),
-            cancelled=job.status == "cancelled", stage=job.stage, steps_done=job.steps_done,
-            switch_step=job.switch_step, num_frames=request["num_frames"], fps=request["fps"], request=request,
+            error=job.error, cancelled=job.status == "cancelled", stage=job.stage, steps_done=job.steps_done,
+            switch_step=job.switch_step,
+            segments=[Segment(stage=name, start=s.denoised[0], stop=s.denoised[1])
+                      for name, s in job.stages.items() if s.denoised is not None],
+            num_frames=request["num_frames"], fps=request["fps"], request=request,
             timings={name: s.end - s.start for name, s in job.stages.items() if s.end is not None and s.start},
-            stages=job.stages, failed_stage=job.failed_stage, preview_ready=job.preview_ready,
+            stages=job.stages, failed_stage=job.failed_stage, preview_ready=job.finished("preview"),
             cancel_requested=job.cancel_requested, cancelled_at_step=job.cancelled_at_step, version=job.version,
         )
 

@@ -1,43 +1,29 @@
-"""The app builder and the ways to run the app.
+"""The app builder: a config in, the deployment graph out.
 
-    build_app(AppConfig) -> Application     the deployment graph, each deployment's options from its typed config
+    build_app(AppConfig) -> Application     one stage deployment per deployment name of the pipeline
+                                            (serve/pipeline/registry.py), the orchestrator, the ingress; each
+                                            deployment's options from its typed config
     app_builder(args)                       for a Serve config YAML: `import_path: deployments.app:app_builder`
-    app                                     the default (tiny, CPU) app, for `serve build deployments.app:app`
-    run_local(...)                          `srd serve`: local Ray, the app over HTTP, until SIGINT/SIGTERM/SIGHUP
-    generate_local(...)                     `srd generate --via-serve`: one job through the app on local Ray
+    app                                     the default (toy, CPU) app, for `serve build deployments.app:app`
 
 The graph: Ingress -> Orchestrator -> Encoder, Sketcher, Renderer, Decoder. No deployment holds job state: every
-replica opens the job store (SQLite file or PostgreSQL, `jobs.store_url`) and the results location itself.
+replica opens the job store (SQLite file or PostgreSQL, `jobs.store_url`) and the results location itself. Running it
+on this machine is deployments/local.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import logging
-import os
-import re
-import signal
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
-
-import yaml
 from ray import serve
 from ray.serve.deployment import Application
 
-from deployments.config import AppConfig, DeploymentConfig, Resources
-from deployments.decoder import Decoder
-from deployments.denoiser import Denoiser
-from deployments.encoder import Encoder
+from deployments.config import AppConfig, DeploymentConfig
 from deployments.ingress import Ingress
-from deployments.api import VideoResult
 from deployments.orchestrator import Orchestrator
-from serve.engine import EngineConfig
-from serve.request import VideoRequest
+from deployments.stage import StageDeployment
+from serve.pipeline.registry import PIPELINE
+from serve.pipeline.stage import Pipeline
 
-__all__ = ["AppConfig", "AppStartError", "app", "app_builder", "build_app", "generate_local", "run_local"]
+__all__ = ["AppConfig", "app", "app_builder", "build_app"]
 
 APP_NAME = "srd"
 # Defaults every deployment starts from; its typed config comes next, its `serve_options` last.
@@ -55,18 +41,18 @@ def deployment_options(name: str, config: DeploymentConfig) -> dict:
     return {**DEFAULT_OPTIONS, **derived, **overrides, "ray_actor_options": actor_options, "name": name}
 
 
-def build_app(config: AppConfig) -> Application:
+def build_app(config: AppConfig, pipeline: Pipeline = PIPELINE) -> Application:
     def deployment(cls, name: str, deployment_config: DeploymentConfig):
         return serve.deployment(cls, **deployment_options(name, deployment_config))
 
-    engine, jobs = config.engine, config.jobs
-    encoder = deployment(Encoder, "Encoder", config.encoder).bind(engine, config.encoder, jobs)
-    sketcher = deployment(Denoiser, "Sketcher", config.sketcher).bind("sketch", engine, config.sketcher, jobs)
-    renderer = deployment(Denoiser, "Renderer", config.renderer).bind("render", engine, config.renderer, jobs)
-    decoder = deployment(Decoder, "Decoder", config.decoder).bind(engine, config.decoder, jobs)
+    stages = {
+        name: deployment(StageDeployment, name, config.stage_config(name)).bind(
+            name, config.engine, config.stage_config(name), config.jobs, pipeline)
+        for name in pipeline.deployments()
+    }
     orchestrator = deployment(Orchestrator, "Orchestrator", config.orchestrator).bind(
-        encoder, sketcher, renderer, decoder, engine, config.orchestrator, jobs)
-    return deployment(Ingress, "Ingress", config.ingress).bind(orchestrator, config)
+        stages, config.engine, config.orchestrator, config.jobs, pipeline)
+    return deployment(serve.ingress()(Ingress), "Ingress", config.ingress).bind(orchestrator, config)
 
 
 def app_builder(args: dict) -> Application:
@@ -75,280 +61,3 @@ def app_builder(args: dict) -> Application:
 
 
 app = build_app(AppConfig())
-
-
-def local_config(engine: EngineConfig, constructor_attempts: int | None = None) -> AppConfig:
-    """The app on this one machine: the four stages share its CPUs (a quarter each, so they fit however few cores
-    it has) and, on CUDA, GPU 0 (a quarter each); `constructor_attempts` replaces DEFAULT_OPTIONS' for them."""
-    cpus = len(os.sched_getaffinity(0)) / 4
-    share = Resources(num_cpus=cpus, num_gpus=0.25 if engine.device.startswith("cuda") else 0.0)
-    options = {} if constructor_attempts is None else {"max_constructor_retry_count": constructor_attempts}
-    return AppConfig.model_validate({
-        "engine": engine.model_dump(),
-        **{stage: {"resources": share.model_dump(), "serve_options": options}
-           for stage in ("encoder", "sketcher", "renderer", "decoder")},
-    })
-
-
-def load_serve_config(config_path: str) -> tuple[list[tuple[str, str | None, Application]], list[str]]:
-    """The applications of a Serve config YAML (as `serve deploy` takes it): (name, route_prefix, app) each, and one
-    line per setting that `srd serve` (Serve's `serve.run`, which takes no application-level policy) leaves out."""
-    from ray.serve.schema import ServeDeploySchema
-
-    path = Path(config_path)
-    if not path.is_file():
-        raise ValueError(f"--config {config_path!r} is not a file")
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    apps, left_out = [], []
-    for spec in schema.applications:
-        if spec.autoscaling_policy:
-            left_out.append(f"application {spec.name!r} sets `autoscaling_policy`, which `srd serve` does not apply "
-                            "(its stages scale by Ray's default policy): `serve deploy` applies it")
-        if spec.deployments or spec.runtime_env:
-            raise ValueError(
-                f"application {spec.name!r} in {config_path!r} sets `deployments` or `runtime_env`, which "
-                "`srd serve` does not apply: put deployment settings in `args` (AppConfig), or use `serve run`"
-            )
-        module_name, _, attr = spec.import_path.partition(":")
-        target = getattr(importlib.import_module(module_name), attr)
-        built = target if isinstance(target, Application) else target(spec.args or {})
-        apps.append((spec.name, spec.route_prefix, built))
-    return apps, left_out
-
-
-class AppStartError(RuntimeError):
-    """A deployment of the app failed to start (its model would not load, say); the message is one line."""
-
-
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def _local_auth_env(host: str) -> None:
-    """A Ray this command starts for itself, reachable only on loopback, needs no token: RAY_AUTH_MODE=disabled
-    unless the user set RAY_AUTH_MODE or joins a cluster (RAY_ADDRESS), where the cluster's auth applies."""
-    if not os.environ.get("RAY_ADDRESS") and (host in _LOOPBACK or host.startswith("127.")):
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, start time) of every live (non-zombie) process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] not in ("Z", "X"):  # state; then ppid ... starttime (field 22 of stat)
-            table[int(entry)] = (int(fields[1]), fields[19])
-    return table
-
-
-def _descendants() -> set[tuple[int, str]]:
-    """(pid, start time) of every live process below this one (the start time tells a reused pid apart)."""
-    table = _process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = set(), [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add((child, table[child][1]))
-            todo.append(child)
-    return found
-
-
-def _stop_processes(processes: set[tuple[int, str]], grace_s: float = 10.0) -> None:
-    """Wait up to `grace_s` for these processes to exit, SIGTERM the rest, then SIGKILL what is left after 5 s."""
-
-    def alive() -> set[int]:
-        table = _process_table()
-        return {pid for pid, start in processes if pid in table and table[pid][1] == start}
-
-    for sig, wait_s in ((None, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        left = alive()
-        if not left:
-            return
-        for pid in left if sig is not None else ():
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and alive():
-            time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def _local_ray(host: str, before_shutdown: Callable[[], None] | None = None):
-    """Ray for one command; yields whether the command owns it (started it here). Already initialised in this
-    process: used as is (False). Otherwise started (True), or joined with RAY_ADDRESS (False: the cluster outlives
-    the command), quietly (Ray's and the replicas' logs stay in Ray's log directory, not on this terminal), and on
-    the way out shut down with everything it left behind: `ray.shutdown()` stops the processes it started itself,
-    not always what those started (workers, dashboard and runtime-env agents), so any process born below this one
-    since `ray.init` is waited for, then terminated."""
-    import ray
-
-    if ray.is_initialized():
-        yield False
-        return
-    _local_auth_env(host)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not "Started Serve in namespace ..."
-    before = _descendants()
-    try:
-        ray.init(logging_level=logging.WARNING, log_to_driver=False)
-        yield not os.environ.get("RAY_ADDRESS")
-    finally:
-        if before_shutdown is not None:
-            before_shutdown()
-        spawned = _descendants() - before
-        # No serve.shutdown(): the cluster goes with the app (and Serve's controller, killed while its own graceful
-        # shutdown task runs, would print a retry warning).
-        ray.shutdown()
-        _stop_processes(spawned | (_descendants() - before))
-
-
-class _StopSignals:
-    """SIGINT, SIGTERM and SIGHUP raise `_Stop` in the main thread. Installed explicitly: a background job (`cmd &`,
-    nohup, setsid, a service manager) may inherit SIGINT ignored, and `ray.init` sets SIGTERM to a bare `sys.exit`."""
-
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-    def __init__(self) -> None:
-        self.saved = {s: signal.getsignal(s) for s in self.SIGNALS}
-
-    @staticmethod
-    def _raise(signum, _frame) -> None:
-        raise _Stop(signal.Signals(signum).name)
-
-    def arm(self) -> None:
-        for s in self.SIGNALS:
-            signal.signal(s, self._raise)
-
-    def hold(self) -> None:
-        """While shutting down: a second Ctrl-C must not cut the shutdown short and leave Ray processes behind."""
-        for s in self.SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-
-    def restore(self) -> None:
-        for s, handler in self.saved.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
-class _Stop(BaseException):
-    """A stop signal arrived. Not an Exception, so that no `except Exception` on the way up swallows it."""
-
-
-_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt))(?:\((\w+)\))?: (.+)$")
-
-
-def _cause(message: str) -> str:
-    """`Cause: first line of its message` from a deployment's status message (which holds a traceback): the last
-    exception line in it, with a RayTaskError unwrapped to the exception it wraps."""
-    lines = [line.strip() for line in message.splitlines()]
-    for i in range(len(lines) - 1, -1, -1):
-        match = _EXCEPTION_LINE.match(lines[i])
-        if match and not match.group(1).endswith("RayTaskError"):
-            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(3)}"
-    return next((line for line in lines if line), "no message")
-
-
-def _start_failure(app_name: str) -> str | None:
-    """'<Deployment> failed to start: <Cause>: <message>' for the first failed deployment of the app, if any."""
-    try:
-        app_status = serve.status().applications.get(app_name)
-    except Exception:  # noqa: BLE001 - only used to word an error that is already being raised
-        return None
-    if app_status is None:
-        return None
-    for name, deployment in app_status.deployments.items():
-        if str(deployment.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")):
-            return f"{name} failed to start: {_cause(deployment.message or '')}"
-    return None
-
-
-def _deploy(application: Application, name: str, **options):
-    """`serve.run`, with a deployment that fails to start (Serve raises RuntimeError "Deploying application ...
-    failed" and logs the controller's tracebacks) turned into one AppStartError naming the deployment and the cause."""
-    serve_logger = logging.getLogger("ray.serve")
-    level = serve_logger.level
-    serve_logger.setLevel(logging.CRITICAL)  # the failure is reported once, below
-    try:
-        return serve.run(application, name=name, **options)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AppStartError(_start_failure(name) or first) from None
-    finally:
-        serve_logger.setLevel(level)
-
-
-QUIET_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
-
-
-def run_local(config_path: str | None = None, preset: str = "toy", host: str = "127.0.0.1", port: int = 8000) -> None:
-    """`srd serve`: start (or join, with RAY_ADDRESS) Ray, deploy the app, serve HTTP on host:port until SIGINT,
-    SIGTERM or SIGHUP; then shut the app and Ray down, leaving no Ray process behind. A deployment that fails to
-    start raises AppStartError (one line)."""
-    if config_path:
-        apps, left_out = load_serve_config(config_path)
-        for line in left_out:
-            print(f"srd serve: warning: {line}", file=sys.stderr, flush=True)
-    else:
-        apps = [(APP_NAME, "/", build_app(local_config(EngineConfig(preset=preset))))]
-    stop = _StopSignals()
-    stop.arm()
-    try:
-        with _local_ray(host, before_shutdown=stop.hold):
-            stop.arm()  # again: ray.init replaced SIGTERM's handler
-            deployed = []
-            try:
-                serve.start(http_options={"host": host, "port": port}, logging_config=QUIET_LOGGING)
-                for name, route_prefix, application in apps:
-                    deployed.append(name)
-                    _deploy(application, name, route_prefix=route_prefix, logging_config=QUIET_LOGGING)
-                print(f"srd serve: {', '.join(n for n, _, _ in apps)} ready on http://{host}:{port} "
-                      f"(API docs at /docs); Ctrl-C or SIGTERM stops", flush=True)
-                while True:
-                    signal.pause()
-            finally:
-                if os.environ.get("RAY_ADDRESS"):  # a cluster's Ray and Serve outlive this command, its apps do not
-                    stop.hold()
-                    for name in deployed:
-                        serve.delete(name)
-    except _Stop as e:
-        print(f"srd serve: {e}: stopped", file=sys.stderr, flush=True)
-    finally:
-        stop.restore()
-
-
-def generate_local(request: VideoRequest, engine: EngineConfig,
-                   on_update: Callable[[object], None] | None = None, poll_s: float = 0.2) -> VideoResult:
-    """One job through the disaggregated app on a local Ray (no HTTP proxy), over its deployment handle.
-
-    Starts Ray and the app (unless Ray is already initialised here, or RAY_ADDRESS names a cluster: then only the
-    app, deleted afterwards), submits, reports every change of the job's status, stage or progress to `on_update`,
-    and shuts down what it started. A deployment that fails to start raises AppStartError (one line).
-    """
-    name = f"{APP_NAME}-generate"
-    with _local_ray("127.0.0.1") as own_ray:  # a Ray it does not own outlives the command; its app does not
-        try:
-            if own_ray:
-                serve.start(proxy_location="Disabled", logging_config=QUIET_LOGGING)
-            # One job on this machine: a stage whose model fails to load fails the command at once (a load that
-            # failed here fails again; a server, `srd serve`, keeps DEFAULT_OPTIONS' three attempts).
-            app = build_app(local_config(engine, constructor_attempts=1))
-            handle = _deploy(app, name, route_prefix=None, logging_config=QUIET_LOGGING)
-            job = handle.submit.remote(request).result()
-            seen = (job.status, job.stage, job.progress)
-            while job.status not in ("completed", "failed", "cancelled"):
-                time.sleep(poll_s)
-                job = handle.status.remote(job.id).result()
-                if on_update is not None and (job.status, job.stage, job.progress) != seen:
-                    on_update(job)
-                seen = (job.status, job.stage, job.progress)
-            return handle.result.remote(job.id).result()
-        finally:
-            if not own_ray:
-                serve.delete(name)

@@ -1,25 +1,22 @@
 """What every stage deployment does around its engine call, written once.
 
-- Batching by shape: one `@serve.batch` queue per latent shape (created on first use), so a batch only ever holds
-  requests of one shape; requests of another shape wait in their own queue instead of splitting a batch.
-- One batch on the device at a time: a replica holds one copy of the model, so batches of different shapes take
-  turns (FIFO) rather than time-slicing the device.
+- Batching by stage and key: one `@serve.batch` queue per (stage, batch key) (the stage's `batch_key`: the latent
+  shape, or nothing for the encoder), created on first use, so a batch only ever holds requests one engine call can
+  take; requests of another shape wait in their own queue instead of splitting a batch.
+- One batch on the device at a time: a replica holds one copy of its models, so batches take turns (FIFO) rather
+  than time-slicing the device.
 - The engine call runs in a worker thread, keeping the replica's event loop free for new requests.
-- One call per job at a time: if an orchestrator that took a job over asks again for a stage this replica is already
-  running for it, the second call waits for the first one's result instead of computing it twice.
+- One call per job and step at a time: if an orchestrator that took a job over asks again for a step this replica
+  is already running for it, the second call waits for the first one's result instead of computing it twice.
 - Progress and cancel off the critical path: a denoising step only writes its count into this replica's memory and
   reads the job's cancel flag from it; `ProgressReporter`'s own thread writes the counts to the job store and reads
   the cancel flags back every `progress_interval_s`. A step never waits on the store.
-
-Stages take and give checkpoints through the results location (serve/results.py), so a call carries only a job id
-and its parameters, and returns a small `StageDone` record.
-
 - Measured, not assumed: every batch records its size and time, every step its time (deployments/metrics.py), and
   the replica reports its queued work in seconds (jobs' remaining steps times the measured seconds per step) to
   the autoscaling policy (deployments/autoscaling.py) through `autoscaling_stats`.
-- One job's bad input fails only that job: a compute may give an exception as one job's output (`load_each` does so
-  for a job whose input checkpoint cannot be read), and only that job's call raises it; the batch's other jobs are
-  computed as usual and do not lose an attempt.
+- One job's bad input fails only that job: a compute may give an exception as one job's output (a job whose input
+  artifact cannot be read, say), and only that job's call raises it; the batch's other jobs are computed as usual
+  and do not lose an attempt.
 """
 
 from __future__ import annotations
@@ -32,67 +29,24 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray import serve
 
-from deployments.config import Batching, JobsConfig
+from deployments.config import Batching
 from deployments.metrics import GpuMetrics, StageMetrics
-from serve import jobs
-from serve.job_store import JobStore
-from serve.stages import Cancelled, StepCallback
+from serve.denoise import Cancelled, StepCallback
+from serve.jobs import state
+from serve.jobs.config import JobsConfig
+from serve.jobs.drive import StepDone
+from serve.jobs.store import JobStore
 
 logger = logging.getLogger("ray.serve")
 
-# (job ids of one batch, the payloads of those jobs, their step callback) -> one result per job
-Compute = Callable[[list[str], list[Any], StepCallback], list[Any]]
-
-
-@dataclass(frozen=True)
-class StageDone:
-    """A stage stored its output for one job."""
-
-    start: float
-    end: float
-    batch_id: str
-    batch_size: int
-    switch_step: int | None = None  # sketch only: the K it took
-
-
-class MissingCheckpoint(FileNotFoundError):
-    """A stage's input checkpoint is not in the results location (deleted, or never written)."""
-
-
-def read_checkpoint(results, job_id: str, name: str) -> bytes:
-    """The bytes of a job's checkpoint `name`; MissingCheckpoint (one line naming the job and the file) if absent,
-    rather than a TypeError from decoding None."""
-    data = results.get(job_id, name)
-    if data is None:
-        raise MissingCheckpoint(f"video job {job_id} has no {name} checkpoint in {results.url}")
-    return data
-
-
-def load_each(job_ids: list[str], load: Callable[[str], Any]) -> tuple[list[int], list[Any], list[Any]]:
-    """Each job's input via `load(job_id)`. Returns (indices of the jobs loaded, their inputs, one output slot per
-    job: the exception for a job that could not be loaded, else None). The stage then computes only the loaded jobs:
-    a job with a missing or broken checkpoint fails alone instead of failing its whole batch."""
-    indices, inputs, outputs = [], [], [None] * len(job_ids)
-    for i, job_id in enumerate(job_ids):
-        try:
-            inputs.append(load(job_id))
-            indices.append(i)
-        except Exception as error:  # noqa: BLE001 - this job's failure, raised by its own call
-            outputs[i] = error
-    return indices, inputs, outputs
-
-
-def sub_steps(on_step: StepCallback | None, indices: list[int]) -> StepCallback | None:
-    """`on_step` for an engine call over a subset of a batch: the subset's index i is the batch's indices[i]."""
-    if on_step is None:
-        return None
-    return lambda index, steps_done, num_steps: on_step(indices[index], steps_done, num_steps)
+# (stage name, job ids of one batch, the payloads of those jobs, their step callback) -> one result per job: a dict
+# of StepDone's fields (steps_done), Cancelled, or an exception for that job alone
+Compute = Callable[[str, list[str], list[Any], StepCallback], list[Any]]
 
 
 class ProgressReporter:
@@ -145,7 +99,7 @@ class ProgressReporter:
             ids = list(self._pending) if job_ids is None else [i for i in job_ids if i in self._pending]
             counts = {i: self._pending.pop(i) for i in ids}
         for job_id, steps_done in counts.items():
-            self._store.update(job_id, lambda job, n=steps_done: None if job.terminal else jobs.with_progress(job, n))
+            self._store.update(job_id, lambda job, n=steps_done: None if job.terminal else state.with_progress(job, n))
 
     def _refresh_cancel_flags(self, job_ids: list[str]) -> None:
         if not job_ids:
@@ -157,28 +111,24 @@ class ProgressReporter:
 
 
 class StageRunner:
-    """`span_of(payload)`: (first step, one past the last) a job takes at this stage, as far as is known before it
-    runs ((0, 1) for encode and decode, whose "step" is the whole call); with the measured seconds per step it gives
-    the replica's queued work."""
+    """Batches, progress, cancel and measurements of one replica's stages; `compute` runs one batch."""
 
-    def __init__(self, stage: jobs.StageName, batching: Batching, jobs_config: JobsConfig, compute: Compute,
-                 span_of: Callable[[Any], tuple[int, int]] = lambda payload: (0, 1)):
-        self.stage = stage
-        self._span_of = span_of
-        self._spans: dict[str, tuple[int, int]] = {}
-        self._steps_left: dict[str, int] = {}  # job id -> steps still to take here, queued or computing
+    def __init__(self, batching: Batching, jobs_config: JobsConfig, compute: Compute):
+        # (job id, stage) -> (first step, one past the last) of its call here, and the steps it still has to take
+        self._spans: dict[tuple[str, str], tuple[int, int]] = {}
+        self._steps_left: dict[tuple[str, str], int] = {}
         self._step_s: float | None = None  # measured seconds per job-step (a batch's step time over its jobs)
-        self.metrics = StageMetrics(stage)
+        self.metrics: dict[str, StageMetrics] = {}
         self._gpu_metrics = GpuMetrics()
         self._batching = batching
         self._compute = compute
         self._reporter = ProgressReporter(JobStore(jobs_config.store, jobs_config.store_table),
                                           jobs_config.progress_interval_s)
         self._queues: dict[Hashable, Callable] = {}
-        self._running: dict[str, asyncio.Future] = {}  # job id -> the call computing it on this replica
+        self._running: dict[tuple[str, str], asyncio.Future] = {}  # (job id, stage) -> the call computing it
         self._device: asyncio.Lock | None = None
         self._batch_ids = itertools.count()
-        self.batches: deque[dict] = deque(maxlen=1000)  # recent batches: id, size, shape, jobs (stats, tests)
+        self.batches: deque[dict] = deque(maxlen=1000)  # recent batches: id, stage, size, jobs (stats, tests)
 
     @property
     def device(self) -> asyncio.Lock:
@@ -186,28 +136,36 @@ class StageRunner:
             self._device = asyncio.Lock()
         return self._device
 
-    async def run(self, job_id: str, payload: Any, shape: Hashable = ()) -> StageDone | Cancelled:
-        """Queue one job with others of the same `shape`; returns when its output is stored (or it was cancelled)."""
-        running = self._running.get(job_id)
+    def _metrics(self, stage: str) -> StageMetrics:
+        if stage not in self.metrics:
+            self.metrics[stage] = StageMetrics(stage)
+        return self.metrics[stage]
+
+    async def run(self, stage: str, job_id: str, payload: Any, key: Hashable = (),
+                  span: tuple[int, int] = (0, 1)) -> StepDone | Cancelled:
+        """Queue one job's call of `stage` with others of the same `key`; returns once its outputs are stored (or
+        it was cancelled). `span`: (first step, one past the last) it takes here, as far as is known before it
+        runs ((0, 1) for a call whose "step" is the whole call); with the measured seconds per step it gives the
+        replica's queued work."""
+        running = self._running.get((job_id, stage))
         if running is None:
-            queue = self._queues.get(shape)
+            queue = self._queues.get((stage, key))
             if queue is None:
-                queue = self._queues[shape] = self._make_queue()
-            start, stop = self._spans[job_id] = self._span_of(payload)
-            self._steps_left[job_id] = stop - start
-            running = self._running[job_id] = asyncio.ensure_future(queue((job_id, payload)))
-            running.add_done_callback(lambda _: self._left(job_id))
-            self.metrics.queue_depth(len(self._running))
+                queue = self._queues[(stage, key)] = self._make_queue(stage)
+            self._spans[(job_id, stage)] = span
+            self._steps_left[(job_id, stage)] = span[1] - span[0]
+            running = self._running[(job_id, stage)] = asyncio.ensure_future(queue((job_id, payload)))
+            running.add_done_callback(lambda _: self._left(job_id, stage))
+            self._metrics(stage).queue_depth(len(self._running))
         result = await asyncio.shield(running)
-        if isinstance(result, BaseException):  # this job alone failed (see load_each)
+        if isinstance(result, BaseException):  # this job alone failed
             raise result
         return result
 
-    def _left(self, job_id: str) -> None:
-        self._running.pop(job_id, None)
-        self._steps_left.pop(job_id, None)
-        self._spans.pop(job_id, None)
-        self.metrics.queue_depth(len(self._running))
+    def _left(self, job_id: str, stage: str) -> None:
+        for calls in (self._running, self._steps_left, self._spans):
+            calls.pop((job_id, stage), None)
+        self._metrics(stage).queue_depth(len(self._running))
 
     def _measured(self, seconds_per_job_step: float) -> None:
         """Seconds per job-step, smoothed over recent batches (a step's cost drifts with shapes and batch sizes)."""
@@ -221,48 +179,50 @@ class StageRunner:
         return {"queued_steps": steps, "step_s": step_s, "queued_work_s": steps * step_s,
                 "jobs": float(len(self._steps_left))}
 
-    def _make_queue(self) -> Callable:
+    def _make_queue(self, stage: str) -> Callable:
         async def run_batch(items: list[tuple[str, Any]]) -> list[Any]:
-            return await self._run_batch(items)
+            return await self._run_batch(stage, items)
 
         return serve.batch(
             max_batch_size=self._batching.max_batch_size, batch_wait_timeout_s=self._batching.batch_wait_timeout_s
         )(run_batch)
 
-    async def _run_batch(self, items: list[tuple[str, Any]]) -> list[StageDone | Cancelled | BaseException]:
+    async def _run_batch(self, stage: str, items: list[tuple[str, Any]]) -> list[StepDone | Cancelled | BaseException]:
         job_ids = [job_id for job_id, _ in items]
+        metrics = self._metrics(stage)
         async with self.device:
             already = await asyncio.to_thread(self._reporter.watch, job_ids)
             todo = [i for i, job_id in enumerate(job_ids) if job_id not in already]
-            results: list[StageDone | Cancelled | BaseException] = [Cancelled(0)] * len(items)
-            batch_id = f"{self.stage}-{os.getpid()}-{next(self._batch_ids)}"
+            results: list[StepDone | Cancelled | BaseException] = [Cancelled(0)] * len(items)
+            batch_id = f"{stage}-{os.getpid()}-{next(self._batch_ids)}"
             start = time.time()
             try:
                 if todo:
-                    self.batches.append({"id": batch_id, "size": len(todo), "jobs": [job_ids[i] for i in todo]})
                     todo_ids = [job_ids[i] for i in todo]
+                    self.batches.append({"id": batch_id, "stage": stage, "size": len(todo), "jobs": todo_ids})
                     last_step = dict.fromkeys(todo_ids, time.monotonic())  # each job's last step boundary
                     stepped = [False]
 
                     def on_step(index: int, steps_done: int, num_steps: int) -> bool:
                         job_id, now = todo_ids[index], time.monotonic()
-                        stepping = sum(1 for j in todo_ids if self._steps_left.get(j, 0) > 0) or 1
-                        if job_id in self._steps_left:
-                            start, stop = self._spans[job_id]
-                            self._steps_left[job_id] = max(0, stop - max(start, steps_done))
-                        self.metrics.step(now - last_step[job_id])
+                        stepping = sum(1 for j in todo_ids if self._steps_left.get((j, stage), 0) > 0) or 1
+                        if (job_id, stage) in self._steps_left:
+                            first, stop = self._spans[(job_id, stage)]
+                            self._steps_left[(job_id, stage)] = max(0, stop - max(first, steps_done))
+                        metrics.step(now - last_step[job_id])
                         self._measured((now - last_step[job_id]) / stepping)
                         last_step[job_id], stepped[0] = now, True
                         return self._reporter.step(job_id, steps_done)
 
-                    outputs = await asyncio.to_thread(self._compute, todo_ids, [items[i][1] for i in todo], on_step)
+                    outputs = await asyncio.to_thread(self._compute, stage, todo_ids, [items[i][1] for i in todo],
+                                                      on_step)
                     end = time.time()
-                    self.metrics.batch(len(todo), end - start)
+                    metrics.batch(len(todo), end - start)
                     if not stepped[0]:  # encode and decode: the call is the step
-                        self.metrics.step(end - start)
+                        metrics.step(end - start)
                         self._measured((end - start) / len(todo))
                     for i, output in zip(todo, outputs):
-                        results[i] = output if isinstance(output, Cancelled | BaseException) else StageDone(
+                        results[i] = output if isinstance(output, Cancelled | BaseException) else StepDone(
                             start=start, end=end, batch_id=batch_id, batch_size=len(todo), **(output or {}))
             finally:
                 await asyncio.to_thread(self._reporter.done, job_ids)
@@ -271,6 +231,5 @@ class StageRunner:
     def stats(self) -> dict:
         from deployments.telemetry import gpu_telemetry
 
-        return {"stage": self.stage, "pid": os.getpid(), "batches": list(self.batches),
-                "running": sorted(self._running), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "gpus": gpu_telemetry()}
+        return {"pid": os.getpid(), "batches": list(self.batches), "running": sorted(j for j, _ in self._running),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "gpus": gpu_telemetry()}

@@ -8,13 +8,12 @@ overrides last). Every field carries a description, so the Serve YAML's `args:` 
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from serve.engine import EngineConfig
+from serve.config import EngineConfig
+from serve.jobs.config import JobsConfig
 from serve.models import PRESETS
 from serve.request import RequestLimits
 from serve.parallel import ParallelConfig  # degrees and attention backend of a stage's worker group (validated there)
@@ -105,9 +104,13 @@ class DeploymentConfig(_Config):
 
 
 class StageConfig(DeploymentConfig):
-    """A pipeline stage: a deployment that runs engine calls over batches of requests."""
+    """A deployment of pipeline stages (deployments/stage.py): engine calls over batches of requests."""
 
     batching: Batching = Field(default_factory=Batching, description="Batching of same-shape requests.")
+
+    def stage_options(self) -> dict:
+        """What its stages' `load` takes from this config (serve/pipeline/stage.py)."""
+        return {}
 
     @model_validator(mode="after")
     def _room_for_a_batch(self) -> StageConfig:
@@ -123,6 +126,9 @@ class EncoderConfig(StageConfig):
     cache_size: int = Field(
         1024, ge=0, description="Prompt embeddings kept, keyed by (prompt, negative_prompt, guidance on); 0 disables."
     )
+
+    def stage_options(self) -> dict:
+        return {"cache_size": self.cache_size}
 
 
 class DenoiserConfig(StageConfig):
@@ -185,57 +191,11 @@ class OrchestratorConfig(ServiceConfig):
         256, ge=1, description="Jobs one orchestrator replica drives at once (the stages' queues do the pacing).")
 
 
-def default_data_dir() -> str:
-    return os.environ.get("SRD_DATA_DIR") or str(Path("~/.local/share/srd").expanduser())
-
-
-class JobsConfig(_Config):
-    """Where jobs and their files live, and how faults are survived. Every replica opens the store and the results
-    location itself: no actor holds job state, so any replica may die without losing a job."""
-
-    data_dir: str = Field(default_factory=default_data_dir,
-                          description="Directory of the embedded store and the default results location "
-                          "($SRD_DATA_DIR, else ~/.local/share/srd).")
-    store_url: str | None = Field(
-        None, description="SQLAlchemy URL of the job store. Default: an SQLite file in `data_dir` (one node); for "
-        "a cluster a server database, e.g. postgresql+psycopg://user@host:5432/srd.")
-    store_table: str = Field("srd_jobs", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
-                             description="Table of the job records.")
-    results_url: str | None = Field(
-        None, description="Where videos, previews, latents and hand-off checkpoints go: a directory or an fsspec "
-        "URL (s3://bucket/srd for a cluster). Default: `data_dir`/results.")
-    max_attempts: int = Field(3, ge=1, description="Attempts per stage before the job fails.")
-    lease_s: float = Field(30.0, gt=0, description="An orchestrator's hold on a job; once it expires (its holder "
-                                                   "died), another replica takes the job over.")
-    poll_interval_s: float = Field(0.2, gt=0, description="How often an orchestrator looks for jobs to drive.")
-    progress_interval_s: float = Field(
-        0.1, gt=0, description="How often a stage replica writes step progress and reads cancel flags, off the "
-        "denoising thread (a step never waits on the store): a cancel stops the job at the first step boundary "
-        "after the next read, i.e. within one step wherever a step takes longer than this.")
-    max_unfinished_jobs: int = Field(1000, ge=1, description="Queued plus running jobs; beyond it POST /v1/videos "
-                                                             "answers 429 with Retry-After.")
-    retry_after_s: int = Field(30, ge=1, description="Retry-After of a 429.")
-
-    @field_validator("data_dir")
-    @classmethod
-    def _absolute(cls, value: str) -> str:  # resolved where the config is made, so every replica agrees
-        return str(Path(value).expanduser().absolute())
-
-    @property
-    def store(self) -> str:
-        from serve.job_store import default_store_url
-
-        return self.store_url or default_store_url(self.data_dir)
-
-    @property
-    def results(self) -> str:
-        return self.results_url or str(Path(self.data_dir) / "results")
-
-
 class LimitsConfig(_Config):
     """Per-request limits; unset fields keep the preset's (serve/models.py)."""
 
-    max_tokens_per_video: int | None = Field(None, ge=1, description="((frames-1)//4+1)*(height/16)*(width/16).")
+    max_tokens_per_video: int | None = Field(None, ge=1, description="Tokens of a video: the transformer's sequence "
+                                             "length, ((frames-1)//4+1)*(height/16)*(width/16) for Wan.")
     max_steps: int | None = Field(None, ge=1, description="Most `num_inference_steps`.")
     max_prompt_chars: int | None = Field(None, ge=1, description="Longest prompt (and negative prompt).")
     max_body_bytes: int | None = Field(None, ge=1024, description="Largest request body; beyond it 413.")
@@ -278,11 +238,17 @@ class AppConfig(_Config):
     def request_limits(self) -> RequestLimits:
         return self.limits.over(PRESETS[self.engine.preset].limits)
 
+    def stage_config(self, deployment: str) -> StageConfig:
+        """A stage deployment's config, by the deployment's name (Encoder: `encoder`); a deployment this config has
+        no field for runs with StageConfig's defaults."""
+        config = getattr(self, deployment.lower(), None)
+        return config if isinstance(config, StageConfig) else StageConfig()
+
     @model_validator(mode="after")
     def _cross_checks(self) -> AppConfig:
         if self.engine.device.startswith("cuda"):
-            for name in ("encoder", "sketcher", "renderer", "decoder"):
-                if getattr(self, name).resources.num_gpus <= 0:
+            for name in type(self).model_fields:
+                if isinstance(getattr(self, name), StageConfig) and getattr(self, name).resources.num_gpus <= 0:
                     raise ValueError(
                         f"`{name}.resources.num_gpus` is 0 but `engine.device` is {self.engine.device!r}: "
                         "a replica without a GPU reservation sees no CUDA device"

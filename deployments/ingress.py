@@ -1,10 +1,9 @@
-"""Ingress deployment: the HTTP job API (FastAPI through Serve, shaped as OpenAI's Video API) and the same operations
-for deployment handles.
+"""The job API: OpenAI's Video API over HTTP (FastAPI) and the same operations for deployment handles.
 
     POST   /v1/videos                      create a job (JSON, or multipart/form-data as the openai SDK sends it);
                                            the job is in the store before this answers
     GET    /v1/videos                      list jobs, newest first (`limit`, `after`, `order`)
-    GET    /v1/videos/{id}                 status, progress, stage, switch_step, per-stage attempts and timings, error
+    GET    /v1/videos/{id}                 status, progress, stage, segments, per-step attempts and timings, error
     GET    /v1/videos/{id}/content         the mp4 (`variant=video`) or its first frame (`variant=thumbnail`, PNG)
     GET    /v1/videos/{id}/preview         PNG of the sketch's estimate of the first frame, once sketching is done
     GET    /v1/videos/{id}/latents         final latents as .npy (float32 [1, C, F', H', W']), once completed
@@ -15,9 +14,12 @@ for deployment handles.
     GET    /healthz                        200 only when the store answers and every deployment is running
 
 A request flows: validation (the shared VideoRequest schema, then `resolve` against the preset's defaults, then the
-app's limits) -> admission (a bound on unfinished jobs: 429 beyond it) -> a queued record in the job store. An
-orchestrator replica claims it from there. The ingress holds no state: it reads records from the store and streams
-files from the results location.
+app's limits and the model family's own checks) -> admission (a bound on unfinished jobs: 429 beyond it) -> a
+queued record in the job store. The drive loop (serve/jobs/drive.py) claims it from there. Nothing here holds
+state: records come from the store, files stream from the results location.
+
+`VideoService` is a plain class (tested with FastAPI's TestClient, no Ray) and `make_api` its HTTP routes; the app
+builder makes `Ingress`, which adds only the app's deployment health, a Serve ingress.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the route signatures, and FastAPI must see the real
@@ -27,27 +29,25 @@ import hashlib
 import hmac
 import io
 import json
-import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from ray import serve
 
 from deployments.api import Video, VideoDeleted, VideoList, VideoResult, error_body
 from deployments.config import AppConfig
-from serve import jobs
-from serve.checkpoint import latents_from_bytes
-from serve.job_store import JobStore
+from serve.jobs import state
+from serve.jobs.results import ResultStore
+from serve.jobs.store import JobStore
+from serve.pipeline.artifacts import LATENTS, PREVIEW, THUMBNAIL, VIDEO
 from serve.request import InvalidRequest, VideoRequest
-from serve.results import LATENTS, PREVIEW, THUMBNAIL, VIDEO, ResultStore
 
-logger = logging.getLogger("ray.serve")
 SSE_POLL_S = 0.25
 SSE_KEEPALIVE_S = 15.0
 
@@ -65,30 +65,6 @@ class ApiError(Exception):
         return ApiError, (self.status, self.message, self.param, self.code, self.headers, self.location)
 
 
-api = FastAPI(
-    title="srd: sketch/render video diffusion",
-    description="Asynchronous video jobs in the shape of OpenAI's /v1/videos API: a large model sketches the first "
-    "denoising steps, a small model renders the rest. A cancelled job reads `status: failed` with "
-    "`error.code: cancelled`.",
-)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, error: ApiError) -> JSONResponse:
-    return JSONResponse(status_code=error.status,
-                        content=error_body(error.message, error.param, error.code, error.location),
-                        headers=error.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _query_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    first = error.errors()[0]
-    param = str(first["loc"][-1]) if first.get("loc") else None
-    location = str(first["loc"][0]) if len(first.get("loc") or ()) > 1 else "body"
-    return JSONResponse(status_code=422, content=error_body(f"invalid {param}: {first['msg']}", param,
-                                                            location=location))
-
-
 def validation_error(error: ValidationError) -> ApiError:
     first = error.errors()[0]
     param = ".".join(str(x) for x in first["loc"]) or None
@@ -100,29 +76,21 @@ def _token_owner(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
-def _unhealthy_deployments() -> list[str]:
-    """Deployments of this app that are not running, each with the reason Serve gives (one line)."""
-    try:
-        app_name = serve.get_replica_context().app_name
-        status = serve.status().applications[app_name]
-    except Exception as e:  # the controller does not answer
-        return [f"serve: {type(e).__name__}: {e}"]
-    problems = []
-    for name, deployment in status.deployments.items():
-        if str(deployment.status.value) not in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
-            message = (deployment.message or "").strip().splitlines()
-            problems.append(f"{name}: {deployment.status.value}" + (f": {message[-1]}" if message else ""))
-    return problems
+class VideoService:
+    """The job operations: validation, admission, auth, the job store and the results location. Its `submit`,
+    `generate`, `status`, `result` and `cancel` are the handle API (no auth); `make_api` serves it over HTTP.
 
+    `problems()` names what keeps the app from serving besides the store (the Serve ingress: deployments that are
+    not running)."""
 
-@serve.ingress(api)
-class Ingress:
-    def __init__(self, orchestrator, config: AppConfig):
-        self._orchestrator = orchestrator  # bound so that the app deploys it; jobs reach it through the store
+    def __init__(self, config: AppConfig, problems: Callable[[], list[str]] = list):
         self._config = config
         self._defaults = config.engine.defaults
-        self._family = config.engine.family()  # its check_request refuses what the stages could not run
+        family = config.engine.family()
+        self._family = family  # its check_request refuses what the stages could not run
+        self._spec = family.latent_spec(config.engine.models().sketch)
         self._limits = config.request_limits
+        self._problems = problems
         self._store = JobStore(config.jobs.store, config.jobs.store_table)
         self._results = ResultStore(config.jobs.results)
         tokens = [t.get_secret_value() for t in config.auth.tokens]
@@ -138,7 +106,7 @@ class Ingress:
             if not isinstance(request, VideoRequest):
                 request = VideoRequest.model_validate(request)
             params = request.resolve(self._defaults)
-            self._limits.check(params, request.model_fields_set)
+            self._limits.check(params, self._spec, request.model_fields_set)
             self._family.check_request(params)
         except ValidationError as e:
             raise validation_error(e) from None
@@ -151,7 +119,7 @@ class Ingress:
             retry = self._config.jobs.retry_after_s
             raise ApiError(429, f"{self._config.jobs.max_unfinished_jobs} jobs are queued or running; retry in "
                                 f"{retry} s", None, "rate_limit_exceeded", headers={"Retry-After": str(retry)})
-        job = jobs.new_job(params.to_dict(), self._config.served_model, owner)
+        job = state.new_job(params.to_dict(), self._config.served_model, owner)
         await asyncio.to_thread(self._store.create, job)
         return Video.of(job)
 
@@ -171,125 +139,19 @@ class Ingress:
         video = await self.status(job_id)
         if video is None:
             return None
-        files = {name: await asyncio.to_thread(self._results.get, job_id, name)
-                 for name in (VIDEO, LATENTS, PREVIEW, THUMBNAIL)}
-        latents = None if files[LATENTS] is None else latents_from_bytes(files[LATENTS])
+        files = {artifact: await asyncio.to_thread(self._results.get, job_id, artifact.file)
+                 for artifact in (VIDEO, LATENTS, PREVIEW, THUMBNAIL)}
         completed = video.status == "completed"
-        return VideoResult(video, files[VIDEO] if completed else None, latents if completed else None,
-                           files[PREVIEW], files[THUMBNAIL])
+        latents = LATENTS.decode(files[LATENTS]) if completed and files[LATENTS] is not None else None
+        return VideoResult(video, files[VIDEO] if completed else None, latents, files[PREVIEW], files[THUMBNAIL])
 
     async def cancel(self, job_id: str) -> Video | None:
-        job = await asyncio.to_thread(self._store.update, job_id, jobs.request_cancel)
+        job = await asyncio.to_thread(self._store.update, job_id, state.request_cancel)
         return None if job is None else Video.of(job)
 
-    # -- HTTP -------------------------------------------------------------------------------------------------
+    # -- what the HTTP routes add -------------------------------------------------------------------------------
 
-    @api.post("/v1/videos", response_model=Video, summary="Create a video job", openapi_extra={
-        "requestBody": {"required": True, "content": {
-            "application/json": {"schema": VideoRequest.model_json_schema()},
-            "multipart/form-data": {"schema": VideoRequest.model_json_schema()},
-        }},
-    }, responses={413: {"description": "Body too large"}, 422: {"description": "A field is invalid (`param`)"},
-                  429: {"description": "Too many unfinished jobs (Retry-After)"}})
-    async def create_video(self, request: Request) -> Video:
-        owner = self._authorize(request)
-        return await self.submit(await self._read_request(request), owner)
-
-    @api.get("/v1/videos", response_model=VideoList, summary="List video jobs")
-    async def list_videos(self, request: Request, limit: int = Query(20, ge=1, le=100),
-                          after: str | None = Query(None, description="The last id of the previous page."),
-                          order: Literal["asc", "desc"] = Query("desc", description="By creation time.")
-                          ) -> VideoList:
-        owner = self._authorize(request)
-        if after is not None:
-            anchor = await asyncio.to_thread(self._store.get, after)
-            if anchor is None or not self._visible(anchor, owner):
-                raise ApiError(404, f"invalid after: no video job with id {after!r}", "after", "not_found",
-                               location="query")
-        owner_filter = owner if self._tokens else None
-        records, has_more = await asyncio.to_thread(self._store.list, owner_filter, limit, after, order)
-        data = [Video.of(r) for r in records]
-        return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
-                         has_more=has_more)
-
-    @api.get("/v1/videos/{job_id}", response_model=Video, summary="A job's status")
-    async def get_video(self, job_id: str, request: Request) -> Video:
-        return Video.of(await self._job(job_id, request))
-
-    @api.get("/v1/videos/{job_id}/content", response_class=Response, summary="The mp4, or its first frame",
-             responses={200: {"content": {"video/mp4": {}, "image/png": {}}}, 409: {"description": "Not completed"}})
-    async def get_content(self, job_id: str, request: Request,
-                          variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> StreamingResponse:
-        job = await self._completed(job_id, request, "content")
-        if variant == "spritesheet":
-            raise ApiError(400, "invalid variant: spritesheet is not produced here; use video or thumbnail",
-                           "variant", location="query")
-        name, media = (VIDEO, "video/mp4") if variant == "video" else (THUMBNAIL, "image/png")
-        return await self._stream(job.id, name, media)
-
-    @api.get("/v1/videos/{job_id}/preview", response_class=Response, summary="Preview image after sketching",
-             responses={200: {"content": {"image/png": {}}}, 409: {"description": "Sketching not done"}})
-    async def get_preview(self, job_id: str, request: Request) -> StreamingResponse:
-        job = await self._job(job_id, request)
-        if not job.preview_ready:
-            raise ApiError(409, f"video job {job_id!r} has no preview yet (status {job.status}, stage {job.stage}): "
-                                "a preview exists once sketching has finished", None, "not_ready")
-        return await self._stream(job.id, PREVIEW, "image/png")
-
-    @api.get("/v1/videos/{job_id}/latents", response_class=Response, summary="Final latents (.npy)",
-             responses={200: {"content": {"application/octet-stream": {}}}, 409: {"description": "Not completed"}})
-    async def get_latents(self, job_id: str, request: Request) -> Response:
-        job = await self._completed(job_id, request, "latents")
-        data = await asyncio.to_thread(self._results.get, job.id, LATENTS)
-        buffer = io.BytesIO()
-        np.save(buffer, latents_from_bytes(data).numpy())
-        return Response(buffer.getvalue(), media_type="application/octet-stream")
-
-    @api.get("/v1/videos/{job_id}/events", summary="Server-sent events until the job is finished",
-             responses={200: {"content": {"text/event-stream": {}}}})
-    async def get_events(self, job_id: str, request: Request) -> StreamingResponse:
-        await self._job(job_id, request)
-        return StreamingResponse(self._events(job_id), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
-    @api.post("/v1/videos/{job_id}/cancel", response_model=Video, summary="Cancel a job")
-    async def cancel_video(self, job_id: str, request: Request) -> Video:
-        job = await self._job(job_id, request)
-        if job.terminal:
-            raise ApiError(409, f"video job {job_id!r} is already {job.status}", None, "already_finished")
-        return await self.cancel(job_id)
-
-    @api.delete("/v1/videos/{job_id}", response_model=VideoDeleted, summary="Delete a finished job and its files")
-    async def delete_video(self, job_id: str, request: Request) -> VideoDeleted:
-        job = await self._job(job_id, request)
-        if not job.terminal:
-            raise ApiError(409, f"video job {job_id!r} is {job.status}: cancel it first "
-                                f"(POST /v1/videos/{job_id}/cancel), then delete it", None, "not_finished")
-        await asyncio.to_thread(self._results.delete, job_id)
-        await asyncio.to_thread(self._store.delete, job_id)
-        return VideoDeleted(id=job_id)
-
-    @api.get("/v1/models", summary="The served model")
-    async def list_models(self, request: Request) -> dict:
-        self._authorize(request)
-        return {"object": "list", "data": [{"id": self._config.served_model, "object": "model", "created": 0,
-                                            "owned_by": "srd"}]}
-
-    @api.get("/healthz", summary="200 when the job store answers and every deployment of the app is running")
-    async def healthz(self) -> JSONResponse:
-        problems = []
-        try:
-            await asyncio.to_thread(self._store.count_unfinished)
-        except Exception as e:
-            problems.append(f"job store: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        problems += await asyncio.to_thread(_unhealthy_deployments)
-        if problems:
-            return JSONResponse(status_code=503, content={"status": "unavailable", "problems": problems})
-        return JSONResponse({"status": "ok"})
-
-    # -- helpers ----------------------------------------------------------------------------------------------
-
-    def _authorize(self, request: Request) -> str | None:
+    def authorize(self, request: Request) -> str | None:
         """The caller's owner id (a hash of its token) when auth is on; 401 without a valid bearer token."""
         if not self._tokens:
             return None
@@ -303,31 +165,71 @@ class Ingress:
                            "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         return _token_owner(token.strip())
 
-    def _visible(self, job: jobs.JobRecord, owner: str | None) -> bool:
+    def _visible(self, job: state.JobRecord, owner: str | None) -> bool:
         return not self._tokens or job.owner == owner
 
-    async def _job(self, job_id: str, request: Request) -> jobs.JobRecord:
-        owner = self._authorize(request)
+    async def job(self, job_id: str, request: Request) -> state.JobRecord:
+        owner = self.authorize(request)
         job = await asyncio.to_thread(self._store.get, job_id)
         if job is None or not self._visible(job, owner):  # another token's job is as good as absent
             raise ApiError(404, f"no video job with id {job_id!r}", None, "not_found")
         return job
 
-    async def _completed(self, job_id: str, request: Request, what: str) -> jobs.JobRecord:
-        job = await self._job(job_id, request)
+    async def completed(self, job_id: str, request: Request, what: str) -> state.JobRecord:
+        job = await self.job(job_id, request)
         if job.status != "completed":
             raise ApiError(409, f"video job {job_id!r} is {Video.of(job).status} (progress {job.progress}%): its "
                                 f"{what} is available once it is completed", None, "not_ready")
         return job
 
-    async def _stream(self, job_id: str, name: str, media_type: str) -> StreamingResponse:
-        size = await asyncio.to_thread(self._results.size, job_id, name)
+    async def list_jobs(self, request: Request, limit: int, after: str | None, order: str) -> VideoList:
+        owner = self.authorize(request)
+        if after is not None:
+            anchor = await asyncio.to_thread(self._store.get, after)
+            if anchor is None or not self._visible(anchor, owner):
+                raise ApiError(404, f"invalid after: no video job with id {after!r}", "after", "not_found",
+                               location="query")
+        owner_filter = owner if self._tokens else None
+        records, has_more = await asyncio.to_thread(self._store.list, owner_filter, limit, after, order)
+        data = [Video.of(r) for r in records]
+        return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                         has_more=has_more)
+
+    async def delete(self, job_id: str, request: Request) -> VideoDeleted:
+        job = await self.job(job_id, request)
+        if not job.terminal:
+            raise ApiError(409, f"video job {job_id!r} is {job.status}: cancel it first "
+                                f"(POST /v1/videos/{job_id}/cancel), then delete it", None, "not_finished")
+        await asyncio.to_thread(self._results.delete, job_id)
+        await asyncio.to_thread(self._store.delete, job_id)
+        return VideoDeleted(id=job_id)
+
+    async def stream(self, job_id: str, file: str, media_type: str) -> StreamingResponse:
+        size = await asyncio.to_thread(self._results.size, job_id, file)
         if size is None:
-            raise ApiError(404, f"video job {job_id!r} has no {name}", None, "not_found")
-        return StreamingResponse(self._results.iter_chunks(job_id, name), media_type=media_type,
+            raise ApiError(404, f"video job {job_id!r} has no {file}", None, "not_found")
+        return StreamingResponse(self._results.iter_chunks(job_id, file), media_type=media_type,
                                  headers={"Content-Length": str(size)})
 
-    async def _read_request(self, request: Request) -> dict:
+    async def latents_npy(self, job_id: str) -> bytes:
+        data = await asyncio.to_thread(self._results.get, job_id, LATENTS.file)
+        buffer = io.BytesIO()
+        np.save(buffer, LATENTS.decode(data).numpy())
+        return buffer.getvalue()
+
+    async def health(self) -> list[str]:
+        problems = []
+        try:
+            await asyncio.to_thread(self._store.count_unfinished)
+        except Exception as e:
+            problems.append(f"job store: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return problems + await asyncio.to_thread(self._problems)
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self._config.served_model, "object": "model", "created": 0,
+                                            "owned_by": "srd"}]}
+
+    async def read_request(self, request: Request) -> dict:
         """The create body as a dict: JSON, or form fields (the openai SDK posts multipart/form-data)."""
         limit = self._limits.max_body_bytes
         declared = request.headers.get("content-length")
@@ -370,7 +272,7 @@ class Ingress:
                 raise ApiError(422, f"invalid {key}: not a valid field name (not valid Unicode)", key) from None
         return data
 
-    async def _events(self, job_id: str):
+    async def events(self, job_id: str):
         version, last_sent = -1, time.monotonic()
         while True:
             job = await asyncio.to_thread(self._store.get, job_id)
@@ -386,3 +288,136 @@ class Ingress:
                 return
             await asyncio.sleep(SSE_POLL_S)
 
+
+def make_api(service: VideoService) -> FastAPI:
+    """The HTTP routes over `service`."""
+    api = FastAPI(
+        title="srd: sketch/render video diffusion",
+        description="Asynchronous video jobs in the shape of OpenAI's /v1/videos API: a large model sketches the "
+        "first denoising steps, a small model renders the rest. A cancelled job reads `status: failed` with "
+        "`error.code: cancelled`.",
+    )
+
+    @api.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(status_code=error.status,
+                            content=error_body(error.message, error.param, error.code, error.location),
+                            headers=error.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def _query_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        param = str(first["loc"][-1]) if first.get("loc") else None
+        location = str(first["loc"][0]) if len(first.get("loc") or ()) > 1 else "body"
+        return JSONResponse(status_code=422, content=error_body(f"invalid {param}: {first['msg']}", param,
+                                                                location=location))
+
+    @api.post("/v1/videos", response_model=Video, summary="Create a video job", openapi_extra={
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": VideoRequest.model_json_schema()},
+            "multipart/form-data": {"schema": VideoRequest.model_json_schema()},
+        }},
+    }, responses={413: {"description": "Body too large"}, 422: {"description": "A field is invalid (`param`)"},
+                  429: {"description": "Too many unfinished jobs (Retry-After)"}})
+    async def create_video(request: Request) -> Video:
+        owner = service.authorize(request)
+        return await service.submit(await service.read_request(request), owner)
+
+    @api.get("/v1/videos", response_model=VideoList, summary="List video jobs")
+    async def list_videos(request: Request, limit: int = Query(20, ge=1, le=100),
+                          after: str | None = Query(None, description="The last id of the previous page."),
+                          order: Literal["asc", "desc"] = Query("desc", description="By creation time.")
+                          ) -> VideoList:
+        return await service.list_jobs(request, limit, after, order)
+
+    @api.get("/v1/videos/{job_id}", response_model=Video, summary="A job's status")
+    async def get_video(job_id: str, request: Request) -> Video:
+        return Video.of(await service.job(job_id, request))
+
+    @api.get("/v1/videos/{job_id}/content", response_class=Response, summary="The mp4, or its first frame",
+             responses={200: {"content": {"video/mp4": {}, "image/png": {}}}, 409: {"description": "Not completed"}})
+    async def get_content(job_id: str, request: Request,
+                          variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> StreamingResponse:
+        job = await service.completed(job_id, request, "content")
+        if variant == "spritesheet":
+            raise ApiError(400, "invalid variant: spritesheet is not produced here; use video or thumbnail",
+                           "variant", location="query")
+        artifact, media = (VIDEO, "video/mp4") if variant == "video" else (THUMBNAIL, "image/png")
+        return await service.stream(job.id, artifact.file, media)
+
+    @api.get("/v1/videos/{job_id}/preview", response_class=Response, summary="Preview image after sketching",
+             responses={200: {"content": {"image/png": {}}}, 409: {"description": "Sketching not done"}})
+    async def get_preview(job_id: str, request: Request) -> StreamingResponse:
+        job = await service.job(job_id, request)
+        if not job.finished("preview"):
+            raise ApiError(409, f"video job {job_id!r} has no preview yet (status {job.status}, stage {job.stage}): "
+                                "a preview exists once sketching has finished", None, "not_ready")
+        return await service.stream(job.id, PREVIEW.file, "image/png")
+
+    @api.get("/v1/videos/{job_id}/latents", response_class=Response, summary="Final latents (.npy)",
+             responses={200: {"content": {"application/octet-stream": {}}}, 409: {"description": "Not completed"}})
+    async def get_latents(job_id: str, request: Request) -> Response:
+        job = await service.completed(job_id, request, "latents")
+        return Response(await service.latents_npy(job.id), media_type="application/octet-stream")
+
+    @api.get("/v1/videos/{job_id}/events", summary="Server-sent events until the job is finished",
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def get_events(job_id: str, request: Request) -> StreamingResponse:
+        await service.job(job_id, request)
+        return StreamingResponse(service.events(job_id), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @api.post("/v1/videos/{job_id}/cancel", response_model=Video, summary="Cancel a job")
+    async def cancel_video(job_id: str, request: Request) -> Video:
+        job = await service.job(job_id, request)
+        if job.terminal:
+            raise ApiError(409, f"video job {job_id!r} is already {job.status}", None, "already_finished")
+        return await service.cancel(job_id)
+
+    @api.delete("/v1/videos/{job_id}", response_model=VideoDeleted, summary="Delete a finished job and its files")
+    async def delete_video(job_id: str, request: Request) -> VideoDeleted:
+        return await service.delete(job_id, request)
+
+    @api.get("/v1/models", summary="The served model")
+    async def list_models(request: Request) -> dict:
+        service.authorize(request)
+        return service.models()
+
+    @api.get("/healthz", summary="200 when the job store answers and every deployment of the app is running")
+    async def healthz() -> JSONResponse:
+        problems = await service.health()
+        if problems:
+            return JSONResponse(status_code=503, content={"status": "unavailable", "problems": problems})
+        return JSONResponse({"status": "ok"})
+
+    return api
+
+
+def _unhealthy_deployments() -> list[str]:
+    """Deployments of this Serve app that are not running, each with the reason Serve gives (one line)."""
+    from ray import serve
+
+    try:
+        app_name = serve.get_replica_context().app_name
+        status = serve.status().applications[app_name]
+    except Exception as e:  # the controller does not answer
+        return [f"serve: {type(e).__name__}: {e}"]
+    problems = []
+    for name, deployment in status.deployments.items():
+        if str(deployment.status.value) not in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
+            message = (deployment.message or "").strip().splitlines()
+            problems.append(f"{name}: {deployment.status.value}" + (f": {message[-1]}" if message else ""))
+    return problems
+
+
+class Ingress(VideoService):
+    """The Serve ingress (the builder wraps it in `serve.ingress()`): the service with the app's health, its
+    FastAPI app built on the replica. The orchestrator is bound so that the app deploys it; jobs reach it through
+    the store."""
+
+    def __init__(self, orchestrator, config: AppConfig):
+        super().__init__(config, problems=_unhealthy_deployments)
+        self._orchestrator = orchestrator
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(self)

@@ -127,27 +127,6 @@ class RayWorkerGroup(WorkerGroup):
             ray.kill(actor)
 
 
-def build_denoising_stage(stage_cls, role: str, engine_config, parallel_config: ParallelConfig):
-    """A replica's sketch or render stage: the model in this process, or spread over the placement group's ranks."""
-    if parallel_config.world_size == 1:
-        return stage_cls(engine_config)
-    return stage_cls(engine_config, denoiser=parallel_denoiser(engine_config, parallel_config, role))
-
-
 def parallel_denoiser(engine_config, parallel_config: ParallelConfig, role: str):
     """A stage's denoiser over a worker group on this replica's placement group (rank 0 in this process)."""
     return RemoteDenoiser(RayWorkerGroup(engine_config, parallel_config, role=role), engine_config.torch_dtype)
-
-
-def check_stage_health(stage) -> None:
-    """Raise if the stage's worker group (if it has one) has a dead or stuck rank: Serve then replaces the replica."""
-    group = getattr(stage.denoiser, "group", None)
-    if group is not None:
-        group.check_health()
-
-
-def shutdown_stage(stage) -> None:
-    """Tear down the stage's worker group (if it has one) on every rank."""
-    group = getattr(stage.denoiser, "group", None)
-    if group is not None:
-        group.shutdown()

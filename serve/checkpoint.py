@@ -101,8 +101,8 @@ def scheduler_from_bytes(data: bytes, device="cpu"):
 
 
 def handoff_to_bytes(handoff: Handoff) -> bytes:
-    """All the render stage needs to resume: latents, step index, sampler (and the family's `sampler_extra`
-    tensors), embeddings, request, rates, timings."""
+    """All the next segment needs to resume: latents, step index, segment, sampler (and the family's
+    `sampler_extra` tensors), embeddings, request, rates, timings."""
     scheduler_doc, tensors = _scheduler_state(handoff.scheduler, prefix="scheduler.")
     tensors["latents"] = handoff.latents
     tensors["embeds.prompt"] = handoff.embeds.prompt
@@ -115,6 +115,7 @@ def handoff_to_bytes(handoff: Handoff) -> bytes:
     doc = {
         "params": params_to_dict(handoff.params),
         "step_index": int(handoff.step_index),
+        "segment": int(handoff.segment),
         "rates": [float(r) for r in handoff.rates],
         "timings": {str(k): float(v) for k, v in handoff.timings.items()},
         "negative": handoff.embeds.negative is not None,
@@ -130,6 +131,7 @@ def handoff_from_bytes(data: bytes, device="cpu") -> Handoff:
     try:
         params = params_from_dict(doc["params"])
         step_index, rates, timings = int(doc["step_index"]), list(doc["rates"]), dict(doc["timings"])
+        segment = int(doc.get("segment", 1))  # hand-offs written before plans had more than two segments
         extra_names = list(doc.get("sampler_extra", []))
     except (KeyError, TypeError) as e:
         raise ValueError(f"hand-off checkpoint is malformed: {e!r}") from e
@@ -142,6 +144,7 @@ def handoff_from_bytes(data: bytes, device="cpu") -> Handoff:
         latents=_tensor(tensors, "latents", "handoff").to(device),
         step_index=step_index,
         scheduler=_restore_scheduler(doc.get("scheduler"), tensors, device),
+        segment=segment,
         rates=rates,
         timings=timings,
         sampler_extra={n: _tensor(tensors, f"sampler_extra.{n}", "handoff").to(device) for n in extra_names},

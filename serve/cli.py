@@ -43,6 +43,7 @@ def _toy_grammar() -> str:
 
 def _generate_parser(sub) -> None:
     from serve.models import PRESETS
+    from serve.switch import SWITCH_SYNTAX
     from toy import data
 
     epilog = (f"The toy preset (the default) was trained on one grammar only:\n  \"{data.PROMPT_TEMPLATE}\"\nwith\n  "
@@ -79,8 +80,9 @@ def _generate_parser(sub) -> None:
                    help=f"Flow shift of the UniPC sampler (default: {_preset_defaults('flow_shift')}).")
     p.add_argument("--seed", type=int, help="Seed of the initial noise, drawn as diffusers does (default: random, "
                                             "and printed).")
-    p.add_argument("--switch", help=f"When sketching hands over to rendering: step:K | ratio:R | "
-                                    f"adaptive:THR[:MIN:MAX] | boundary:R (default: {_preset_defaults('switch')}).")
+    p.add_argument("--switch", help=f"Which model denoises which steps: {SWITCH_SYNTAX}; step:A:B and ratio:RA:RB "
+                                    "sketch steps < A, render A..B-1 and sketch again from B (default: "
+                                    f"{_preset_defaults('switch')}).")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="Where the models run.")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="Weights and compute dtype.")
     p.add_argument("--vae-tiling", action="store_true", help="Decode in tiles (lower peak memory).")
@@ -118,23 +120,24 @@ def _plan_parser(sub) -> None:
                                                                                      "or 720x1280).")
     p.add_argument("--frames", type=int, default=81, help="Frames per video.")
     p.add_argument("--steps", type=int, default=50, help="Denoising steps N.")
-    p.add_argument("--switch", default="step:10", help="step:K or ratio:R (the adaptive and boundary policies "
-                                                       "decide K while running: give the K you expect).")
+    p.add_argument("--switch", default="step:10", help="step:K, step:A:B, ratio:R or ratio:RA:RB (the adaptive and "
+                                                       "boundary policies decide K while running: give the K you "
+                                                       "expect).")
     p.add_argument("--no-guidance", action="store_true", help="One forward per step instead of two (no CFG).")
     p.add_argument("--write-config", metavar="PATH", help="Write a Serve config YAML for this placement.")
 
 
 def plan_command(args) -> None:
-    import torch
-
+    from serve.models import PRESETS
     from serve.placement import CARDS, RESOLUTIONS, plan, serve_config
-    from serve.switch import parse_switch
+    from serve.request import VideoRequest
+    from serve.switch import make_plan
 
-    policy = parse_switch(args.switch)
-    if policy.kind not in ("step", "ratio"):
+    if args.switch.split(":")[0] not in ("step", "ratio"):
         raise ValueError(f"`--switch` {args.switch!r}: give step:K or ratio:R (K is only known while running)")
-    policy.check_steps(args.steps)
-    k = policy.tracker(torch.zeros(args.steps)).switch_step  # step:K or ratio:R over N steps
+    params = VideoRequest(prompt="-", num_inference_steps=args.steps, switch=args.switch).resolve(
+        PRESETS["wan2.1-t2v"].defaults)
+    k = sum(s.stop - s.start for s in make_plan(params).segments if s.role == "sketch")  # large-model steps
     height, width = RESOLUTIONS[args.resolution]
     placement = plan(args.gpus, CARDS[args.card], height, width, args.frames, args.steps, k, not args.no_guidance)
     print(f"{args.resolution} ({height}x{width}), {args.frames} frames, N={args.steps}, K={k}")
@@ -170,19 +173,14 @@ def warn_outside_toy_grammar(prompt: str, command: str = "generate") -> None:
               file=sys.stderr, flush=True)
 
 
-def _request_fields(args) -> dict:
-    names = ("prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
-             "guidance_scale_2", "flow_shift", "seed", "switch")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-
-
 def generate(args) -> None:
     from serve.models import PRESETS
     from serve.request import VideoRequest
 
     if bool(args.sketch) != bool(args.render):
         raise ValueError("--sketch and --render must be given together")
-    request = VideoRequest(**_request_fields(args))
+    request = VideoRequest(**{name: getattr(args, name) for name in VideoRequest.model_fields
+                              if getattr(args, name, None) is not None})
     # Every check on the request runs before diffusers is even imported, let alone any weights loaded.
     params = request.resolve(PRESETS[args.preset].defaults)
     for flag, path in (("--out", args.out), ("--save-latents", args.save_latents)):
@@ -194,7 +192,7 @@ def generate(args) -> None:
     from tqdm import tqdm
 
     from serve.engine import Engine, EngineConfig
-    from serve.video import encode_mp4
+    from serve.video import Clip
 
     diffusers_logging.disable_progress_bar()  # our own bars are per stage
     config = EngineConfig(preset=args.preset, sketch=args.sketch, render=args.render, device=args.device,
@@ -225,12 +223,19 @@ def generate(args) -> None:
     result = engine.generate(params, on_step=on_step)
     for bar in bars.values():
         bar.close()
-    Path(args.out).write_bytes(encode_mp4(result.frames, params.fps))
+    Path(args.out).write_bytes(Clip(result.frames, params.fps).mp4())
     if args.save_latents:
         torch.save(result.latents, args.save_latents)
     timing = " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
     print(f"wrote {args.out}: {params.num_frames} frames {params.width}x{params.height}, seed {params.seed}, "
-          f"switch {params.switch} -> sketched {result.switch_step}/{params.num_inference_steps} steps; {timing}")
+          f"switch {params.switch} -> {_segments(result.segments, params.num_inference_steps)}; {timing}")
+
+
+def _segments(segments, num_steps: int) -> str:
+    """"sketched K/N steps", or each segment's steps where the plan has more than two."""
+    if len(segments) <= 2:
+        return f"sketched {segments[0][2]}/{num_steps} steps"
+    return ", ".join(f"{name} steps {start}-{stop - 1}" for name, start, stop in segments if stop > start)
 
 
 def _generate_via_serve(args, request, params, config) -> None:
@@ -238,7 +243,7 @@ def _generate_via_serve(args, request, params, config) -> None:
     import torch
     from tqdm import tqdm
 
-    from deployments.app import generate_local
+    from deployments.local import generate_local
 
     bars = []  # made at the job's first update: nothing on the terminal but the error if the app fails to start
 
@@ -259,14 +264,15 @@ def _generate_via_serve(args, request, params, config) -> None:
     Path(args.out).write_bytes(result.video)
     if args.save_latents:
         torch.save(result.latents, args.save_latents)
-    timing = " ".join(f"{k}={v:.2f}s" for k, v in (getattr(job, "timings", None) or {}).items())
+    timing = " ".join(f"{k}={v:.2f}s" for k, v in job.timings.items())
+    segments = [(s.stage, s.start, s.stop) for s in job.segments]
     print(f"wrote {args.out}: {params.num_frames} frames {params.width}x{params.height}, seed {params.seed}, "
-          f"switch {params.switch} -> sketched {getattr(job, 'switch_step', '?')}/{params.num_inference_steps} steps "
+          f"switch {params.switch} -> {_segments(segments, params.num_inference_steps)} "
           f"(Serve app, job {job.id}); {timing}")
 
 
 def serve_command(args) -> None:
-    from deployments.app import run_local
+    from deployments.local import run_local
 
     run_local(config_path=args.config, preset=args.preset, host=args.host, port=args.port)
 
@@ -302,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"srd {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:
-        from deployments.app import AppStartError  # imported only when it can be what was raised
+        from deployments.local import AppStartError  # imported only when it can be what was raised
 
         if not isinstance(e, AppStartError):
             raise

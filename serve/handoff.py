@@ -1,10 +1,10 @@
-"""What the sketch stage hands the render stage.
+"""What one denoising segment hands the next (the HANDOFF artifacts of serve/pipeline/artifacts.py).
 
-Everything needed to resume denoising exactly where sketching stopped: the latent, the step index, the sampler
-(the diffusers scheduler object itself: UniPC is multistep, so its state includes earlier model outputs and the last
-sample; plus `sampler_extra`, the state a family's pipeline keeps outside its scheduler, e.g. CogVideoX's previous
-x0 and generator state), the prompt embeddings and the resolved request. Tensors live on the CPU so the hand-off pickles small and
-travels through Ray's object store or a file unchanged.
+Everything needed to resume denoising exactly where the previous segment stopped: the latent, the step index, which
+of the plan's segments continues it, the sampler (the diffusers scheduler object itself: UniPC is multistep, so its
+state includes earlier model outputs and the last sample; plus `sampler_extra`, the state a family's pipeline keeps
+outside its scheduler, e.g. CogVideoX's previous x0 and generator state), the prompt embeddings and the resolved
+request. Tensors live on the CPU, so a hand-off is bytes in a file (serve/checkpoint.py) that any process resumes.
 """
 
 from __future__ import annotations
@@ -51,16 +51,13 @@ class Handoff:
     params: GenerationParams
     embeds: PromptEmbeds
     latents: torch.Tensor  # float32, the sample after `step_index` steps, in the family's layout (LatentSpec)
-    step_index: int  # K: steps already taken; the render stage runs K..N-1
+    step_index: int  # steps already taken (K after the sketch): the next segment starts here
     scheduler: object  # the diffusers scheduler, mid-trajectory
+    segment: int = 1  # index in the request's plan (serve/switch.py) of the segment that continues the trajectory
     rates: list[float] = field(default_factory=list)  # adaptive policy's d_k values, for inspection
     timings: dict[str, float] = field(default_factory=dict)
-    # Sampler state the family's pipeline keeps outside the scheduler (stages.Sampler), tensors by name
+    # Sampler state the family's pipeline keeps outside the scheduler (denoise.Sampler), tensors by name
     sampler_extra: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def done(self) -> bool:
-        return self.step_index >= self.params.num_inference_steps
 
     @property
     def preview_latents(self) -> torch.Tensor:
@@ -74,7 +71,8 @@ class Handoff:
     def cpu(self) -> Handoff:
         return Handoff(
             params=self.params, embeds=self.embeds.to("cpu"), latents=self.latents.detach().cpu(),
-            step_index=self.step_index, scheduler=move_scheduler(self.scheduler, "cpu"), rates=list(self.rates),
+            step_index=self.step_index, scheduler=move_scheduler(self.scheduler, "cpu"), segment=self.segment,
+            rates=list(self.rates),
             timings=dict(self.timings),
             sampler_extra={k: v.detach().cpu() for k, v in self.sampler_extra.items()},
         )

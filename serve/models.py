@@ -13,6 +13,7 @@ target device and in the target dtype. Its cost equals the real weights'; its ou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass
@@ -41,6 +42,27 @@ class ModelPair:
     render: str
     render_subfolder: str | None = None
 
+    def transformer(self, role: str) -> tuple[str, str | None]:
+        """(source, subfolder) of a role's transformer: the sketch pipeline's own, or the render model's."""
+        if role == "sketch":
+            return self.sketch, None
+        if role == "render":
+            return self.render, self.render_subfolder
+        raise ValueError(f"a model role is sketch or render, not {role!r}")
+
+
+class ModelCache:
+    """Models loaded once per process and shared by the stages that use them (the decode and preview stages hold
+    the same VAE). One cache per Engine or stage replica, passed to each stage's `load`."""
+
+    def __init__(self):
+        self._models: dict[tuple, object] = {}
+
+    def get(self, key: tuple, load):
+        if key not in self._models:
+            self._models[key] = load()
+        return self._models[key]
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -52,6 +74,9 @@ class Preset:
     limits: RequestLimits  # what a served request may cost (the app config may override them)
     builder: str | None = None  # "module:function" returning the ModelPair, built offline and cached (tiny presets)
     summary: str = ""  # one line for `--help`
+    # The render transformer's subfolder in a render pipeline (None: "transformer"), also when the user gives the
+    # render pipeline's directory (EngineConfig.models)
+    render_subfolder: str | None = None
 
 
 WAN21_T2V = Preset(
@@ -71,13 +96,14 @@ WAN21_T2V = Preset(
 # sample_shift 12.0.
 WAN22_T2V_A14B = Preset(
     "wan2.2-t2v-a14b",
-    ModelPair("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", render_subfolder="transformer_2"),
+    ModelPair("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"),
     GenerationDefaults(
         width=1280, height=720, num_frames=81, num_inference_steps=40, guidance_scale=4.0, flow_shift=12.0,
         switch="boundary:0.875", guidance_scale_2=3.0,
     ),
     RequestLimits(max_tokens_per_video=75_600, max_steps=100),  # 720p/81 frames
     summary="Wan2.2-A14B's high-noise expert sketches, its low-noise expert renders; downloads, needs a GPU",
+    render_subfolder="transformer_2",
 )
 TINY_WAN22 = Preset(
     "tiny-wan2.2",
@@ -89,6 +115,7 @@ TINY_WAN22 = Preset(
     RequestLimits(max_tokens_per_video=4096, max_steps=100),
     builder="serve.tiny:ensure_tiny_wan22_models",
     summary="random weights in the Wan2.2 layout, built offline",
+    render_subfolder="transformer_2",
 )
 # CogVideoX-5B sketches, CogVideoX-2B renders (serve/families/cogvideox.py: the 5B pipeline owns the trajectory).
 # Defaults as CogVideoXPipeline's: 49 frames at 720x480, 50 steps, guidance 6, 8 fps; K = 10 of 50 projects 2.0x
@@ -145,10 +172,12 @@ PRESETS = {p.name: p for p in (WAN21_T2V, WAN22_T2V_A14B, COGVIDEOX, TOY, TINY, 
 
 
 def preset_models(preset: Preset) -> ModelPair:
-    if preset.models is not None:
-        return preset.models
-    module, _, function = preset.builder.partition(":")
-    return getattr(importlib.import_module(module), function)()
+    """The preset's model pair (a tiny preset's is built offline on first use), with its render subfolder."""
+    pair = preset.models
+    if pair is None:
+        module, _, function = preset.builder.partition(":")
+        pair = getattr(importlib.import_module(module), function)()
+    return dataclasses.replace(pair, render_subfolder=preset.render_subfolder)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -175,7 +204,7 @@ def _load(what: str, source: str, loader, **kwargs):
         raise ModelError(f"cannot load {what} from {source!r}: {e}{hint}") from e
 
 
-def _is_pipeline(source: str) -> bool:
+def is_pipeline(source: str) -> bool:
     path = Path(source)
     if path.is_dir():
         return (path / "model_index.json").is_file()
@@ -186,7 +215,7 @@ def _transformer_config(source: str, role: str, subfolder: str | None = None) ->
     """A transformer's config.json as a dict (any diffusers class: `load_config` only reads the file)."""
     from diffusers import WanTransformer3DModel
 
-    kwargs = {"subfolder": subfolder or "transformer"} if _is_pipeline(source) else {}
+    kwargs = {"subfolder": subfolder or "transformer"} if is_pipeline(source) else {}
     return _load(f"the {role} transformer config", source, WanTransformer3DModel.load_config, **kwargs)
 
 
@@ -254,7 +283,7 @@ def load_transformer(source: str, role: str, device: str, dtype: torch.dtype,
                          "diffusers model")
     if weights == "random-init":
         return random_init(cls, config, device, dtype)
-    kwargs = {"subfolder": subfolder or "transformer"} if _is_pipeline(source) else {}
+    kwargs = {"subfolder": subfolder or "transformer"} if is_pipeline(source) else {}
     model = _load(f"the {role} transformer", source, cls.from_pretrained, dtype=dtype, **kwargs)
     return model.to(device).eval().requires_grad_(False)
 

@@ -11,10 +11,14 @@ import math
 import secrets
 from collections.abc import Collection
 from dataclasses import MISSING, dataclass, fields
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.switch import SwitchPolicy, parse_switch
+from serve.switch import SWITCH_SYNTAX, SwitchPolicy, parse_switch
+
+if TYPE_CHECKING:
+    from serve.denoise import LatentSpec
 
 
 class InvalidRequest(ValueError):
@@ -44,16 +48,15 @@ class GenerationDefaults:
 class RequestLimits:
     """What one request may cost, checked before a job is created (per preset, overridable in the app config).
 
-    Tokens per video are the transformer's sequence length as Wan counts them, ((frames - 1) // 4 + 1) *
-    (height / 16) * (width / 16); attention's cost grows with its square, so with `max_steps` it bounds a request's
-    compute and memory."""
+    Tokens per video are the transformer's sequence length (the family's `LatentSpec.tokens`); attention's cost
+    grows with its square, so with `max_steps` it bounds a request's compute and memory."""
 
     max_tokens_per_video: int
     max_steps: int = 100
     max_prompt_chars: int = 2000
     max_body_bytes: int = 64 * 1024
 
-    def check(self, params: GenerationParams, given: Collection[str] = ()) -> None:
+    def check(self, params: GenerationParams, spec: LatentSpec, given: Collection[str] = ()) -> None:
         """Raise InvalidRequest naming the field that goes over a limit; `given` (the fields the caller set, e.g.
         `VideoRequest.model_fields_set`) picks the name the caller used for the frame size or length."""
         for name in ("prompt", "negative_prompt"):
@@ -63,19 +66,19 @@ class RequestLimits:
         if params.num_inference_steps > self.max_steps:
             raise InvalidRequest("num_inference_steps", f"`num_inference_steps` is {params.num_inference_steps}; "
                                                         f"at most {self.max_steps} are accepted")
-        tokens = tokens_per_video(params)
+        tokens = spec.tokens(params.num_frames, params.height, params.width)
         if tokens > self.max_tokens_per_video:
             raise InvalidRequest(
-                _token_field(params, given), f"a {params.width}x{params.height} video of {params.num_frames} frames "
-                f"is {tokens} tokens ((frames-1)//4+1)*(height/16)*(width/16); at most {self.max_tokens_per_video} "
-                "are accepted")
+                _token_field(params, spec, given), f"a {params.width}x{params.height} video of {params.num_frames} "
+                f"frames is {tokens} tokens; at most {self.max_tokens_per_video} are accepted")
 
 
-def _token_field(params: GenerationParams, given: Collection[str]) -> str:
+def _token_field(params: GenerationParams, spec: LatentSpec, given: Collection[str]) -> str:
     """The request field to blame for too many tokens: the larger factor (frame area in tokens, or latent frames),
     under the name the caller gave it (size, width or height; seconds or num_frames)."""
-    spatial = (params.height // 16) * (params.width // 16)
-    temporal = (params.num_frames - 1) // 4 + 1
+    frames, height, width = spec.grid(params.num_frames, params.height, params.width)
+    spatial = (height // spec.patch[1]) * (width // spec.patch[2])
+    temporal = frames // spec.patch[0]
     spatial_names = [n for n in ("size", "width", "height") if n in given]
     temporal_names = [n for n in ("seconds", "num_frames") if n in given]
     if "width" in spatial_names and "height" in spatial_names and params.height > params.width:
@@ -83,10 +86,6 @@ def _token_field(params: GenerationParams, given: Collection[str]) -> str:
     if temporal_names and (temporal > spatial or not spatial_names):
         return temporal_names[0]
     return spatial_names[0] if spatial_names else "size"
-
-
-def tokens_per_video(params: GenerationParams) -> int:
-    return ((params.num_frames - 1) // 4 + 1) * (params.height // 16) * (params.width // 16)
 
 
 def parse_size(value: str) -> tuple[int, int]:
@@ -143,7 +142,7 @@ class VideoRequest(BaseModel):
     flow_shift: float | None = Field(None, description="Flow-matching shift of the UniPC sampler.")
     seed: int | None = Field(None, description="Seed of the initial noise (diffusers' CPU generator); random if unset.")
     switch: str | None = Field(
-        None, description="When sketching hands over: step:K | ratio:R | adaptive:THR[:MIN:MAX] | boundary:R."
+        None, description=f"Which model denoises which steps: {SWITCH_SYNTAX} (README, \"Switch policies\")."
     )
     render_cache: float = Field(
         0.0, ge=0.0, le=1.0, description="Render step caching: a render step reuses the last transformer output "

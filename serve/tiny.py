@@ -102,7 +102,7 @@ def ensure_tiny_wan22_models() -> ModelPair:
     """The tiny-wan2.2 preset: one pipeline directory; its `transformer` sketches, its `transformer_2` renders."""
     root = ensure_built("tiny-wan2.2", lambda staging: build_tiny_pipeline(wan22=True)[0].save_pretrained(
         staging / "pipeline"))
-    return ModelPair(sketch=str(root / "pipeline"), render=str(root / "pipeline"), render_subfolder="transformer_2")
+    return ModelPair(sketch=str(root / "pipeline"), render=str(root / "pipeline"))
 
 
 def ensure_built(name: str, build) -> Path:

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -89,3 +90,14 @@ def read_mp4(data: bytes) -> np.ndarray:
 
     with av.open(io.BytesIO(data)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Decoded frames, uint8 [F, H, W, 3], and their rate: the VIDEO artifact's value (serve/pipeline/artifacts.py)."""
+
+    frames: np.ndarray
+    fps: int
+
+    def mp4(self) -> bytes:
+        return encode_mp4(self.frames, self.fps)

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from ray.serve.deployment import Application
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.app import app_builder, deployment_options, load_serve_config
+from deployments.app import app_builder, deployment_options
+from deployments.local import load_serve_config
 from deployments.config import AppConfig, SketcherConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "deployments" / "configs"

@@ -41,7 +41,7 @@ def test_family_served_end_to_end(preset, serve_http, tmp_path):
     from serve.engine import Engine, EngineConfig
     from serve.models import PRESETS
     from serve.request import VideoRequest
-    from serve.results import HANDOFF
+    from serve.jobs.results import HANDOFF
     from serve.video import read_mp4
 
     EngineConfig(preset=preset).models()  # build the tiny pair here once, before the replicas load it

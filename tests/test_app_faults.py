@@ -110,7 +110,7 @@ def app(request, serve_http, tiny_models, tmp_path_factory):
     PostgreSQL table is dropped."""
     from deployments.app import build_app
     from deployments.config import AppConfig
-    from serve.job_store import JobStore
+    from serve.jobs.store import JobStore
 
     backend = request.param
     data_dir = tmp_path_factory.mktemp(f"srd-faults-{backend}")
@@ -434,9 +434,9 @@ def test_a_missing_checkpoint_fails_only_its_own_job_in_a_batch(tmp_path, monkey
 
     from deployments.batching import MissingCheckpoint, StageDone, StageRunner, load_each, read_checkpoint
     from deployments.config import Batching, JobsConfig
-    from serve.job_store import JobStore
+    from serve.jobs.store import JobStore
     from serve.jobs import JobRecord
-    from serve.results import ResultStore
+    from serve.jobs.results import ResultStore
 
     config = JobsConfig(data_dir=str(tmp_path))
     store = JobStore(config.store, config.store_table)

@@ -1,6 +1,5 @@
 """Parts of the app that hold logic of their own, in-process (no Ray cluster): the stages' progress reporter against
-a real SQLite job store, and the encoder's embedding cache. The deployments working together are tested on a real
-local Ray in test_app*.py."""
+a real SQLite job store. The deployments working together are tested on a real local Ray in test_app*.py."""
 
 from __future__ import annotations
 
@@ -8,10 +7,9 @@ import sqlite3
 import time
 
 from deployments.batching import ProgressReporter
-from deployments.config import EncoderConfig, JobsConfig
-from deployments.encoder import Encoder, cache_key
-from serve import jobs
-from serve.job_store import JobStore
+from serve.jobs import state as jobs
+from serve.jobs.store import JobStore
+from serve.pipeline.stage import Step
 
 
 def wait_until(condition, timeout_s: float = 10.0) -> None:
@@ -23,7 +21,8 @@ def wait_until(condition, timeout_s: float = 10.0) -> None:
 
 def running_job(store: JobStore) -> jobs.JobRecord:
     job = store.create(jobs.new_job({"prompt": "x", "num_inference_steps": 10}, "tiny"))
-    return store.update(job.id, lambda j: jobs.start_stage(j, "sketch", time.time()))
+    return store.update(job.id, lambda j: jobs.start_step(j, Step("sketch", "sketch", (), (), "denoise", 0),
+                                                            time.time()))
 
 
 def test_steps_never_wait_on_the_store_and_cancel_reaches_them(tmp_path):
@@ -58,23 +57,3 @@ def test_a_batch_skips_jobs_cancelled_before_it_starts(tmp_path):
     store.update(cancelled.id, jobs.request_cancel)
     reporter = ProgressReporter(JobStore(store.url), interval_s=60)  # no help from the thread: watch() reads
     assert reporter.watch([live.id, cancelled.id]) == {cancelled.id}
-
-
-def test_encoder_cache_serves_repeated_prompts_and_evicts_least_recent(tiny_config, make_params, rel_err,
-                                                                       tmp_path):
-    encoder = Encoder(tiny_config, EncoderConfig(cache_size=2), JobsConfig(data_dir=str(tmp_path)))
-    cat, dog, owl = (make_params(prompt=p) for p in ("a cat", "a dog", "an owl"))
-    first = encoder.embed([cat, dog])
-    assert encoder._cache.misses == 2 and encoder._cache.hits == 0
-    again = encoder.embed([cat, cat])  # cached, and one lookup per distinct prompt
-    assert encoder._cache.hits == 1 and again[0] is first[0] and again[1] is first[0]
-    encoder.embed([owl])  # evicts "a dog", the least recently used
-    misses = encoder._cache.misses
-    encoder.embed([dog])
-    assert encoder._cache.misses == misses + 1
-    fresh = encoder._stage([cat])[0]
-    assert rel_err(first[0].prompt, fresh.prompt) <= 1e-5 and rel_err(first[0].negative, fresh.negative) <= 1e-5
-    # without guidance the negative prompt is not encoded, so it does not split the cache
-    unguided = make_params(prompt="a cat", guidance_scale=1.0)
-    assert cache_key(unguided) == cache_key(make_params(prompt="a cat", guidance_scale=1.0, negative_prompt="blur"))
-    assert cache_key(unguided) != cache_key(cat)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve.engine import RenderStage, SketchStage
-from serve.stages import Cancelled
+from serve.pipeline.segment import RenderStage, SketchStage
+from serve.denoise import Cancelled
 
 TOLERANCE = 1e-5
 
@@ -36,9 +36,9 @@ _unbatched: dict = {}
 def unbatched(engine, params):
     """One request alone through the engine's stages: its hand-off and final latents (computed once per request)."""
     if params not in _unbatched:
-        (embeds,) = engine.encoder([params])
-        (handoff,) = engine.sketcher([(params, embeds)])
-        (latents,) = engine.renderer([handoff])
+        (embeds,) = engine.stages["encode"]([params])
+        (handoff,) = engine.stages["sketch"]([(params, embeds)])
+        (latents,) = engine.stages["render"]([handoff])
         _unbatched[params] = handoff, latents
     return _unbatched[params]
 
@@ -48,16 +48,16 @@ def stages(request, engine, tiny_config):
     """The engine's own stages (all rows in one forward), or stages whose forwards take at most 2 rows of the
     8-token test latents, so a batch is split over several forwards."""
     if request.param is None:
-        return engine.sketcher, engine.renderer
+        return engine.stages["sketch"], engine.stages["render"]
     config = tiny_config.model_copy(update={"max_tokens_per_forward": request.param})
-    return SketchStage(config), RenderStage(config)
+    return SketchStage.load(config), RenderStage.load(config)
 
 
 @pytest.mark.parametrize("batch", ["requests", "mixed_shapes"])
 def test_batched_stages_equal_unbatched(engine, stages, rel_err, batch, request):
     batch = request.getfixturevalue(batch)
     sketcher, renderer = stages
-    embeds = engine.encoder(batch)  # one encoder call for the whole batch, too
+    embeds = engine.stages["encode"](batch)  # one encoder call for the whole batch, too
     handoffs = sketcher(list(zip(batch, embeds)))
     finals = renderer(handoffs)
 
@@ -71,19 +71,19 @@ def test_batched_stages_equal_unbatched(engine, stages, rel_err, batch, request)
 
 def test_requests_in_a_batch_differ(engine, requests, rel_err):
     """Guards the batching test: the rows really are different requests (seed, guidance, K all matter)."""
-    embeds = engine.encoder(requests)
-    finals = engine.renderer(engine.sketcher(list(zip(requests, embeds))))
+    embeds = engine.stages["encode"](requests)
+    finals = engine.stages["render"](engine.stages["sketch"](list(zip(requests, embeds))))
     for i in range(len(finals)):
         for j in range(i):
             assert rel_err(finals[i], finals[j]) > 1e-2
 
 
 def test_cancelling_one_request_leaves_the_others(engine, requests, rel_err):
-    embeds = engine.encoder(requests)
+    embeds = engine.stages["encode"](requests)
     stop_second_at_step_1 = lambda index, step, total: not (index == 1 and step == 1)  # noqa: E731
-    handoffs = engine.sketcher(list(zip(requests, embeds)), on_step=stop_second_at_step_1)
+    handoffs = engine.stages["sketch"](list(zip(requests, embeds)), on_step=stop_second_at_step_1)
     assert isinstance(handoffs[1], Cancelled) and handoffs[1].step_index == 1
     for i in (0, 2, 3):
         _, alone = unbatched(engine, requests[i])
-        (latents,) = engine.renderer([handoffs[i]])
+        (latents,) = engine.stages["render"]([handoffs[i]])
         assert rel_err(latents, alone) <= TOLERANCE

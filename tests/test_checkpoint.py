@@ -117,9 +117,9 @@ def sketched(engine, make_params):
         key = (switch, steps, guidance)
         if key not in cache:
             params = make_params(num_inference_steps=steps, switch=switch, seed=21, guidance_scale=guidance)
-            (embeds,) = engine.encoder([params])
-            (handoff,) = engine.sketcher([(params, embeds)])
-            (latents,) = engine.renderer([handoff])
+            (embeds,) = engine.stages["encode"]([params])
+            (handoff,) = engine.stages["sketch"]([(params, embeds)])
+            (latents,) = engine.stages["render"]([handoff])
             cache[key] = handoff, latents
         return cache[key]
 
@@ -143,7 +143,7 @@ def test_handoff_round_trip_is_exact_and_renders_the_same(engine, sketched, swit
     assert (handoff.embeds.negative is None) == (guidance <= 1.0)
     restored = handoff_from_bytes(handoff_to_bytes(handoff))
     assert_same_handoff(restored, handoff)
-    (again,) = engine.renderer([restored])
+    (again,) = engine.stages["render"]([restored])
     assert_same(again, rendered, "rendered latents")
 
 
@@ -182,10 +182,11 @@ import sys
 sys.modules["ray"] = None  # importing ray now fails: resuming a checkpoint must not need it
 from pathlib import Path
 from serve.checkpoint import handoff_from_bytes, latents_to_bytes
-from serve.engine import EngineConfig, RenderStage
+from serve.engine import EngineConfig
+from serve.pipeline.segment import RenderStage
 
 handoff = handoff_from_bytes(Path(sys.argv[1]).read_bytes())
-(latents,) = RenderStage(EngineConfig(preset="tiny"))([handoff])
+(latents,) = RenderStage.load(EngineConfig(preset="tiny"))([handoff])
 Path(sys.argv[2]).write_bytes(latents_to_bytes(latents))
 """
 

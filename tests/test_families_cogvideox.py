@@ -142,39 +142,39 @@ def test_dpm_scheduler_equals_pipeline_and_its_handoff_survives_checkpoint_bytes
     both travel in the hand-off's sampler_extra, through serve.checkpoint's bytes."""
     engine = Engine(EngineConfig(sketch=dpm_models.sketch, render=dpm_models.render))
     params = params_cog(num_inference_steps=5, switch="step:2", seed=5)
-    (embeds,) = engine.encoder([params])
-    (handoff,) = engine.sketcher([(params, embeds)])
+    (embeds,) = engine.stages["encode"]([params])
+    (handoff,) = engine.stages["sketch"]([(params, embeds)])
     assert type(handoff.scheduler).__name__ == "CogVideoXDPMScheduler"
     assert set(handoff.sampler_extra) == {"pred_original_sample", "generator_state"}
     restored = handoff_from_bytes(handoff_to_bytes(handoff))
     assert all(torch.equal(restored.sampler_extra[n], handoff.sampler_extra[n]) for n in handoff.sampler_extra)
-    (direct,) = engine.renderer([handoff])
-    (again,) = engine.renderer([restored])
+    (direct,) = engine.stages["render"]([handoff])
+    (again,) = engine.stages["render"]([restored])
     assert torch.equal(direct, again)
     assert rel_err(direct, oracle(params, 2, sketch_dir=dpm_models.sketch)) <= TOLERANCE
 
 
 def test_ddim_handoff_through_checkpoint_bytes_renders_identically(cog, params_cog):
     params = params_cog(switch="step:2", seed=6)
-    (embeds,) = cog.encoder([params])
-    (handoff,) = cog.sketcher([(params, embeds)])
-    (direct,) = cog.renderer([handoff])
-    (again,) = cog.renderer([handoff_from_bytes(handoff_to_bytes(handoff))])
+    (embeds,) = cog.stages["encode"]([params])
+    (handoff,) = cog.stages["sketch"]([(params, embeds)])
+    (direct,) = cog.stages["render"]([handoff])
+    (again,) = cog.stages["render"]([handoff_from_bytes(handoff_to_bytes(handoff))])
     assert torch.equal(direct, again)
 
 
 def test_decode_and_preview_use_the_sketch_pipelines_vae(cog, params_cog):
     params = params_cog(switch="step:2", seed=7)
-    assert cog.decoder.pipe.vae.config.scaling_factor == 0.7  # the sketch pipeline owns the latent space
-    (embeds,) = cog.encoder([params])
-    (handoff,) = cog.sketcher([(params, embeds)])
-    image = cog.decoder.preview(handoff)
+    assert cog.stages["decode"].pipe.vae.config.scaling_factor == 0.7  # the sketch pipeline owns the latent space
+    (embeds,) = cog.stages["encode"]([params])
+    (handoff,) = cog.stages["sketch"]([(params, embeds)])
+    image = cog.stages["preview"](handoff)
     assert image.dtype.name == "uint8" and image.shape == (32, 48, 3)
-    (latents,) = cog.renderer([handoff])
+    (latents,) = cog.stages["render"]([handoff])
     assert latents.shape[1] == 4  # [1, C, F', H', W'], the canonical layout the decoder takes
-    frames = cog.decoder(latents)
+    frames = cog.stages["decode"](latents)
     assert frames.dtype.name == "uint8" and frames.shape == (1, params.num_frames, 32, 48, 3)
-    pipe = cog.decoder.pipe  # diffusers' own decode takes the pipeline's [B, F', C, H', W']
+    pipe = cog.stages["decode"].pipe  # diffusers' own decode takes the pipeline's [B, F', C, H', W']
     with torch.no_grad():
         expected = pipe.video_processor.postprocess_video(pipe.decode_latents(latents.permute(0, 2, 1, 3, 4)), "np")
     expected = (np.asarray(expected) * 255).round().clip(0, 255).astype(np.int16)
@@ -227,7 +227,7 @@ def test_preset_defaults_are_the_pipelines():
 
 def test_plan_is_the_familys(cog, params_cog):
     plan = cog.plan(params_cog(num_inference_steps=10, switch=None))
-    assert plan.family == "cogvideox" and plan.switch_step == 2  # the preset's ratio:0.2 of 10
+    assert cog.config.family().name == "cogvideox" and plan.switch_step == 2  # the preset's ratio:0.2 of 10
     assert [(s.role, s.start, s.stop) for s in plan.segments] == [("sketch", 0, 2), ("render", 2, 10)]
 
 

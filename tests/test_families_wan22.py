@@ -58,7 +58,7 @@ def oracle22(wan22):
 
 def test_preset_defaults_are_the_model_cards():
     preset = PRESETS["wan2.2-t2v-a14b"]
-    assert preset.models.render_subfolder == "transformer_2"
+    assert preset.render_subfolder == "transformer_2"
     assert preset.models.sketch == preset.models.render == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     d = preset.defaults
     assert (d.switch, d.guidance_scale, d.guidance_scale_2, d.num_inference_steps) == ("boundary:0.875", 4.0, 3.0, 40)
@@ -66,10 +66,10 @@ def test_preset_defaults_are_the_model_cards():
 
 def test_each_stage_loads_its_expert(wan22, oracle22):
     base = WanPipeline.from_pretrained(wan22.config.models().sketch)
-    for stage, expert in ((wan22.sketcher, base.transformer), (wan22.renderer, base.transformer_2)):
+    for stage, expert in ((wan22.stages["sketch"], base.transformer), (wan22.stages["render"], base.transformer_2)):
         mine, theirs = stage.denoiser.transformer.state_dict(), expert.state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
-    assert wan22.encoder.pipe.transformer is None and wan22.encoder.pipe.transformer_2 is None
+    assert wan22.stages["encode"].pipe.transformer is None and wan22.stages["encode"].pipe.transformer_2 is None
 
 
 @pytest.mark.parametrize(
@@ -107,12 +107,12 @@ def test_guidance_scale_2_matters(wan22, params22, rel_err):
 
 def test_handoff_through_checkpoint_bytes_renders_identically(wan22, params22):
     params = params22(seed=5)
-    (embeds,) = wan22.encoder([params])
-    (handoff,) = wan22.sketcher([(params, embeds)])
+    (embeds,) = wan22.stages["encode"]([params])
+    (handoff,) = wan22.stages["sketch"]([(params, embeds)])
     restored = handoff_from_bytes(handoff_to_bytes(handoff))
     assert restored.params == params and restored.params.guidance_scale_2 == 3.0
-    (direct,) = wan22.renderer([handoff])
-    (again,) = wan22.renderer([restored])
+    (direct,) = wan22.stages["render"]([handoff])
+    (again,) = wan22.stages["render"]([restored])
     assert torch.equal(direct, again)
 
 
@@ -131,19 +131,40 @@ def test_guidance_scale_2_defaults_to_guidance_scale_elsewhere(make_params):
 
 
 def test_plan_names_each_expert_its_steps_and_guidance(wan22, params22):
-    """One executable plan per request (serve/plan.py): the Engine runs exactly it."""
+    """The request's plan (serve/switch.py): each segment's model role, steps and guidance; each role loads its
+    expert (`ModelPair.transformer`), and the Engine runs exactly the plan."""
     params = params22(seed=6)
     plan = wan22.plan(params)
     sketch, render = plan.segments
-    assert (plan.family, plan.encode, plan.decode) == ("wan", sketch.model, sketch.model)
-    assert (sketch.role, sketch.subfolder, sketch.start, sketch.stop, sketch.guidance_scale) == (
-        "sketch", None, 0, 2, 4.0)  # boundary:0.875 over t = [999, 900, 750, 500]
-    assert (render.role, render.model, render.subfolder, render.start, render.stop, render.guidance_scale) == (
-        "render", sketch.model, "transformer_2", 2, 4, 3.0)
+    assert (sketch.role, sketch.start, sketch.stop, sketch.guidance) == ("sketch", 0, 2, 4.0)  # t = [999, 900, ...]
+    assert (render.role, render.start, render.stop, render.guidance) == ("render", 2, 4, 3.0)
+    source = wan22.config.models().sketch
+    assert wan22.config.models().transformer("sketch") == (source, None)
+    assert wan22.config.models().transformer("render") == (source, "transformer_2")
     result = wan22.generate(params, decode=False)
     assert result.plan == plan and result.switch_step == plan.switch_step == 2
     adaptive = wan22.plan(params22(switch="adaptive:0.01:1:3"))
     assert adaptive.switch_step is None and adaptive.segments[1].start is None  # decided while sketching
+
+
+def test_the_on_disk_recipe_renders_with_the_low_noise_expert(wan22, oracle22, params22, rel_err, tmp_path):
+    """`srd generate --preset wan2.2-t2v-a14b --sketch DIR --render DIR` with DIR a whole Wan2.2 pipeline (the
+    README's recipe for checkpoints on disk): the render stage takes the preset's `transformer_2`, so the result
+    equals WanPipeline with both experts. Here the saved tiny-wan2.2 pipeline stands for DIR."""
+    from serve.cli import main
+
+    saved = str(tmp_path / "Wan2.2-T2V-A14B-Diffusers")
+    WanPipeline.from_pretrained(wan22.config.models().sketch).save_pretrained(saved)
+    config = EngineConfig(preset="tiny-wan2.2", sketch=saved, render=saved)
+    assert config.models().transformer("render") == (saved, "transformer_2")
+    latents_path = tmp_path / "latents.pt"
+    assert main(["generate", "--preset", "tiny-wan2.2", "--sketch", saved, "--render", saved, "--prompt",
+                 "a red ball bouncing", "--height", "32", "--width", "32", "--frames", "5", "--steps", "4",
+                 "--seed", "0", "--out", str(tmp_path / "v.mp4"), "--save-latents", str(latents_path)]) == 0
+    assert rel_err(torch.load(latents_path), oracle22(params22())) <= TOLERANCE
+    # a transformer directory as --render has no subfolder of its own
+    assert EngineConfig(preset="tiny-wan2.2", sketch=saved, render=f"{saved}/transformer_2").models().transformer(
+        "render") == (f"{saved}/transformer_2", None)
 
 
 def test_ti2v_pipelines_are_refused_before_loading(wan22, tmp_path):

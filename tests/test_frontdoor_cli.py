@@ -88,19 +88,19 @@ def test_other_presets_and_models_never_warn(tmp_path, tiny_models, capsys):
 def test_toy_grammar_warning_through_the_serve_app(tmp_path, capsys, monkeypatch, prompt, warns):
     """--via-serve warns the same way, before Ray starts; the app itself is replaced by a stand-in here (the real
     one runs in CI's README check and in test_frontdoor_serve.py)."""
-    import deployments.app
+    import deployments.local
 
     calls = []
 
     def fake_generate_local(request, engine, on_update=None):
         calls.append((request, engine))
         job = SimpleNamespace(id="video_1", status="completed", stage=None, progress=100, error=None,
-                              switch_step=1, timings={"sketch": 0.1})
+                              segments=[SimpleNamespace(stage="sketch", start=0, stop=1)], timings={"sketch": 0.1})
         if on_update is not None:
             on_update(job)
         return SimpleNamespace(job=job, video=b"mp4", latents=None)
 
-    monkeypatch.setattr(deployments.app, "generate_local", fake_generate_local)
+    monkeypatch.setattr(deployments.local, "generate_local", fake_generate_local)
     out = tmp_path / "v.mp4"
     assert main(["generate", "--via-serve", "--prompt", prompt, *FEW, "--out", str(out)]) == 0
     captured = capsys.readouterr()
@@ -119,7 +119,7 @@ def test_toy_grammar_warning_through_the_serve_app(tmp_path, capsys, monkeypatch
     ("0.0.0.0", {}, None),  # reachable from outside: Ray's own default and warning
 ])
 def test_local_runs_on_loopback_start_ray_without_token_auth(monkeypatch, host, env, expected):
-    from deployments.app import _local_auth_env
+    from deployments.local import _local_auth_env
 
     for key in ("RAY_AUTH_MODE", "RAY_ADDRESS"):
         monkeypatch.delenv(key, raising=False)
@@ -130,7 +130,7 @@ def test_local_runs_on_loopback_start_ray_without_token_auth(monkeypatch, host, 
 
 
 def test_a_deployment_failure_is_worded_as_its_cause():
-    from deployments.app import _cause
+    from deployments.local import _cause
 
     message = (
         "The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or "

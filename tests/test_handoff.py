@@ -17,10 +17,11 @@ RENDER_IN_FRESH_PROCESS = """
 import pickle, sys
 sys.modules["ray"] = None  # importing ray now fails: the render stage must not need it
 import torch
-from serve.engine import EngineConfig, RenderStage
+from serve.engine import EngineConfig
+from serve.pipeline.segment import RenderStage
 
 handoff = pickle.loads(open(sys.argv[1], "rb").read())
-(latents,) = RenderStage(EngineConfig(preset="tiny"))([handoff])
+(latents,) = RenderStage.load(EngineConfig(preset="tiny"))([handoff])
 torch.save(latents, sys.argv[2])
 """
 
@@ -45,11 +46,11 @@ def tensors_in(value, seen=None):
 
 def test_handoff_renders_identically_in_a_fresh_process(engine, make_params, tmp_path):
     params = make_params(num_inference_steps=5, switch="step:2", seed=11)
-    (embeds,) = engine.encoder([params])
-    (handoff,) = engine.sketcher([(params, embeds)])
+    (embeds,) = engine.stages["encode"]([params])
+    (handoff,) = engine.stages["sketch"]([(params, embeds)])
     assert handoff.step_index == 2
     assert [o is not None for o in handoff.scheduler.model_outputs] == [True, True]  # UniPC's history travels too
-    (in_process,) = engine.renderer([handoff])
+    (in_process,) = engine.stages["render"]([handoff])
 
     blob = pickle.dumps(handoff)
     tensors = list(tensors_in(handoff))
@@ -71,9 +72,9 @@ def test_handoff_renders_identically_in_a_fresh_process(engine, make_params, tmp
 def test_rendering_a_handoff_twice_gives_the_same_latents(engine, make_params):
     """Render copies the sampler: the hand-off itself is not consumed (a retried render starts from the same state)."""
     params = make_params(switch="step:1", seed=12)
-    (embeds,) = engine.encoder([params])
-    (handoff,) = engine.sketcher([(params, embeds)])
-    first, second = engine.renderer([handoff]) + engine.renderer([handoff])
+    (embeds,) = engine.stages["encode"]([params])
+    (handoff,) = engine.stages["sketch"]([(params, embeds)])
+    first, second = engine.stages["render"]([handoff]) + engine.stages["render"]([handoff])
     assert handoff.scheduler.step_index == 1
     assert torch.equal(first, second)
 
@@ -82,8 +83,8 @@ IMPORT_ALL_WITHOUT_RAY = """
 import importlib, pkgutil, sys
 sys.modules["ray"] = None  # any `import ray` now raises ImportError
 import serve
-for module in pkgutil.iter_modules(serve.__path__):
-    importlib.import_module(f"serve.{module.name}")
+for module in pkgutil.walk_packages(serve.__path__, "serve."):
+    importlib.import_module(module.name)
 print("imported", sorted(m for m in sys.modules if m.startswith("serve.")))
 """
 
@@ -91,7 +92,8 @@ print("imported", sorted(m for m in sys.modules if m.startswith("serve.")))
 def test_engine_imports_without_ray():
     done = subprocess.run([sys.executable, "-c", IMPORT_ALL_WITHOUT_RAY], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
-    assert "serve.stages" in done.stdout and "serve.engine" in done.stdout
+    for module in ("serve.engine", "serve.pipeline.registry", "serve.jobs.drive", "serve.parallel.worker"):
+        assert f"'{module}'" in done.stdout
     # Nor lazily, inside a function.
-    for path in Path(serve.__path__[0]).glob("*.py"):
+    for path in Path(serve.__path__[0]).rglob("*.py"):
         assert not re.search(r"^\s*(import ray|from ray\b)", path.read_text(), re.M), path.name

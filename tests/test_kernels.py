@@ -126,17 +126,17 @@ def test_step_cache_rule():
 
 def test_render_caching_at_threshold_zero_is_exact_and_a_threshold_skips_steps(engine, make_params):
     params = make_params(switch="step:2", num_inference_steps=10, seed=3)
-    (embeds,) = engine.encoder([params])
-    (handoff,) = engine.sketcher([(params, embeds)])
-    (plain,) = engine.renderer([handoff])
+    (embeds,) = engine.stages["encode"]([params])
+    (handoff,) = engine.stages["sketch"]([(params, embeds)])
+    (plain,) = engine.stages["render"]([handoff])
 
     report: dict[int, int] = {}
     zero = make_params(switch="step:2", num_inference_steps=10, seed=3, render_cache=0.0)
-    (exact,) = engine.renderer([_with_params(handoff, zero)], report=report)
+    (exact,) = engine.stages["render"]([_with_params(handoff, zero)], report=report)
     assert torch.equal(exact, plain) and report == {0: 0}
 
     cached = make_params(switch="step:2", num_inference_steps=10, seed=3, render_cache=0.5)
-    (approx,) = engine.renderer([_with_params(handoff, cached)], report=report)
+    (approx,) = engine.stages["render"]([_with_params(handoff, cached)], report=report)
     assert 0 < report[0] < 8  # some of the 8 render steps reused an output, never all (the first always runs)
     assert torch.isfinite(approx).all() and not torch.equal(approx, plain)
 

@@ -1,7 +1,7 @@
 """Sequence-parallel (xfuser USP) and CFG-parallel denoising on CPU with gloo: the real multi-rank code path.
 
 Each worker group is N spawned processes running xfuser's Wan wrapper over torch.distributed (gloo); the driver runs
-the same stages.sketch / stages.render loops as the one-rank engine with a RemoteDenoiser. Results must equal the
+the same denoising loop (serve/denoise.py) as the one-rank engine with a RemoteDenoiser. Results must equal the
 one-rank engine's (float32, relative error <= 1e-5).
 """
 
@@ -36,9 +36,10 @@ def requests(make_params):
 @pytest.fixture(scope="module")
 def one_rank(tiny_config, requests):
     """The one-rank engine's stages and, per request, its embeddings, hand-off and final latents."""
-    from serve.engine import EncodeStage, RenderStage, SketchStage
+    from serve.pipeline.encode import EncodeStage
+    from serve.pipeline.segment import RenderStage, SketchStage
 
-    encoder, sketcher, renderer = EncodeStage(tiny_config), SketchStage(tiny_config), RenderStage(tiny_config)
+    encoder, sketcher, renderer = (stage.load(tiny_config) for stage in (EncodeStage, SketchStage, RenderStage))
     embeds = dict(zip(requests, encoder(list(requests.values()))))
     handoffs = {k: sketcher([(requests[k], embeds[k])])[0] for k in requests}
     finals = {k: renderer([handoffs[k]])[0] for k in requests}
@@ -55,10 +56,10 @@ def _group(tiny_config, role="sketch", **degrees):
 
 
 def _sketch_stage(tiny_config, group):
-    from serve.engine import SketchStage
+    from serve.pipeline.segment import SketchStage
     from serve.parallel import RemoteDenoiser
 
-    return SketchStage(tiny_config, denoiser=RemoteDenoiser(group, tiny_config.torch_dtype))
+    return SketchStage.load(tiny_config, denoiser=RemoteDenoiser(group, tiny_config.torch_dtype))
 
 
 def _assert_same_handoff(actual, expected, rel_err):
@@ -148,12 +149,12 @@ def ring_group(tiny_config):
 
 def test_ring2_render_equals_one_rank_cpu_flash_lse(tiny_config, ring_group, one_rank, requests, rel_err):
     """The render stage uses the same mechanism with its own degree: ring 2 over the tiny render model."""
-    from serve.engine import RenderStage
+    from serve.pipeline.segment import RenderStage
     from serve.parallel import RemoteDenoiser
 
     assert ring_group.transformer_config["num_attention_heads"] == 2  # the render model, not the sketch model
     assert [(i["sp_rank"], i["attention_backend"]) for i in ring_group.info] == [(0, "SDPA_FLASH"), (1, "SDPA_FLASH")]
-    renderer = RenderStage(tiny_config, denoiser=RemoteDenoiser(ring_group, tiny_config.torch_dtype))
+    renderer = RenderStage.load(tiny_config, denoiser=RemoteDenoiser(ring_group, tiny_config.torch_dtype))
     (final,) = renderer([one_rank["handoffs"]["even"]])
     assert rel_err(final, one_rank["finals"]["even"]) <= TOL
 

@@ -103,12 +103,13 @@ def group(request, tiny_config):
 
 
 def test_a_step_a_dead_rank_and_a_broken_group(group, tiny_config, make_params, rel_err):
-    from serve.engine import EncodeStage, SketchStage
+    from serve.pipeline.encode import EncodeStage
+    from serve.pipeline.segment import SketchStage
     from serve.parallel import RemoteDenoiser, WorkerDiedError, tensor_bytes
 
-    (embeds,) = EncodeStage(tiny_config)([make_params()])
+    (embeds,) = EncodeStage.load(tiny_config)([make_params()])
     latents, timesteps = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([999])
-    expected = SketchStage(tiny_config).denoiser(latents, timesteps, [embeds], [5.0])
+    expected = SketchStage.load(tiny_config).denoiser(latents, timesteps, [embeds], [5.0])
 
     denoiser = RemoteDenoiser(group, tiny_config.torch_dtype)
     before = copy.deepcopy(group.traffic)

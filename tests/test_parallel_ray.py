@@ -121,38 +121,47 @@ def app(ray_local, serve_http, tmp_path_factory):
 def test_serve_app_ulysses2_sketcher_equals_one_rank(app, tiny_config, make_params, rel_err):
     from ray import serve
 
-    from serve import jobs
-    from serve.checkpoint import embeds_to_bytes, handoff_from_bytes, latents_from_bytes
-    from serve.engine import EncodeStage, Engine, RenderStage, SketchStage
-    from serve.job_store import JobStore
+    from serve.engine import Engine
+    from serve.jobs import state as jobs
+    from serve.jobs.results import ResultStore
+    from serve.jobs.store import JobStore
+    from serve.pipeline.artifacts import EMBEDS, HANDOFF, LATENTS
+    from serve.pipeline.encode import EncodeStage
+    from serve.pipeline.registry import PIPELINE
+    from serve.pipeline.segment import RenderStage, SketchStage
+    from serve.pipeline.stage import Planner
     from serve.request import VideoRequest
-    from serve.results import EMBEDS, HANDOFF, LATENTS, ResultStore
 
     app, config = app
     store, results = JobStore(config.jobs.store), ResultStore(config.jobs.results)
 
     def job_with_embeds(params, embeds) -> str:
-        """A job record and its encode checkpoint, as the orchestrator and the encoder leave them."""
+        """A job record and its encode step's output, as the orchestrator and the encoder leave them."""
         job = store.create(jobs.new_job(params.to_dict(), "tiny"))
-        results.put(job.id, EMBEDS, embeds_to_bytes(embeds))
+        results.put(job.id, EMBEDS.file, EMBEDS.encode(embeds))
         return job.id
+
+    planner = Planner(tiny_config, PIPELINE)
+
+    def step(params, name):
+        return next(s for s in planner.steps(params) if s.name == name)
 
     (rank1,) = _worker_pids()  # the sketch replica's second rank
     # "odd": 3x3x3 = 27 tokens over 2 ranks, so xfuser pads the sequence (and USP must ignore the padding).
     requests = {"even": make_params(**STEPS), "odd": make_params(height=48, width=48, num_frames=9, seed=1, **STEPS)}
-    embeds = dict(zip(requests, EncodeStage(tiny_config)(list(requests.values()))))
-    sketcher, renderer = SketchStage(tiny_config), RenderStage(tiny_config)
+    embeds = dict(zip(requests, EncodeStage.load(tiny_config)(list(requests.values()))))
+    sketcher, renderer = SketchStage.load(tiny_config), RenderStage.load(tiny_config)
     sketch = serve.get_deployment_handle("Sketcher", APP)
     render = serve.get_deployment_handle("Renderer", APP)
     for key, params in requests.items():
         job_id = job_with_embeds(params, embeds[key])
-        assert sketch.denoise.remote(job_id, params).result().switch_step == 2
-        handoff = handoff_from_bytes(results.get(job_id, HANDOFF))
+        assert sketch.run.remote(step(params, "sketch"), job_id, params).result().steps_done == 2
+        handoff = HANDOFF.decode(results.get(job_id, HANDOFF.file))
         (expected,) = sketcher([(params, embeds[key])])
         assert handoff.step_index == expected.step_index == 2
         assert rel_err(handoff.latents, expected.latents) <= TOL
-        render.denoise.remote(job_id, params).result()
-        assert rel_err(latents_from_bytes(results.get(job_id, LATENTS)), renderer([expected])[0]) <= TOL
+        render.run.remote(step(params, "render"), job_id, params).result()
+        assert rel_err(LATENTS.decode(results.get(job_id, LATENTS.file)), renderer([expected])[0]) <= TOL
 
     # And a whole job through the ingress handle (encode, sketch on 2 ranks, render, decode).
     request = {"prompt": "a red fox in the snow", "seed": 7, "height": 32, "width": 32, "num_frames": 5, **STEPS}
@@ -168,12 +177,12 @@ def test_serve_app_ulysses2_sketcher_equals_one_rank(app, tiny_config, make_para
     os.kill(rank1, 9)
     job_id = job_with_embeds(requests["even"], embeds["even"])
     with pytest.raises(Exception, match=r"sketch worker rank 1 died during 'hold_prompts'"):
-        sketch.denoise.remote(job_id, requests["even"]).result()
+        sketch.run.remote(step(requests["even"], "sketch"), job_id, requests["even"]).result()
     assert _wait(lambda: len(_worker_pids()) == 1 and rank1 not in _worker_pids(), timeout_s=120), _worker_pids()
     (new_rank1,) = _worker_pids()
     result = app.generate.remote(request).result()
     assert result.job.status == "completed" and rel_err(result.latents, reference.latents) <= TOL
 
-    # The replica stops (Serve calls Sketcher.__del__, which shuts the group down): every rank goes away.
+    # The replica stops (Serve calls the stage deployment's __del__, which shuts the group down): every rank goes away.
     serve.delete(APP)
     assert _wait(lambda: not _worker_pids()), _worker_pids()

@@ -1,8 +1,9 @@
-"""The engine computes what diffusers computes (DESIGN.md, "Seeds and parity").
+"""The engine computes what diffusers computes (docs/ARCHITECTURE.md, "Contracts").
 
 Oracle: `WanPipeline(transformer=sketch, transformer_2=render, boundary_ratio=r)` with r * 1000 in (t_K, t_{K-1}]
 sends steps 0..K-1 to the sketch model and K..N-1 to the render model; `output_type="latent"` returns the final
-latents. The engine's switch step:K must give the same latents (float32, relative error <= 1e-5).
+latents. The engine's switch step:K must give the same latents (float32, relative error <= 1e-5). A plan of more
+segments (step:A:B) is held against WanPipeline with the transformer swapped in `callback_on_step_end`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,31 @@ def oracle(tiny_models):
             output_type="latent",
         ).frames
 
+    def swapped(params, swaps: dict[int, object]):
+        """diffusers' pipeline with the sketch transformer at first and `swaps[i]` from step i on (the callback
+        after step i-1 sets it)."""
+        pipe = WanPipeline(
+            tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+            scheduler=UniPCMultistepScheduler.from_config(base.scheduler.config, flow_shift=params.flow_shift),
+            transformer=base.transformer,
+        )
+        pipe.set_progress_bar_config(disable=True)
+
+        def swap(pipeline, index, timestep, tensors):
+            if index + 1 in swaps:
+                pipeline.transformer = swaps[index + 1]
+            return tensors
+
+        return pipe(
+            prompt=params.prompt, negative_prompt=params.negative_prompt, height=params.height, width=params.width,
+            num_frames=params.num_frames, num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale, generator=torch.Generator("cpu").manual_seed(params.seed),
+            output_type="latent", callback_on_step_end=swap,
+        ).frames
+
     run.scheduler_config = base.scheduler.config
+    run.swapped = swapped
+    run.large, run.small = base.transformer, render
     return run
 
 
@@ -80,8 +105,8 @@ def test_step_switch_equals_diffusers_two_model_pipeline(any_engine, oracle, mak
     params = make_params(num_inference_steps=steps, switch=f"step:{k}", seed=seed)
     expected = oracle(params, boundary_for(oracle.scheduler_config, params, k))
 
-    sketch_calls, sketch_hook = count_forwards(any_engine.sketcher.denoiser.transformer)
-    render_calls, render_hook = count_forwards(any_engine.renderer.denoiser.transformer)
+    sketch_calls, sketch_hook = count_forwards(any_engine.stages["sketch"].denoiser.transformer)
+    render_calls, render_hook = count_forwards(any_engine.stages["render"].denoiser.transformer)
     try:
         result = any_engine.generate(params, decode=False)
     finally:
@@ -133,7 +158,7 @@ def test_without_guidance_equals_diffusers(any_engine, oracle, make_params, rel_
     """guidance_scale <= 1 turns classifier-free guidance off: one row per step, no negative embeddings."""
     params = make_params(guidance_scale=guidance, switch="step:2", seed=7)
     assert not params.do_cfg
-    calls, hook = count_forwards(any_engine.sketcher.denoiser.transformer)
+    calls, hook = count_forwards(any_engine.stages["sketch"].denoiser.transformer)
     try:
         result = any_engine.generate(params, decode=False)
     finally:
@@ -166,18 +191,44 @@ def test_parity_holds_for_other_shapes(engine, oracle, make_params, rel_err, hei
     assert rel_err(result.latents, expected) <= TOLERANCE
 
 
-def test_run_plan_runs_a_batch_in_plan_order_equal_to_each_request_alone(engine, make_params, rel_err):
-    """serve.plan.run_plan (what the Engine and the benchmarks run): the stages in the plan's order, one call each
-    for the whole batch, and each request's latents equal to generating it alone."""
-    from serve.plan import run_plan
+@pytest.mark.parametrize(("steps", "switch", "a", "b"), [(6, "step:2:4", 2, 4), (5, "step:1:4", 1, 4),
+                                                      (8, "ratio:0.25:0.75", 2, 6)])
+def test_three_segments_equal_diffusers_with_the_transformer_swapped(any_engine, oracle, make_params, rel_err,
+                                                                     steps, switch, a, b):
+    """Large for steps < A, small for A..B-1, large again from B: each switch a hand-off, the same latents as
+    diffusers' pipeline whose transformer is swapped at steps A and B, and each model runs its own steps."""
+    params = make_params(num_inference_steps=steps, switch=switch, seed=10)
+    expected = oracle.swapped(params, {a: oracle.small, b: oracle.large})
+    sketch_calls, sketch_hook = count_forwards(any_engine.stages["sketch"].denoiser.transformer)
+    render_calls, render_hook = count_forwards(any_engine.stages["render"].denoiser.transformer)
+    try:
+        result = any_engine.generate(params, decode=False)
+    finally:
+        sketch_hook.remove()
+        render_hook.remove()
+    assert result.segments == [("sketch", 0, a), ("render", a, b), ("sketch.2", b, steps)]
+    assert rel_err(result.latents, expected) <= TOLERANCE
+    rows_per_forward = 1 if any_engine.config.max_tokens_per_forward == 1 else 2
+    assert len(sketch_calls) == (a + steps - b) * 2 // rows_per_forward
+    assert len(render_calls) == (b - a) * 2 // rows_per_forward
+    # guards the oracle: swapping at other steps gives other latents
+    assert rel_err(oracle.swapped(params, {a: oracle.small}), expected) > 1e-2
 
+
+def test_a_batch_runs_each_step_once_for_all_and_equals_each_request_alone(engine, make_params, rel_err):
+    """Engine.generate_batch (what the benchmarks run): one stage call per step for the whole batch, in the
+    steps' order, and each request's latents equal to generating it alone."""
     batch = [make_params(seed=3, switch="step:2"), make_params(seed=4, switch="step:2", prompt="a blue cube")]
-    plan = engine.plan(batch[0])
     calls = []
-    run = run_plan(plan, batch, engine.encoder, {"sketch": engine.sketcher, "render": engine.renderer},
-                   engine.decoder, around=lambda stage, call: calls.append(stage) or call())
-    assert calls == list(plan.stages) == ["encode", "sketch", "render", "decode"]
-    assert [h.step_index for h in run.outputs["sketch"]] == [2, 2]
-    assert len(run.frames) == 2
-    for params, latents in zip(batch, run.latents):
-        assert rel_err(latents, engine.generate(params, decode=False).latents) <= TOLERANCE
+    runs = {name: stage.run for name, stage in engine.stages.items()}
+    for name, stage in engine.stages.items():
+        stage.run = lambda tasks, on_step=None, name=name: calls.append(name) or runs[name](tasks, on_step)
+    try:
+        results = engine.generate_batch(batch)
+    finally:
+        for stage in engine.stages.values():
+            del stage.run
+    assert calls == ["encode", "sketch", "preview", "render", "decode"]
+    assert [r.switch_step for r in results] == [2, 2] and all(r.frames is not None for r in results)
+    for params, result in zip(batch, results):
+        assert rel_err(result.latents, engine.generate(params, decode=False).latents) <= TOLERANCE

@@ -8,7 +8,11 @@ import uuid
 import fsspec
 import pytest
 
-from serve.results import EMBEDS, HANDOFF, LATENTS, PREVIEW, THUMBNAIL, VIDEO, ResultStore
+from serve.jobs.results import ResultStore
+from serve.pipeline import artifacts
+
+VIDEO, HANDOFF, THUMBNAIL = artifacts.VIDEO.file, artifacts.HANDOFF.file, artifacts.THUMBNAIL.file
+PREVIEW, LATENTS = artifacts.PREVIEW.file, artifacts.LATENTS.file
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -24,7 +28,8 @@ def url(request, tmp_path):
 
 
 def test_file_names_are_distinct_and_valid(url):
-    names = [EMBEDS, HANDOFF, LATENTS, VIDEO, THUMBNAIL, PREVIEW]
+    names = [a.file for a in (artifacts.EMBEDS, artifacts.HANDOFF, artifacts.handoff(1), artifacts.LATENTS,
+                              artifacts.VIDEO, artifacts.THUMBNAIL, artifacts.PREVIEW)]
     assert len(set(names)) == len(names)
     store = ResultStore(url)
     for i, name in enumerate(names):

@@ -7,15 +7,18 @@ import math
 import pytest
 import torch
 
-from serve.switch import SwitchTracker, parse_switch
+from serve.models import PRESETS
+from serve.request import VideoRequest
+from serve.switch import SwitchTracker, make_plan, parse_switch
 
 TIMESTEPS_N4 = torch.tensor([999, 900, 750, 500])
 
 
 @pytest.mark.parametrize(
     ("spec", "text"),
-    [("step:3", "step:3"), ("ratio:0.25", "ratio:0.25"), ("boundary:0.875", "boundary:0.875"),
-     ("adaptive:0.02", "adaptive:0.02:5:30"), ("adaptive:0.02:3:12", "adaptive:0.02:3:12")],
+    [("step:3", "step:3"), ("step:2:5", "step:2:5"), ("ratio:0.25", "ratio:0.25"), ("ratio:0.2:0.9", "ratio:0.2:0.9"),
+     ("boundary:0.875", "boundary:0.875"), ("adaptive:0.02", "adaptive:0.02:5:30"),
+     ("adaptive:0.02:3:12", "adaptive:0.02:3:12")],
 )
 def test_parse_round_trips(spec, text):
     assert str(parse_switch(spec)) == text
@@ -24,12 +27,18 @@ def test_parse_round_trips(spec, text):
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "step", "step:0", "step:2.5", "step:1:2", "ratio:0", "ratio:1.5", "ratio:x", "boundary:-0.1",
-     "adaptive:0", "adaptive:1", "adaptive:0.01:5", "adaptive:0.01:6:5", "adaptive:0.01:0:5", "sometimes:3"],
+    ["", "step", "step:0", "step:2.5", "step:2:2", "step:3:2", "step:1:2:3", "ratio:0", "ratio:1.5", "ratio:x",
+     "ratio:0.5:0.4", "ratio:0.2:1.5", "boundary:-0.1", "boundary:0.2:0.5", "adaptive:0", "adaptive:1",
+     "adaptive:0.01:5", "adaptive:0.01:6:5", "adaptive:0.01:0:5", "sometimes:3"],
 )
 def test_malformed_specs_are_rejected_with_the_syntax(spec):
-    with pytest.raises(ValueError, match=r"`switch` .* expected step:K \| ratio:R"):
+    with pytest.raises(ValueError, match=r"`switch` .* expected step:K \| step:A:B \| ratio:R"):
         parse_switch(spec)
+
+
+def plan_of(spec: str, steps: int, timesteps=None):
+    params = VideoRequest(prompt="x", num_inference_steps=steps, switch=spec).resolve(PRESETS["tiny"].defaults)
+    return make_plan(params, timesteps)
 
 
 @pytest.mark.parametrize(
@@ -38,15 +47,39 @@ def test_malformed_specs_are_rejected_with_the_syntax(spec):
      ("boundary:0.9", 4, 2), ("boundary:0.95", 4, 1), ("boundary:1", 4, 0)],
 )
 def test_fixed_policies_know_k_from_the_timesteps(spec, steps, k):
-    tracker = parse_switch(spec).tracker(TIMESTEPS_N4[:steps])
-    assert tracker.switch_step == k
-    decisions = [tracker.after_step(i, torch.zeros(1)) for i in range(steps)]
-    assert decisions == [i + 1 >= k for i in range(steps)]
+    plan = plan_of(spec, steps, TIMESTEPS_N4[:steps])
+    assert plan.switch_step == k and plan.names == ("sketch", "render")
+    assert [(s.role, s.start, s.stop) for s in plan.segments] == [("sketch", 0, k), ("render", k, steps)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "steps", "segments"),
+    [("step:2:6", 8, [(0, 2), (2, 6), (6, 8)]), ("step:2:8", 8, [(0, 2), (2, 8)]),
+     ("ratio:0.25:0.75", 8, [(0, 2), (2, 6), (6, 8)]), ("ratio:0.2:0.25", 4, [(0, 1), (1, 1), (1, 4)])],
+)
+def test_three_segment_forms_plan_large_small_large(spec, steps, segments):
+    plan = plan_of(spec, steps)
+    assert [(s.start, s.stop) for s in plan.segments] == segments
+    assert [s.role for s in plan.segments] == ["sketch", "render", "sketch"][: len(segments)]
+    assert plan.names == ("sketch", "render", "sketch.2")[: len(segments)]
+    params = VideoRequest(prompt="x", num_inference_steps=steps, switch=spec, guidance_scale=5.0,
+                          guidance_scale_2=2.0).resolve(PRESETS["tiny"].defaults)
+    assert [s.guidance for s in make_plan(params).segments] == [5.0, 2.0, 5.0][: len(segments)]
+
+
+def test_open_switches_are_decided_while_running_and_estimated_meanwhile():
+    adaptive = plan_of("adaptive:0.01:2:6", 10)
+    assert adaptive.switch_step is None and adaptive.segments[1].start is None
+    assert adaptive.expected_span(0) == (0, 4) and adaptive.expected_span(1) == (4, 10)
+    assert plan_of("boundary:0.9", 4).switch_step is None  # without the sampler's timesteps
+    assert plan_of("boundary:0.9", 4, TIMESTEPS_N4).switch_step == 2
 
 
 def test_step_beyond_n_is_rejected_naming_the_field():
     with pytest.raises(ValueError, match=r"`switch` step:5 must lie in 1..num_inference_steps=4"):
         parse_switch("step:5").check_steps(4)
+    with pytest.raises(ValueError, match=r"`switch` step:2:5 must lie in 1..num_inference_steps=4"):
+        parse_switch("step:2:5").check_steps(4)
 
 
 def scripted_outputs(rates: list[float]) -> list[torch.Tensor]:
@@ -62,7 +95,7 @@ def scripted_outputs(rates: list[float]) -> list[torch.Tensor]:
 
 def run_adaptive(spec: str, rates: list[float], steps: int) -> tuple[int | None, SwitchTracker]:
     """Feed the scripted outputs step by step; returns K (steps sketched when it asked to switch) or None."""
-    tracker = parse_switch(spec).tracker(torch.arange(steps, 0, -1) * (1000 // steps))
+    tracker = parse_switch(spec).tracker(steps)
     for i, output in enumerate(scripted_outputs(rates)[:steps]):
         if tracker.after_step(i, output):
             assert tracker.switch_step == i + 1
@@ -107,8 +140,8 @@ def test_adaptive_run_on_tiny_preset_reports_the_step_it_chose(engine, make_para
     Handoff and in the result, and the final latents are those of the fixed policy step:K."""
     spec, min_step, max_step = "adaptive:0.05:2:5", 2, 5
     params = make_params(num_inference_steps=6, switch=spec, seed=0)
-    (embeds,) = engine.encoder([params])
-    (handoff,) = engine.sketcher([(params, embeds)])
+    (embeds,) = engine.stages["encode"]([params])
+    (handoff,) = engine.stages["sketch"]([(params, embeds)])
     k = handoff.step_index
 
     # The rule, restated over the measured d_1, d_2, ...: rates[j] is d_{j+1}, known after step j+1 (K = j + 2).

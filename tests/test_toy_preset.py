@@ -21,10 +21,10 @@ def generate(engine: Engine, scenes: list[data.Scene], switch: str, guidance: fl
     """Frames and the switch step of each scene's video (seed seed0 + i), all of them in one call per stage."""
     params = [VideoRequest(prompt=s.prompt, seed=seed0 + i, switch=switch, guidance_scale=guidance)
               .resolve(engine.config.defaults) for i, s in enumerate(scenes)]
-    embeds = engine.encoder(params)
-    handoffs = engine.sketcher(list(zip(params, embeds)))
-    latents = engine.renderer(handoffs)
-    return list(engine.decoder(torch.cat(latents))), [h.step_index for h in handoffs]
+    embeds = engine.stages["encode"](params)
+    handoffs = engine.stages["sketch"](list(zip(params, embeds)))
+    latents = engine.stages["render"](handoffs)
+    return list(engine.stages["decode"](torch.cat(latents))), [h.step_index for h in handoffs]
 
 
 def score(frames: list[np.ndarray], scenes: list[data.Scene]) -> dict[str, float]:

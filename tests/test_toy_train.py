@@ -11,12 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from serve import stages
+from serve.denoise import GuidedDenoiser, LatentSpec
 from serve.engine import Engine, EngineConfig
+from serve.families.wan import FAMILY as WAN
 from serve.handoff import PromptEmbeds
 from serve.models import PRESETS
 from serve.request import VideoRequest
-from serve.stages import GuidedDenoiser, LatentSpec
+from serve.pipeline.segment import RenderStage, SketchStage
 from toy import pair, train
 
 FEW = ["--device", "cpu", "--vae-batch", "2", "--dit-batch", "2", "--bank", "4", "--check-clips", "4"]
@@ -76,7 +77,7 @@ def test_the_pair_loads_and_generates_through_the_engine(trained):
                           num_inference_steps=3, switch="step:1").resolve(config.defaults)
     result = engine.generate(params)
     assert result.frames.shape == (17, 64, 64, 3) and result.switch_step == 1
-    assert engine.sketcher.spec.spatial == 4 and result.latents.shape == (1, 8, 5, 16, 16)
+    assert engine.stages["sketch"].spec.spatial == 4 and result.latents.shape == (1, 8, 5, 16, 16)
 
 
 class PerfectVelocity(torch.nn.Module):
@@ -114,9 +115,9 @@ def test_the_training_target_is_what_the_engines_sampler_reads():
     denoiser = GuidedDenoiser(model)
     scheduler = pair.scheduler(defaults.flow_shift)
     config = {**scheduler.config, "_class_name": type(scheduler).__name__}  # as load_scheduler_config reads it
-    (handoff,) = stages.sketch(denoiser, [(params, embeds)], config, spec, "cpu")
+    (handoff,) = SketchStage(WAN, denoiser, config, spec)([(params, embeds)])
     assert handoff.step_index == 5
-    (latents,) = stages.render(denoiser, [handoff], "cpu")
+    (latents,) = RenderStage(WAN, denoiser, config, spec)([handoff])
     assert (latents - x0).norm() / x0.norm() < 0.005  # 0.0014 measured; 0.03 with timesteps off by 30%
 
 

@@ -21,7 +21,7 @@ from toy.data import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SIZES, SPEEDS
 
 TEXT_DIM = 64
 LATENT_CHANNELS = 8
-MAX_SEQUENCE_LENGTH = 512  # what the engine pads prompts to (serve.stages.encode), as WanPipeline does
+MAX_SEQUENCE_LENGTH = 512  # what the engine pads prompts to (serve/families/wan.py encode), as WanPipeline does
 GRAMMAR_WORDS = ("a", "moving", "on", "background", *SIZES, *COLOURS, *SHAPES, *DIRECTIONS, *SPEEDS, *BACKGROUNDS)
 DIT_SIZES = {"large": {"heads": 4, "layers": 5}, "small": {"heads": 4, "layers": 2}}
 

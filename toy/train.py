@@ -63,7 +63,7 @@ def all_prompts() -> list[str]:
 
 
 def encode_prompts(pipe, prompts: list[str], device, chunk: int = 128) -> torch.Tensor:
-    """[len(prompts), 512, TEXT_DIM] float32, through diffusers' encode_prompt (as serve.stages.encode)."""
+    """[len(prompts), 512, TEXT_DIM] float32, through diffusers' encode_prompt (as the Wan family's encode)."""
     out = []
     with torch.inference_mode():
         for i in range(0, len(prompts), chunk):

@@ -2,9 +2,10 @@
 
 A family (Wan, CogVideoX) is one module beside this one holding one `Family` instance: how its components load
 (a hub id or a diffusers directory, through diffusers' own classes), its latent spec, how a prompt is encoded, one
-guided transformer call (its denoiser), how its pipeline drives the scheduler (`stages.Sampler`) and so what the
+guided transformer call (its denoiser), how its pipeline drives the scheduler (`denoise.Sampler`) and so what the
 hand-off carries, decode and preview, and what it supports (switch policies, parallel degrees), checked before any
-weights load. The stages (serve/stages.py) run the one denoising loop; the family supplies the parts that differ.
+weights load. The stages (serve/pipeline/) run the one denoising loop (serve/denoise.py); the family supplies the
+parts that differ.
 
 The family of a model pair is the sketch pipeline's: `model_index.json`'s `_class_name` (WanPipeline, CogVideoXPipeline)
 looked up in `PIPELINE_FAMILIES`. Adding a family is one new module plus its entries here and its presets in
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from serve.handoff import Handoff, PromptEmbeds
     from serve.models import ModelPair, Weights
     from serve.request import GenerationParams
-    from serve.stages import GuidedDenoiser, LatentSpec, Sampler
+    from serve.denoise import GuidedDenoiser, LatentSpec, Sampler
 
 # model_index.json `_class_name` -> "module:attribute" of the family adapter (imported on first use)
 PIPELINE_FAMILIES: dict[str, str] = {
@@ -105,9 +106,9 @@ class Family:
         return models.load_transformer(source, role, device, dtype, weights, subfolder=subfolder)
 
     def denoiser(self, transformer, max_tokens_per_forward: int) -> GuidedDenoiser:
-        from serve import stages
+        from serve.denoise import GuidedDenoiser
 
-        return stages.GuidedDenoiser(transformer, max_tokens_per_forward)
+        return GuidedDenoiser(transformer, max_tokens_per_forward)
 
     # -- the phases -------------------------------------------------------------------------------------------
 

@@ -42,18 +42,18 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from serve import stages
+from serve import denoise
 from serve.families.base import Family, ModelCapabilities, check_same
 
 MAX_SEQUENCE_LENGTH = 226  # CogVideoXPipeline's default, the transformer's `max_text_seq_length`
 
 
-class CogVideoXSampler(stages.Sampler):
+class CogVideoXSampler(denoise.Sampler):
     """CogVideoXPipeline's way with its scheduler (DDIM or DPM), the state it keeps outside it in `extra`."""
 
     def initial_latents(self, params, spec, device, scheduler, extra):
         generator = torch.Generator("cpu").manual_seed(params.seed)
-        from diffusers.utils.torch_utils import randn_tensor  # at first use, as in serve/stages.py
+        from diffusers.utils.torch_utils import randn_tensor  # at first use, as in serve/denoise.py
 
         latents = randn_tensor(spec.shape(params), generator=generator, device=torch.device(device),
                                dtype=torch.float32)
@@ -80,7 +80,7 @@ def _is_dpm(scheduler) -> bool:
     return type(scheduler).__name__ == "CogVideoXDPMScheduler"
 
 
-class CogVideoXDenoiser(stages.GuidedDenoiser):
+class CogVideoXDenoiser(denoise.GuidedDenoiser):
     """Guided calls of a CogVideoX transformer on [B, F', C, H', W'] latents, each with its own positional inputs."""
 
     def tokens(self, latents: torch.Tensor) -> int:
@@ -127,7 +127,7 @@ class CogVideoXFamily(Family):
                                                f"but is {params.num_frames}")
 
     def check_compatible(self, pair) -> None:
-        from serve.models import ModelError, _is_pipeline, _load, _locate
+        from serve.models import ModelError, is_pipeline, _load, _locate
 
         sketch_src, render_src = _locate(pair.sketch, "sketch"), _locate(pair.render, "render")
         sketch = self.transformer_config(sketch_src, "sketch")
@@ -141,7 +141,7 @@ class CogVideoXFamily(Family):
                                  f"{config['patch_size_t']}): only CogVideoX 1.0 pairs are supported")
         check_same(("in_channels", "out_channels", "patch_size", "text_embed_dim", "max_text_seq_length",
                     "temporal_compression_ratio"), sketch, render, pair.sketch, pair.render)
-        if _is_pipeline(render_src) and Path(render_src).is_dir():
+        if is_pipeline(render_src) and Path(render_src).is_dir():
             # Shared text encoder and VAE, checked from the configs. The VAE scaling factor and the scheduler's
             # snr_shift_scale may differ (5B vs 2B): the sketch pipeline owns the trajectory (module docstring).
             from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
@@ -170,7 +170,7 @@ class CogVideoXFamily(Family):
                 raise ModelError(f"render model {pair.render!r} predicts {sched_r.get('prediction_type')!r} but "
                                  f"sketch model {pair.sketch!r} predicts {sched_s.get('prediction_type')!r}")
 
-    def latent_spec(self, source: str) -> stages.LatentSpec:
+    def latent_spec(self, source: str) -> denoise.LatentSpec:
         from diffusers import AutoencoderKLCogVideoX
 
         from serve.models import _load, _locate
@@ -179,12 +179,12 @@ class CogVideoXFamily(Family):
         vae = _load("the VAE config", source, AutoencoderKLCogVideoX.load_config, subfolder="vae")
         transformer = self.transformer_config(source, "sketch")
         p = transformer["patch_size"]
-        return stages.LatentSpec(
+        return denoise.LatentSpec(
             channels=transformer["in_channels"], temporal=vae.get("temporal_compression_ratio") or 4,
             spatial=2 ** (len(vae["block_out_channels"]) - 1), patch=(1, p, p), layout="FC",
         )
 
-    def denoiser(self, transformer, max_tokens_per_forward: int) -> stages.GuidedDenoiser:
+    def denoiser(self, transformer, max_tokens_per_forward: int) -> denoise.GuidedDenoiser:
         return CogVideoXDenoiser(transformer, max_tokens_per_forward)
 
     def encode(self, pipe, requests, device):

@@ -2,7 +2,7 @@
 
 Oracle: diffusers' `WanPipeline`. Components: umT5 text encoder (prompts padded to 512 tokens), `AutoencoderKLWan`
 (latents [B, 16, F', H', W'] normalised by the VAE's latents_mean/std), `WanTransformer3DModel`, and the UniPC
-flow-matching sampler, whose whole mid-trajectory state lives in the scheduler object (so `stages.Sampler`'s default
+flow-matching sampler, whose whole mid-trajectory state lives in the scheduler object (so `denoise.Sampler`'s default
 hooks are WanPipeline's). Wan2.2-A14B is one pipeline directory with two transformers: `transformer` (high noise)
 sketches and `transformer_2` (low noise) renders (`ModelPair.render_subfolder`); its `boundary_ratio` (0.875) is the
 `boundary:R` switch and its `guidance_scale_2` the request's `guidance_scale_2`. Parallel: xfuser's USP (Ulysses,
@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serve import stages
+import numpy as np
+import torch
+
+from serve.denoise import DEFAULT_SAMPLER, LatentSpec
 from serve.families.base import Family, ModelCapabilities, check_same
+from serve.handoff import PromptEmbeds
 
 
 class WanFamily(Family):
@@ -30,13 +34,13 @@ class WanFamily(Family):
         max_cfg_degree=2,  # xfuser offers CFG-parallel for Wan image-to-video only; text-to-video's is ParallelDenoiser
         xfuser_wrapper="xfuser.model_executor.models.transformers.transformer_wan:xFuserWanTransformer3DWrapper",
     )
-    sampler = stages.DEFAULT_SAMPLER
+    sampler = DEFAULT_SAMPLER
 
     def check_compatible(self, pair) -> None:
-        from serve.models import ModelError, _is_pipeline, _load, _locate
+        from serve.models import ModelError, is_pipeline, _load, _locate
 
         sketch_src, render_src = _locate(pair.sketch, "sketch"), _locate(pair.render, "render")
-        if not _is_pipeline(sketch_src):
+        if not is_pipeline(sketch_src):
             raise ModelError(f"sketch model {pair.sketch!r} must be a full pipeline directory (model_index.json)")
         from serve.families.base import read_model_index
 
@@ -46,7 +50,7 @@ class WanFamily(Family):
         sketch = self.transformer_config(sketch_src, "sketch")
         render = self.transformer_config(render_src, "render", pair.render_subfolder)
         check_same(("in_channels", "out_channels", "text_dim", "patch_size"), sketch, render, pair.sketch, pair.render)
-        if _is_pipeline(render_src) and Path(render_src).is_dir():
+        if is_pipeline(render_src) and Path(render_src).is_dir():
             from diffusers import AutoencoderKLWan
 
             vae_s = _load("the sketch VAE config", sketch_src, AutoencoderKLWan.load_config, subfolder="vae")
@@ -58,7 +62,7 @@ class WanFamily(Family):
                         f"({key} differs): the latent cannot be handed over"
                     )
 
-    def latent_spec(self, source: str) -> stages.LatentSpec:
+    def latent_spec(self, source: str) -> LatentSpec:
         from diffusers import AutoencoderKLWan
 
         from serve.models import _load, _locate
@@ -66,19 +70,40 @@ class WanFamily(Family):
         source = _locate(source, "sketch")
         vae = _load("the VAE config", source, AutoencoderKLWan.load_config, subfolder="vae")
         transformer = self.transformer_config(source, "sketch")
-        return stages.LatentSpec(
+        return LatentSpec(
             channels=transformer["in_channels"], temporal=vae.get("scale_factor_temporal") or 4,
             spatial=vae.get("scale_factor_spatial") or 8, patch=tuple(transformer["patch_size"]),
         )
 
-    def encode(self, pipe, requests, device):
-        return stages.encode(pipe, requests, device)
+    def encode(self, pipe, requests, device) -> list[PromptEmbeds]:
+        """umT5 embeddings through diffusers' own `encode_prompt` (padded to 512 tokens, as WanPipeline does)."""
+        with torch.inference_mode():
+            prompt, negative = pipe.encode_prompt(
+                prompt=[r.prompt for r in requests], negative_prompt=[r.negative_prompt for r in requests],
+                do_classifier_free_guidance=True, max_sequence_length=512, device=device,
+            )
+        return [
+            PromptEmbeds(prompt[i : i + 1].cpu(), negative[i : i + 1].cpu() if r.do_cfg else None)
+            for i, r in enumerate(requests)
+        ]
 
-    def decode(self, pipe, latents):
-        return stages.decode(pipe, latents)
+    def decode(self, pipe, latents: torch.Tensor) -> np.ndarray:
+        """Latents [B, C, F', H', W'] -> uint8 frames [B, F, H, W, 3], as WanPipeline's output_type="np" path."""
+        vae = pipe.vae
+        with torch.inference_mode():
+            z = latents.to(vae.device, vae.dtype)
+            mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+            inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(z.device,
+                                                                                                        z.dtype)
+            video = vae.decode(z / inv_std + mean, return_dict=False)[0]
+            frames = pipe.video_processor.postprocess_video(video, output_type="np")
+        return (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
 
-    def preview(self, pipe, handoff):
-        return stages.decode_preview(pipe, handoff)
+    def preview(self, pipe, handoff) -> np.ndarray:
+        """One image [H, W, 3] from the first latent frame of the sketch's clean-latent estimate (Wan's VAE is
+        causal, so the first latent frame decodes alone into the first video frame, at a fraction of a full
+        decode)."""
+        return self.decode(pipe, handoff.preview_latents[:, :, :1])[0, 0]
 
 
 FAMILY = WanFamily()

@@ -150,9 +150,7 @@ def load_transformer_config(engine_config, role: str) -> dict:
     """The config of the stage's transformer (heads, patch size), read without loading weights."""
     from serve import models
 
-    pair = engine_config.models()
-    source = pair.sketch if role == "sketch" else pair.render
-    subfolder = None if role == "sketch" else pair.render_subfolder
+    source, subfolder = engine_config.models().transformer(role)
     return models._transformer_config(models._locate(source, role), role, subfolder)
 
 

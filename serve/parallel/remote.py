@@ -2,7 +2,7 @@
 forward runs on every rank.
 
 The loop, the sampler, switch tracking, progress and cancellation stay in the driver and run the same
-`stages.sketch` / `stages.render` code as the one-rank engine: only the forward is distributed, as in vLLM's executor.
+denoising loop (serve/denoise.py) as the one-rank engine: only the forward is distributed, as in vLLM's executor.
 A step sends the ranks only what changes per step (latents, timesteps, guidance); a request's prompt embeddings
 cross once, the first time a step names them, and stay on the ranks while the loop runs.
 """

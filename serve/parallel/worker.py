@@ -2,7 +2,7 @@
 
     ParallelDenoiser   the stage denoiser interface on one rank: with cfg_degree 2, CFG group 0 runs the cond rows and
                        group 1 the uncond rows, the predictions are all-gathered over the CFG group and every rank
-                       applies `stages.combine_guidance`; inside a group xfuser splits the sequence
+                       applies `combine_guidance`; inside a group xfuser splits the sequence
     ParallelWorker     vLLM's worker: owns its device, process groups and model; holds the prompt embeddings the
                        driver sent for the current batch (`hold_prompts`), so that a step (`denoise`) carries only
                        latents, timesteps, prompt keys and guidance
@@ -16,18 +16,18 @@ import os
 
 import torch
 
-from serve import stages
+from serve.denoise import GuidedDenoiser, combine_guidance
 from serve.handoff import PromptEmbeds
 from serve.parallel.config import latent_tokens
 from serve.parallel.context import ParallelContext, init_rank, load_parallel_transformer, teardown
 
 
-class ParallelDenoiser(stages.GuidedDenoiser):
-    """The stage denoiser interface on one rank of a ParallelContext: stages.GuidedDenoiser over xfuser's wrapper.
+class ParallelDenoiser(GuidedDenoiser):
+    """The stage denoiser interface on one rank of a ParallelContext: GuidedDenoiser over xfuser's wrapper.
 
     cfg_degree 1: every rank runs all rows (cond, then uncond of guided requests), the sequence split by USP.
     cfg_degree 2: CFG group 0 runs the cond rows, group 1 the uncond rows; the predictions are all-gathered over the
-    CFG group (padded to the same row count) and every rank applies `stages.combine_guidance`.
+    CFG group (padded to the same row count) and every rank applies `combine_guidance`.
     """
 
     def __init__(self, transformer, ctx: ParallelContext, max_tokens_per_forward: int):
@@ -67,7 +67,7 @@ class ParallelDenoiser(stages.GuidedDenoiser):
             out[: len(x_)] = self.forward_rows(x_, t_, torch.cat(e_).to(dtype))
         gathered = self.ctx.cfg_group.all_gather(out, dim=0)  # [cond rows (padded); uncond rows (padded)]
         cond, uncond = gathered[: len(embeds)], gathered[rows : rows + len(guided)]
-        return stages.combine_guidance(cond, uncond, guided, guidance)
+        return combine_guidance(cond, uncond, guided, guidance)
 
 
 
@@ -89,9 +89,7 @@ class ParallelWorker:
         self.role = role
         device = device or engine_config.device
         self.ctx = init_rank(rank, world_size, master_addr, master_port, parallel_config, device)
-        models = engine_config.models()
-        source = models.sketch if role == "sketch" else models.render
-        self.subfolder = None if role == "sketch" else models.render_subfolder  # Wan2.2: "transformer_2"
+        source, self.subfolder = engine_config.models().transformer(role)  # Wan2.2's render: "transformer_2"
         self.weights = engine_config.weights
         self.prompts: dict[int, PromptEmbeds] = {}
         transformer = self.load_transformer(source, role, engine_config.torch_dtype)

@@ -1,30 +1,33 @@
 """The video job state machine: states, transitions, progress and attempts. No Ray, no storage: pure functions over
-`JobRecord`, so the orchestrator, the stages, the ingress and the tests all apply the same rules.
+`JobRecord`, so the drive loop, the stages, the ingress and the tests all apply the same rules.
 
-    queued --claim--> in_progress --stage by stage--> completed
-       \\                 |  \\-- a stage fails its last attempt --> failed
+    queued --claim--> in_progress --step by step--> completed
+       \\                 |  \\-- a step fails its last attempt --> failed
         \\-- cancel ------+------ cancel honoured --------------> cancelled
 
-A job runs four stages in order (encode, sketch, render, decode). Each stage's output is a checkpoint in the results
-location; `JobRecord.checkpoint` names the last stage whose output is stored, so a job taken over after a fault
-resumes at the next stage (a renderer fault never re-runs the sketch). Each stage has at most `max_attempts`
-attempts; the record keeps the count and the last error of each.
+A job runs the steps of its plan (serve/pipeline/stage.py: encode, the denoising segments, decode) in order. Each
+step's outputs are artifacts in the results location; `JobRecord.checkpoint` names the last step whose outputs are
+stored, so a job taken over after a fault resumes at the next step (a fault while rendering never re-runs the
+sketch). Each step has at most `max_attempts` attempts; the record keeps the count and the last error of each. Side
+steps (the preview) are recorded too, but never move the checkpoint and never fail the job.
 
-Progress is integer percent and never decreases: encoding ends at ENCODED, the denoising steps (sketch and render
-together) fill up to DENOISED, decoding ends at 100.
+Progress is integer percent and never decreases: the prepare steps end at ENCODED, the denoising steps (all
+segments together) fill up to DENOISED, completion is 100.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
+if TYPE_CHECKING:
+    from serve.pipeline.stage import Step
+
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
-StageName = Literal["encode", "sketch", "render", "decode"]
-STAGES: tuple[StageName, ...] = ("encode", "sketch", "render", "decode")
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"in_progress", "cancelled", "failed"}),
@@ -39,14 +42,16 @@ class InvalidTransition(ValueError):
 
 
 class StageRecord(BaseModel):
-    """One stage of one job: its attempts, when its last attempt ran, in which batch, and its last error."""
+    """One step of one job: its attempts, when its last attempt ran, in which batch, and its last error."""
 
-    attempts: int = Field(0, description="Attempts started so far (a retried stage counts each).")
+    attempts: int = Field(0, description="Attempts started so far (a retried step counts each).")
     start: float | None = Field(None, description="Start of the last attempt (epoch seconds).")
     end: float | None = Field(None, description="End of the successful attempt (epoch seconds).")
     batch_id: str | None = Field(None, description="Jobs with the same batch_id shared one engine call.")
     batch_size: int | None = Field(None, description="Requests in that batch.")
     error: str | None = Field(None, description="The last attempt's failure, one line.")
+    denoised: tuple[int, int] | None = Field(
+        None, description="A denoising step's steps: the first and one past the last it took.")
 
 
 class JobError(BaseModel):
@@ -63,18 +68,18 @@ class JobRecord(BaseModel):
     owner: str | None = Field(None, description="Hash of the bearer token that created the job (None: auth off).")
     model: str = Field(description="The served model name the job ran on.")
     status: JobStatus = "queued"
-    stage: StageName | None = Field(None, description="The stage working on the job now.")
+    stage: str | None = Field(None, description="The step working on the job now: encode, sketch, render, decode "
+                                                "(sketch.2 for a plan's second sketch segment).")
     progress: int = Field(0, ge=0, le=100)
-    steps_done: int = Field(0, description="Denoising steps done, sketch and render together.")
+    steps_done: int = Field(0, description="Denoising steps done, all segments together.")
     switch_step: int | None = Field(None, description="K: steps the sketch model took (once sketching ended).")
     request: dict = Field(description="The resolved request (GenerationParams as data), seed included.")
     created_at: float
     started_at: float | None = None
     completed_at: float | None = Field(None, description="When it completed, failed or was cancelled.")
-    stages: dict[StageName, StageRecord] = Field(default_factory=dict)
-    checkpoint: StageName | None = Field(None, description="Last stage whose output is stored (resume point).")
-    preview_ready: bool = False
-    failed_stage: StageName | None = None
+    stages: dict[str, StageRecord] = Field(default_factory=dict, description="Per step, by its name.")
+    checkpoint: str | None = Field(None, description="Last step whose outputs are stored (resume point).")
+    failed_stage: str | None = None
     error: JobError | None = None
     cancel_requested: bool = False
     cancelled_at_step: int | None = None
@@ -90,11 +95,17 @@ class JobRecord(BaseModel):
     def num_steps(self) -> int:
         return int(self.request["num_inference_steps"])
 
-    def next_stage(self, stages: tuple[str, ...] = STAGES) -> StageName | None:
-        """The stage to run next in `stages` (the job's plan): the one after the last checkpoint (None once
-        decoded)."""
-        done = -1 if self.checkpoint is None else stages.index(self.checkpoint)
-        return stages[done + 1] if done + 1 < len(stages) else None
+    def finished(self, step: str) -> bool:
+        """Whether step `step` stored its outputs."""
+        record = self.stages.get(step)
+        return record is not None and record.end is not None
+
+    def next_step(self, steps: Sequence[Step]) -> Step | None:
+        """The main (not side) step to run next: the one after the checkpoint (None once all are done)."""
+        main = [step for step in steps if step.phase != "side"]
+        names = [step.name for step in main]
+        done = -1 if self.checkpoint is None else names.index(self.checkpoint)
+        return main[done + 1] if done + 1 < len(main) else None
 
     def attempts(self) -> dict[str, int]:
         return {name: stage.attempts for name, stage in self.stages.items()}
@@ -116,45 +127,53 @@ def progress_after_steps(steps_done: int, num_steps: int) -> int:
 
 
 def with_progress(job: JobRecord, steps_done: int) -> JobRecord:
-    """A stage reports denoising steps done; progress never goes down (a retried stage recounts its steps)."""
+    """A stage reports denoising steps done; progress never goes down (a retried step recounts its steps)."""
     progress = max(job.progress, progress_after_steps(steps_done, job.num_steps))
     return job.model_copy(update={"steps_done": steps_done, "progress": progress})
 
 
-def start_stage(job: JobRecord, stage: StageName, now: float) -> JobRecord:
-    """An attempt of `stage` begins: the job is in progress and the stage's attempt count goes up."""
-    record = job.stages.get(stage, StageRecord())
+def start_step(job: JobRecord, step: Step, now: float) -> JobRecord:
+    """An attempt of `step` begins: the job is in progress (a main step also becomes its `stage`) and the step's
+    attempt count goes up."""
+    record = job.stages.get(step.name, StageRecord())
     record = record.model_copy(update={"attempts": record.attempts + 1, "start": now, "end": None})
-    return _to(job, "in_progress", stage=stage, started_at=job.started_at or now,
-               stages={**job.stages, stage: record})
+    current = job.stage if step.phase == "side" else step.name
+    return _to(job, "in_progress", stage=current, started_at=job.started_at or now,
+               stages={**job.stages, step.name: record})
 
 
-def finish_stage(job: JobRecord, stage: StageName, end: float, batch_id: str | None = None,
-                 batch_size: int | None = None, switch_step: int | None = None) -> JobRecord:
-    """`stage` stored its output: it becomes the job's checkpoint."""
-    record = job.stages.get(stage, StageRecord()).model_copy(
-        update={"end": end, "batch_id": batch_id, "batch_size": batch_size})
-    fields: dict = {"stages": {**job.stages, stage: record}, "checkpoint": stage}
-    if stage == "encode":
+def finish_step(job: JobRecord, step: Step, end: float, batch_id: str | None = None,
+                batch_size: int | None = None, steps_done: int | None = None) -> JobRecord:
+    """`step` stored its outputs: a main step becomes the job's checkpoint; a denoising step's `steps_done` moves
+    progress (and the first segment's is the switch step K)."""
+    update: dict = {"end": end, "batch_id": batch_id, "batch_size": batch_size}
+    if step.phase == "denoise" and steps_done is not None:
+        first = max((r.denoised[1] for r in job.stages.values() if r.denoised), default=0)
+        update["denoised"] = (first, steps_done)
+    record = job.stages.get(step.name, StageRecord()).model_copy(update=update)
+    fields: dict = {"stages": {**job.stages, step.name: record}}
+    if step.phase == "side":
+        return job.model_copy(update=fields)
+    fields["checkpoint"] = step.name
+    if step.phase == "prepare":
         fields["progress"] = max(job.progress, ENCODED)
-    if stage == "sketch" and switch_step is not None:
-        fields["switch_step"] = switch_step
-        fields.update(with_progress(job, switch_step).model_dump(include={"steps_done", "progress"}))
-    if stage == "render":
-        fields.update(with_progress(job, job.num_steps).model_dump(include={"steps_done", "progress"}))
+    if step.phase == "denoise" and steps_done is not None:
+        if step.segment == 0:
+            fields["switch_step"] = steps_done
+        fields.update(with_progress(job, steps_done).model_dump(include={"steps_done", "progress"}))
     return job.model_copy(update=fields)
 
 
-def fail_attempt(job: JobRecord, stage: StageName, message: str, max_attempts: int) -> JobRecord:
-    """An attempt of `stage` failed. The job fails once the stage has used all `max_attempts`; else it stays in
-    progress and the same stage runs again from the same checkpoint."""
-    record = job.stages.get(stage, StageRecord()).model_copy(update={"error": message})
-    job = job.model_copy(update={"stages": {**job.stages, stage: record}})
-    if record.attempts < max_attempts:
+def fail_attempt(job: JobRecord, step: Step, message: str, max_attempts: int) -> JobRecord:
+    """An attempt of `step` failed. The job fails once a main step has used all `max_attempts`; else it stays in
+    progress and the same step runs again from the same checkpoint. A side step's failure is only recorded."""
+    record = job.stages.get(step.name, StageRecord()).model_copy(update={"error": message})
+    job = job.model_copy(update={"stages": {**job.stages, step.name: record}})
+    if step.phase == "side" or record.attempts < max_attempts:
         return job
-    return _to(job, "failed", stage=None, failed_stage=stage, completed_at=time.time(),
+    return _to(job, "failed", stage=None, failed_stage=step.name, completed_at=time.time(),
                error=JobError(code="stage_failed",
-                              message=f"{stage} failed after {record.attempts} attempt(s): {message}"))
+                              message=f"{step.name} failed after {record.attempts} attempt(s): {message}"))
 
 
 def complete(job: JobRecord) -> JobRecord:
@@ -171,7 +190,7 @@ def request_cancel(job: JobRecord) -> JobRecord:
 
 
 def cancelled(job: JobRecord, at_step: int) -> JobRecord:
-    """A stage honoured the cancel after `at_step` denoising steps (sketch and render together)."""
+    """A stage honoured the cancel after `at_step` denoising steps (all segments together)."""
     return _to(job, "cancelled", stage=None, cancel_requested=True, cancelled_at_step=at_step, steps_done=at_step,
                completed_at=time.time(),
                error=JobError(code="cancelled", message=f"cancelled by the client after {at_step} denoising steps"))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from serve.jobs import TERMINAL, JobRecord
+from serve.jobs.state import TERMINAL, JobRecord
 
 
 class StoreConflict(RuntimeError):

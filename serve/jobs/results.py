@@ -1,8 +1,9 @@
-"""Where a job's files live: results (mp4, thumbnail, preview, latents) and hand-off checkpoints.
+"""Where a job's files live: its artifacts (serve/pipeline/artifacts.py: embeddings, hand-offs, latents, the mp4,
+its thumbnail, the preview).
 
 A job must survive the replica that ran it, so its files go to a results location rather than an actor's memory:
 a local directory by default (one machine), or any fsspec URL (memory://, s3://, gs://...) so that an object store
-serves every node of a cluster. The layout is `<root>/<job_id>/<name>`, with the names the stages use defined below.
+serves every node of a cluster. The layout is `<root>/<job_id>/<name>`.
 
 `job_id` and `name` come from requests and end up in paths, so both are checked: only [A-Za-z0-9_.-], no leading dot
 (which also keeps them apart from the hidden temporary names of `put`) and no "..".
@@ -15,15 +16,6 @@ import uuid
 from collections.abc import Iterator
 
 import fsspec
-
-__all__ = ["EMBEDS", "HANDOFF", "LATENTS", "PREVIEW", "THUMBNAIL", "VIDEO", "ResultStore"]
-
-EMBEDS = "embeds.safetensors"
-HANDOFF = "handoff.safetensors"
-LATENTS = "latents.safetensors"
-VIDEO = "video.mp4"
-THUMBNAIL = "thumbnail.png"
-PREVIEW = "preview.png"
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,254}")
 

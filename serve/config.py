@@ -1,0 +1,131 @@
+"""The engine's configuration: which models, where, and how. Shared by the CLI, the tests and every deployment."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve.denoise import DEFAULT_MAX_TOKENS_PER_FORWARD
+from serve.families.base import Family, family_of
+from serve.models import PRESETS, ModelPair, Weights, is_pipeline, preset_models
+from serve.request import GenerationDefaults
+from srd_kernels.config import KernelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class VaeTiling(BaseModel):
+    """Tile geometry of diffusers' `AutoencoderKLWan.enable_tiling`, in pixels, used when `vae_tiling` is on.
+
+    The defaults were chosen by measurement (bench/RESULTS.md, run 3): tiles up to 720x704 with 64 px of blended
+    overlap across the width. Wan's VAE decodes one latent frame at a time with a causal feature cache, so its peak
+    depends on the frame size, not on the frame count: tiling is spatial only. Frames taller than
+    `tile_sample_min_height` are split into rows `tile_sample_stride_height` apart.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tile_sample_min_height: int = Field(720, ge=8, description="Tile height in pixels; a frame no taller is one row.")
+    tile_sample_min_width: int = Field(704, ge=8, description="Tile width in pixels; a frame no wider is one column.")
+    tile_sample_stride_height: int = Field(720, ge=8, description="Pixels between tile rows (tile - stride blend).")
+    tile_sample_stride_width: int = Field(640, ge=8, description="Pixels between tile columns (tile - stride blend).")
+
+    @model_validator(mode="after")
+    def _tiles_cover_the_frame(self) -> VaeTiling:
+        for axis in ("height", "width"):
+            tile, stride = getattr(self, f"tile_sample_min_{axis}"), getattr(self, f"tile_sample_stride_{axis}")
+            if tile % 8 or stride % 8:
+                raise ValueError(
+                    f"`tile_sample_min_{axis}` and `tile_sample_stride_{axis}` must be multiples of 8 (the VAE's "
+                    f"spatial factor) but are {tile} and {stride}"
+                )
+            if stride > tile:
+                raise ValueError(
+                    f"`tile_sample_stride_{axis}` must be <= `tile_sample_min_{axis}` ({tile}) but is {stride}: "
+                    f"the tiles would leave gaps"
+                )
+        return self
+
+
+class EngineConfig(BaseModel):
+    """Which models, where, and how: shared by the CLI, the tests and every deployment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str = Field("toy", description="Model pair and request defaults: a name in serve.models.PRESETS.")
+    sketch: str | None = Field(None, description="Sketch pipeline (hub id or diffusers dir); overrides the preset.")
+    render: str | None = Field(
+        None, description="Render pipeline or transformer (hub id or dir); overrides the preset. A full pipeline "
+        "renders with the preset's render transformer (Wan2.2-A14B: `transformer_2`).")
+    device: str = Field("cpu", description="torch device of the stage models.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and activations dtype.")
+    max_tokens_per_forward: int = Field(
+        DEFAULT_MAX_TOKENS_PER_FORWARD, ge=1,
+        description="Rows (CFG halves, batched requests) share one transformer forward while under this many tokens.",
+    )
+    weights: Weights = Field(
+        "pretrained",
+        description="random-init builds each model from the sources' configs with random weights, for benchmarks "
+        "where no checkpoint is reachable: the cost equals the real weights', the outputs are noise.",
+    )
+    vae_tiling: bool = Field(False, description="Decode in spatial tiles (diffusers' AutoencoderKLWan tiling).")
+    vae_tile: VaeTiling = Field(default_factory=VaeTiling, description="Tile geometry when `vae_tiling` is on.")
+    sketch_kernels: KernelConfig = Field(
+        default_factory=KernelConfig, description="Speed levers of the sketch transformer (attention backend, FP8 "
+        "linear layers, regional compile); all off by default.")
+    render_kernels: KernelConfig = Field(
+        default_factory=KernelConfig, description="Speed levers of the render transformer; all off by default.")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"`preset` must be one of {', '.join(sorted(PRESETS))} but is {value!r}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, value: str) -> str:
+        # Only the spelling is checked here: a config may be built on a machine without the GPU it names (a Ray
+        # head node); the loaders check that the device is there.
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"`device` must be a torch device such as cpu, cuda or cuda:1 but is {value!r}") from None
+        return value
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def defaults(self) -> GenerationDefaults:
+        return PRESETS[self.preset].defaults
+
+    def models(self) -> ModelPair:
+        """The preset's model pair with `sketch` and `render` put in its place. A render source that is a full
+        pipeline keeps the preset's render subfolder (Wan2.2-A14B's `transformer_2`); a transformer directory has
+        none."""
+        preset = PRESETS[self.preset]
+        if self.sketch and self.render:
+            base = ModelPair(self.sketch, self.render)
+        else:
+            base = preset_models(preset)
+        render = self.render or base.render
+        return ModelPair(sketch=self.sketch or base.sketch, render=render,
+                         render_subfolder=preset.render_subfolder if is_pipeline(render) else None)
+
+    def family(self) -> Family:
+        """The model family adapter, from the sketch pipeline's model_index.json (no weights load)."""
+        return family_of(self.models().sketch)
+
+    def kernels_for(self, role: str, family: Family) -> KernelConfig:
+        """The stage's kernel levers, refused before any weights load where the family's transformer has no
+        support for them (the levers address Wan's blocks and self-attention layers)."""
+        config = getattr(self, f"{role}_kernels")
+        if config.any and family.name != "wan":
+            raise ValueError(f"`{role}_kernels` sets speed levers, which support the wan family only; the model "
+                             f"pair is {family.name}")
+        return config

@@ -1,0 +1,33 @@
+"""The preview stage: the sketch's estimate of the first frame, decoded from its hand-off while the render model
+works (Wan's causal VAE decodes the first latent frame alone, at a fraction of a full decode)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serve.handoff import Handoff
+from serve.pipeline.artifacts import HANDOFF, PREVIEW
+from serve.pipeline.decode import load_vae_pipeline
+from serve.pipeline.stage import Output, Stage, Task
+
+
+class PreviewStage(Stage):
+    name = "preview"
+    deployment = "Decoder"
+    reads = (HANDOFF,)
+    writes = (PREVIEW,)
+
+    def __init__(self, family, pipe):
+        self.family = family
+        self.pipe = pipe
+
+    @classmethod
+    def load(cls, config, models=None) -> PreviewStage:
+        return cls(*load_vae_pipeline(config, models))
+
+    def __call__(self, handoff: Handoff) -> np.ndarray:
+        """One image [H, W, 3]."""
+        return self.family.preview(self.pipe, handoff)
+
+    def run(self, tasks: list[Task], on_step=None) -> list[Output]:
+        return [Output({PREVIEW: self(task.inputs[HANDOFF])}) for task in tasks]

@@ -1,0 +1,137 @@
+"""The denoising stages: the large model's (sketch) and the small model's (render), each running the segments of a
+request's plan that belong to its model.
+
+A segment starts from the prompt embeddings (the plan's first) or from the previous segment's hand-off, denoises
+its steps (serve/denoise.py) and ends in a hand-off for the next segment or, for the plan's last, in the final
+latents, [1, C, F', H', W'] whatever the family's own layout. Its steps come from the plan (serve/switch.py), made
+here from the request and the sampler's own timesteps, so a boundary switch is exact; an adaptive first segment
+ends where the rule decides. Render segments may cache steps (`render_cache`).
+"""
+
+from __future__ import annotations
+
+from serve.denoise import Cancelled, LatentSpec, StepCallback, Trajectory, run
+from serve.handoff import Handoff, PromptEmbeds, move_scheduler
+from serve.pipeline.artifacts import EMBEDS, LATENTS
+from serve.pipeline.stage import Output, Stage, Task
+from serve.request import GenerationParams
+from serve.switch import make_plan
+from srd_kernels.apply import KernelReport, apply_kernels
+from srd_kernels.step_cache import StepCache
+
+Start = tuple[GenerationParams, PromptEmbeds] | Handoff  # a plan's first segment, or a later one
+
+
+class DenoiseStage(Stage):
+    reads = (EMBEDS,)  # the plan's first segment; later ones read the hand-off before them
+    writes = (LATENTS,)  # the plan's last segment; earlier ones write a hand-off
+
+    def __init__(self, family, denoiser, scheduler_config: dict, spec: LatentSpec, device: str = "cpu",
+                 kernels: KernelReport | None = None):
+        self.family = family
+        self.denoiser = denoiser
+        self.scheduler_config = scheduler_config
+        self.spec = spec
+        self.device = device
+        self.kernels = kernels or KernelReport(self.role)
+
+    @classmethod
+    def load(cls, config, models=None, denoiser=None) -> DenoiseStage:
+        """The role's transformer on this process's device, with its speed levers; or `denoiser`, a parallel
+        stage's worker group (serve/parallel/), taken as it is."""
+        family = config.family()
+        pair = config.models()
+        family.check_compatible(pair)  # a wrong pair fails here, before any weights load
+        levers = config.kernels_for(cls.role, family)
+        kernels = KernelReport(cls.role)
+        if denoiser is None:
+            source, subfolder = pair.transformer(cls.role)
+            transformer = family.load_transformer(source, cls.role, config.device, config.torch_dtype,
+                                                  config.weights, subfolder=subfolder)
+            denoiser = family.denoiser(transformer, config.max_tokens_per_forward)
+            if levers.any:
+                kernels = apply_kernels(transformer, levers, cls.role)
+        return cls(family, denoiser, family.scheduler_config(pair.sketch), family.latent_spec(pair.sketch),
+                   config.device, kernels)
+
+    def __call__(self, inputs: list[Start], on_step: StepCallback | None = None,
+                 report: dict | None = None) -> list[Handoff | object]:
+        """Run the segment each input starts: a hand-off for the next segment, the final latents (float32, on the
+        CPU) after the plan's last, or `Cancelled`. `report`, if given, receives per input index the steps that
+        render caching skipped."""
+        trajectories = [self._start(x) for x in inputs]
+        run(self.denoiser, trajectories, self.family.sampler, on_step)
+        if report is not None:
+            report.update({i: tr.cache.skipped if tr.cache else 0 for i, tr in enumerate(trajectories)})
+        return [self._end(tr, x) for tr, x in zip(trajectories, inputs)]
+
+    def _start(self, start: Start) -> Trajectory:
+        sampler, device = self.family.sampler, self.device
+        if isinstance(start, Handoff):
+            params, index, step = start.params, start.segment, start.step_index
+            scheduler = move_scheduler(start.scheduler, device)
+            latents, embeds = start.latents.to(device), start.embeds.to(device)
+            extra = {k: v.to(device) for k, v in start.sampler_extra.items()}
+        else:
+            params, embeds = start
+            self.family.check_request(params)
+            index, step, extra, embeds = 0, 0, {}, embeds.to(device)
+            scheduler = sampler.scheduler(self.scheduler_config, params, device)
+            latents = sampler.initial_latents(params, self.spec, device, scheduler, extra)
+        plan = make_plan(params, scheduler.timesteps)
+        if not 0 <= index < len(plan.segments) or plan.segments[index].role != self.role:
+            raise ValueError(f"the {self.role} stage cannot run segment {index} of switch {params.switch} "
+                             f"({', '.join(plan.names)})")
+        segment = plan.segments[index]
+        tracker = params.switch.tracker(plan.num_steps) if segment.stop is None else None
+        return Trajectory(
+            params=params, embeds=embeds, latents=latents, scheduler=scheduler, step=step,
+            stop=tracker.max_step if tracker else segment.stop, guidance=segment.guidance, extra=extra,
+            tracker=tracker, plan=plan, segment=index,
+            cache=StepCache(params.render_cache) if self.role == "render" and params.render_cache > 0 else None,
+        )
+
+    def _end(self, tr: Trajectory, start: Start) -> Handoff | object:
+        if tr.cancelled:
+            return Cancelled(tr.step)
+        if tr.segment == len(tr.plan.segments) - 1:
+            return self.spec.canonical(tr.latents.float().cpu())
+        before = start if isinstance(start, Handoff) else None
+        return Handoff(
+            params=tr.params, embeds=tr.embeds, latents=tr.latents, step_index=tr.step, scheduler=tr.scheduler,
+            segment=tr.segment + 1, rates=list(tr.tracker.rates if tr.tracker else before.rates if before else []),
+            timings={**(before.timings if before else {}), tr.plan.names[tr.segment]: tr.seconds},
+            sampler_extra=tr.extra,
+        ).cpu()
+
+    def run(self, tasks: list[Task], on_step: StepCallback | None = None) -> list[Output | Cancelled]:
+        starts = []
+        for task in tasks:
+            value = task.inputs[task.step.reads[0]]
+            if task.step.segment == 0:
+                starts.append((task.params, value))
+            elif value.segment != task.step.segment:
+                raise ValueError(f"step {task.step.name} runs segment {task.step.segment} but its input hand-off "
+                                 f"continues segment {value.segment}")
+            else:
+                starts.append(value)
+        outputs = []
+        for task, result in zip(tasks, self(starts, on_step)):
+            if isinstance(result, Cancelled):
+                outputs.append(result)
+            else:
+                done = result.step_index if isinstance(result, Handoff) else task.params.num_inference_steps
+                outputs.append(Output({task.step.writes[0]: result}, steps_done=done))
+        return outputs
+
+
+class SketchStage(DenoiseStage):
+    name = "sketch"
+    deployment = "Sketcher"
+    role = "sketch"
+
+
+class RenderStage(DenoiseStage):
+    name = "render"
+    deployment = "Renderer"
+    role = "render"

@@ -1,0 +1,177 @@
+"""The stage, declared once, and the pipeline of stages every runner iterates.
+
+A `Stage` is one kind of work with its own models: its name, the Serve deployment that hosts it, the artifacts it
+reads and writes (serve/pipeline/artifacts.py), `load` (its own models, levers and ranks, nothing else) and a batched
+`run`. The `Pipeline` orders them: prepare stages (encode), the denoising segments of the request's plan (each on the
+stage of its model role: sketch or render, any number of segments, serve/switch.py), finish stages (decode), and side
+stages that run beside the others once their input exists (the sketch's preview).
+
+A job's work is the pipeline's `steps` for its plan: one `Step` per stage call, named uniquely in the job (encode,
+sketch, render, sketch.2, decode, preview). Everything iterates these steps: the in-process Engine (serve/engine.py),
+the job state machine (serve/jobs/state.py: which step is next, progress), the drive loop (serve/jobs/drive.py), the
+app builder (one deployment per name in `Pipeline.deployments`), the generic stage deployment (deployments/stage.py:
+batching, checkpoint I/O through the declared artifacts) and the benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from serve.denoise import Cancelled, StepCallback
+from serve.pipeline.artifacts import Artifact, handoff
+from serve.request import GenerationParams
+from serve.switch import Plan, make_plan
+
+if TYPE_CHECKING:
+    from serve.config import EngineConfig
+    from serve.models import ModelCache
+
+Phase = Literal["prepare", "denoise", "finish", "side"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage call for one job."""
+
+    name: str  # unique in the job: the stage's name, or a segment's (sketch, render, sketch.2)
+    stage: str  # the stage that runs it
+    reads: tuple[Artifact, ...]
+    writes: tuple[Artifact, ...]
+    phase: Phase  # side steps run beside the others; their failure fails nothing
+    segment: int | None = None  # denoising steps: the index of their segment in the plan
+    span: tuple[int, int] = (0, 1)  # denoising steps: (first step, one past the last), expected where not known
+
+
+@dataclass
+class Task:
+    """A step of one job, with its inputs, as a stage's `run` receives it."""
+
+    params: GenerationParams
+    step: Step
+    inputs: dict[Artifact, Any]
+
+
+@dataclass
+class Output:
+    """What a step produced for one job: a value per artifact it writes and, for a denoising step, the denoising
+    steps done once it ended (its segment's stop)."""
+
+    values: dict[Artifact, Any]
+    steps_done: int | None = None
+
+
+class Stage:
+    """One kind of work with its own models. Subclasses declare the class attributes and implement `load` and
+    `run`; a loaded instance serves concurrent batches (no per-request state on it)."""
+
+    name: ClassVar[str]
+    deployment: ClassVar[str]  # the Serve deployment that hosts it (several stages may share one and its models)
+    reads: ClassVar[tuple[Artifact, ...]] = ()
+    writes: ClassVar[tuple[Artifact, ...]] = ()
+    role: ClassVar[str | None] = None  # denoising stages: the model role whose segments they run
+
+    @classmethod
+    def load(cls, config: EngineConfig, models: ModelCache | None = None, **options) -> Stage:
+        """The stage with its models loaded (through `models`, so that stages of one process share them);
+        `options` are its deployment's (the encoder's cache size, a parallel stage's worker group)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def batch_key(params: GenerationParams) -> Hashable:
+        """Requests with equal keys may share a batched `run` (by default: equal latent shapes)."""
+        return params.shape_key
+
+    def run(self, tasks: list[Task], on_step: StepCallback | None = None) -> list[Output | Cancelled]:
+        """One output per task, in order; `on_step(index, steps_done, N)` at every denoising step boundary may
+        cancel a task by returning False (its output is then `Cancelled`)."""
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        """What the stage counts beyond the deployment's own figures (the encoder's cache hits, say)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """encode -> denoising segments -> decode, and what runs beside them."""
+
+    prepare: tuple[type[Stage], ...]
+    denoise: tuple[type[Stage], ...]  # one per model role; the first segment reads what they declare to read, the
+    finish: tuple[type[Stage], ...]  # last writes what they declare to write, hand-offs connect the others
+    side: tuple[type[Stage], ...] = ()
+
+    def __post_init__(self):
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique in a pipeline: {names}")
+        if any(stage.role is None for stage in self.denoise):
+            raise ValueError("every denoising stage declares the model role it runs")
+
+    @property
+    def stages(self) -> tuple[type[Stage], ...]:
+        return (*self.prepare, *self.denoise, *self.finish, *self.side)
+
+    def stage(self, name: str) -> type[Stage]:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"no stage {name!r} in the pipeline")
+
+    def deployments(self) -> dict[str, tuple[type[Stage], ...]]:
+        """Each deployment name with the stages it hosts, in pipeline order."""
+        hosts: dict[str, list[type[Stage]]] = {}
+        for stage in self.stages:
+            hosts.setdefault(stage.deployment, []).append(stage)
+        return {name: tuple(stages) for name, stages in hosts.items()}
+
+    def steps(self, plan: Plan) -> tuple[Step, ...]:
+        """The job's steps for `plan`, in running order; each side step right after the step that writes its input.
+        Raises ValueError if a step reads an artifact no earlier step writes (a misdeclared pipeline)."""
+        by_role = {stage.role: stage for stage in self.denoise}
+        main = [Step(s.name, s.name, s.reads, s.writes, "prepare") for s in self.prepare]
+        last = len(plan.segments) - 1
+        for i, (segment, name) in enumerate(zip(plan.segments, plan.names)):
+            stage = by_role.get(segment.role)
+            if stage is None:
+                raise ValueError(f"the plan's segment {name!r} needs a {segment.role} stage; the pipeline has "
+                                 f"{', '.join(by_role)}")
+            reads = stage.reads if i == 0 else (handoff(i - 1),)
+            writes = stage.writes if i == last else (handoff(i),)
+            main.append(Step(name, stage.name, reads, writes, "denoise", i, plan.expected_span(i)))
+        main += [Step(s.name, s.name, s.reads, s.writes, "finish") for s in self.finish]
+        steps, written = [], set()
+        for step in main:
+            _check_inputs(step, written)
+            steps.append(step)
+            written.update(step.writes)
+            for side in self.side:
+                if side.reads and side.reads[0] in step.writes:
+                    steps.append(Step(side.name, side.name, side.reads, side.writes, "side"))
+                    _check_inputs(steps[-1], written)
+        return tuple(steps)
+
+
+def _check_inputs(step: Step, written: set[Artifact]) -> None:
+    missing = [a.file for a in step.reads if a not in written]
+    if missing:
+        raise ValueError(f"step {step.name!r} reads {', '.join(missing)}, which no earlier step writes")
+
+
+class Planner:
+    """A request's plan and steps from configs alone (no weights), so that the orchestrator, the stage deployments
+    and the Engine agree on them: the boundary policy's switch comes from the sampler's timesteps."""
+
+    def __init__(self, config: EngineConfig, pipeline: Pipeline):
+        family = config.family()
+        self.pipeline = pipeline
+        self._sampler = family.sampler
+        self._scheduler_config = family.scheduler_config(config.models().sketch)
+
+    def plan(self, params: GenerationParams) -> Plan:
+        timesteps = self._sampler.scheduler(self._scheduler_config, params, "cpu").timesteps
+        return make_plan(params, timesteps)
+
+    def steps(self, params: GenerationParams) -> tuple[Step, ...]:
+        return self.pipeline.steps(self.plan(params))
