@@ -27,6 +27,11 @@ OWNED_OPTIONS = {
 }
 
 
+def config_key(deployment: str) -> str:
+    """A stage deployment's field in AppConfig (and in a Serve config's `args`): Sketcher -> `sketcher`."""
+    return deployment.lower()
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -241,7 +246,7 @@ class AppConfig(_Config):
     def stage_config(self, deployment: str) -> StageConfig:
         """A stage deployment's config, by the deployment's name (Encoder: `encoder`); a deployment this config has
         no field for runs with StageConfig's defaults."""
-        config = getattr(self, deployment.lower(), None)
+        config = getattr(self, config_key(deployment), None)
         return config if isinstance(config, StageConfig) else StageConfig()
 
     @model_validator(mode="after")

@@ -24,23 +24,25 @@ from ray.serve.deployment import Application
 
 from deployments.api import VideoResult
 from deployments.app import APP_NAME, build_app
-from deployments.config import AppConfig, Resources
+from deployments.config import AppConfig, Resources, config_key
 from serve.config import EngineConfig
+from serve.pipeline.registry import PIPELINE
 from serve.request import VideoRequest
 
 __all__ = ["AppStartError", "generate_local", "local_config", "run_local"]
 
 
 def local_config(engine: EngineConfig, constructor_attempts: int | None = None) -> AppConfig:
-    """The app on this one machine: the four stages share its CPUs (a quarter each, so they fit however few cores
-    it has) and, on CUDA, GPU 0 (a quarter each); `constructor_attempts` replaces DEFAULT_OPTIONS' for them."""
-    cpus = len(os.sched_getaffinity(0)) / 4
-    share = Resources(num_cpus=cpus, num_gpus=0.25 if engine.device.startswith("cuda") else 0.0)
+    """The app on this one machine: the stage deployments share its CPUs (an equal part each, so they fit however
+    few cores it has) and, on CUDA, GPU 0; `constructor_attempts` replaces DEFAULT_OPTIONS' for them."""
+    deployments = PIPELINE.deployments()
+    share = 1 / len(deployments)
+    resources = Resources(num_cpus=len(os.sched_getaffinity(0)) * share,
+                          num_gpus=share if engine.device.startswith("cuda") else 0.0)
     options = {} if constructor_attempts is None else {"max_constructor_retry_count": constructor_attempts}
     return AppConfig.model_validate({
         "engine": engine.model_dump(),
-        **{stage: {"resources": share.model_dump(), "serve_options": options}
-           for stage in ("encoder", "sketcher", "renderer", "decoder")},
+        **{config_key(name): {"resources": resources.model_dump(), "serve_options": options} for name in deployments},
     })
 
 

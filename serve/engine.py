@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ import torch
 from serve.config import EngineConfig
 from serve.denoise import Cancelled
 from serve.models import ModelCache
-from serve.pipeline.artifacts import LATENTS, PREVIEW, VIDEO
+from serve.pipeline.artifacts import LATENTS, PREVIEW, VIDEO, Artifact
 from serve.pipeline.registry import PIPELINE
 from serve.pipeline.stage import Pipeline, Planner, Stage, Task
 from serve.request import GenerationParams
@@ -24,12 +25,26 @@ from serve.switch import Plan
 @dataclass
 class GenerationResult:
     params: GenerationParams
-    latents: torch.Tensor  # float32 [1, C, F', H', W'], before VAE decode
-    frames: np.ndarray | None  # uint8 [F, H, W, 3]; None when not decoded
     plan: Plan
     segments: list[tuple[str, int, int]]  # each denoising step's name, first step and one past its last
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per step
-    preview: np.ndarray | None = None  # the sketch's estimate of the first frame, uint8 [H, W, 3]
+    timings: dict[str, float]  # seconds per step
+    artifacts: dict[Artifact, Any]  # every step's outputs
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """float32 [1, C, F', H', W'], before VAE decode."""
+        return self.artifacts[LATENTS]
+
+    @property
+    def frames(self) -> np.ndarray | None:
+        """uint8 [F, H, W, 3]; None when not decoded."""
+        clip = self.artifacts.get(VIDEO)
+        return None if clip is None else clip.frames
+
+    @property
+    def preview(self) -> np.ndarray | None:
+        """The sketch's estimate of the first frame, uint8 [H, W, 3]."""
+        return self.artifacts.get(PREVIEW)
 
     @property
     def switch_step(self) -> int:
@@ -95,9 +110,4 @@ class Engine:
                         first = segments[i][-1][2] if segments[i] else 0
                         segments[i].append((task.step.name, first, output.steps_done))
                     done[i] += 1
-        results = []
-        for i, params in enumerate(requests):
-            clip = values[i].get(VIDEO)
-            results.append(GenerationResult(params, values[i][LATENTS], None if clip is None else clip.frames,
-                                            plans[i], segments[i], timings[i], values[i].get(PREVIEW)))
-        return results
+        return [GenerationResult(*result) for result in zip(requests, plans, segments, timings, values)]

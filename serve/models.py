@@ -153,10 +153,9 @@ TINY = Preset(
     builder="serve.tiny:ensure_tiny_models",
     summary="random weights in the Wan2.1 layout, built offline",
 )
-# Trained by this project on procedural clips (issue 6; toy/train.py, training.json beside the weights): a 5.9M
-# "large" and a 2.7M "small" Wan DiT. The default switch is the paper's: after 5 of 20 steps, prompt adherence
-# matched all-large on 1,200 held-out videos (89.6% against 89.25%, all-small 84.0%) at 0.60-0.63 of its cost
-# (bench/RESULTS.md, toy run 8).
+# Trained by this project on procedural clips (toy/train.py, training.json beside the weights): a "large" and a
+# "small" Wan DiT. The default switch is the paper's, after 5 of 20 steps; its prompt adherence against all-large
+# and all-small is measured in bench/RESULTS.md ("Toy pair").
 TOY_DIR = Path(__file__).resolve().parent / "presets" / "toy"
 TOY = Preset(
     "toy",

@@ -84,6 +84,12 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def read_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def read_mp4(data: bytes) -> np.ndarray:
     """Decode an mp4 back to uint8 frames [F, H, W, 3] (for tests and clients; needs PyAV)."""
     import av

@@ -13,8 +13,10 @@ test_frontdoor_tiers.py and meanwhile counts as slow.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import os
+import threading
 from pathlib import Path
 
 # Triton kernels (kernels/srd_kernels) run in Triton's CPU interpreter here. Set before anything imports triton: its
@@ -48,9 +50,11 @@ TIERS: dict[str, str] = {
     "test_bench_vae_tiling": "fast",
     # ray: starts Ray or the Serve app
     "test_app": "ray",
-    "test_app_api": "ray",
+    "test_app_api": "fast",  # the HTTP API through FastAPI's TestClient, jobs driven in-process
     "test_app_faults": "ray",
-    "test_app_parts": "fast",  # the progress reporter and the encoder cache, in-process
+    "test_app_parts": "fast",  # the progress reporter, in-process
+    "test_drive": "fast",  # the drive loop over the stage deployments, in-process: retry, cancel, takeover
+    "test_pipeline": "fast",  # the declared pipeline, its steps, and a stage added to it
     "test_parallel_ray": "ray",
     "test_parallel_groups": "ray",  # the process and the Ray worker group under one test (a killed rank)
     "test_frontdoor_serve": "ray",
@@ -146,6 +150,104 @@ def make_params():
         return VideoRequest(**fields).resolve(PRESETS["tiny"].defaults)
 
     return make
+
+
+class LoopThread:
+    """An asyncio event loop on a thread of its own: objects bound to one loop (a stage deployment's batch queues
+    and device lock) serve every test of a module; `run(coroutine)` waits for its result."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="test-loop").start()
+
+    def run(self, coroutine, timeout_s: float = 120.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        async def cancel_the_rest():
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_the_rest())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+class InProcessApp:
+    """The app's parts in this process, without Ray: the stage deployments (deployments/stage.py) of a pipeline, each
+    loaded once on `loop`, and drive loops over them, as the orchestrator runs them; a real job store and results
+    directory. `driver(worker, call)` makes a Driver whose stage call may be wrapped: `call(step, job_id, params,
+    run)` with `run` the real call; `start()` runs one in the background, as an orchestrator replica does."""
+
+    def __init__(self, engine_config, jobs, loop, pipeline=None, stage_config=None):
+        from ray.serve.batching import _BatchQueue
+
+        from deployments.config import Batching, StageConfig
+        from deployments.stage import StageDeployment
+        from serve.jobs.results import ResultStore
+        from serve.jobs.store import JobStore
+        from serve.pipeline.registry import PIPELINE
+        from serve.pipeline.stage import Planner
+
+        # Serve's batch queue runs on any event loop; only its check of max_ongoing_requests against the batch size
+        # reads the replica's deployment config, which exists in a replica alone.
+        self._saved_warning = _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests
+        _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda queue: None
+        self.pipeline = pipeline or PIPELINE
+        self.jobs, self.loop = jobs, loop
+        self.store, self.results = JobStore(jobs.store, jobs.store_table), ResultStore(jobs.results)
+        stage_config = stage_config or StageConfig(batching=Batching(max_batch_size=4, batch_wait_timeout_s=0.0))
+
+        async def build():
+            return {name: StageDeployment(name, engine_config, stage_config, jobs, self.pipeline)
+                    for name in self.pipeline.deployments()}
+
+        self.deployments = loop.run(build())
+        self._hosts = {stage.name: self.deployments[stage.deployment] for stage in self.pipeline.stages}
+        self._planner = Planner(engine_config, self.pipeline)
+        self._running = []
+
+    def driver(self, worker: str = "driver-a", call=None):
+        from serve.jobs.drive import Driver
+
+        async def real(step, job_id, params):
+            return await self._hosts[step.stage].run(step, job_id, params)
+
+        async def wrapped(step, job_id, params):
+            return await call(step, job_id, params, real)
+
+        return Driver(self.store, self._planner.steps, wrapped if call else real, self.jobs, worker)
+
+    def start(self):
+        """An orchestrator: a driver claiming and driving jobs in the background until `close`."""
+        driver = self.driver("orchestrator")
+
+        async def start():
+            self._running.append(asyncio.create_task(driver.run()))
+
+        self.loop.run(start())
+        return driver
+
+    def close(self) -> None:
+        from ray.serve.batching import _BatchQueue
+
+        for task in self._running:
+            self.loop.loop.call_soon_threadsafe(task.cancel)
+        _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = self._saved_warning
+
+
+@pytest.fixture(scope="session")
+def in_process_app():
+    """InProcessApp, the class (test modules cannot import conftest)."""
+    return InProcessApp
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

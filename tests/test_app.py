@@ -94,10 +94,14 @@ def latents_over_http(http, job_id: str):
     return torch.from_numpy(np.load(io.BytesIO(response.content)))
 
 
-def test_http_end_to_end(app, engine, rel_err):
+@pytest.mark.parametrize(("switch", "segments"), [
+    ("step:3", [("sketch", 0, 3), ("render", 3, 8)]),
+    ("step:2:6", [("sketch", 0, 2), ("render", 2, 6), ("sketch.2", 6, 8)]),  # large, small, large again
+])
+def test_http_end_to_end(app, engine, rel_err, switch, segments):
     from serve.video import read_mp4
 
-    request = {"prompt": "a red fox in the snow", "seed": 7, "num_inference_steps": 8, "switch": "step:3"}
+    request = {"prompt": "a red fox in the snow", "seed": 7, "num_inference_steps": 8, "switch": switch}
     created = app.http.post("/v1/videos", json=request)
     assert created.status_code == 200, created.text
     job = created.json()
@@ -106,12 +110,13 @@ def test_http_end_to_end(app, engine, rel_err):
 
     job, _ = wait_for(app.http, job["id"])
     assert job["status"] == "completed", job
-    assert job["progress"] == 100 and job["switch_step"] == 3 and job["error"] is None
+    assert job["progress"] == 100 and job["switch_step"] == segments[0][2] and job["error"] is None
+    assert [(s["stage"], s["start"], s["stop"]) for s in job["segments"]] == segments
     assert job["completed_at"] >= job["created_at"] and job["model"] == "tiny"
     assert job["size"] == "64x64" and job["seconds"] == "1"  # 17 frames at 16 fps
-    assert set(job["timings"]) == {"encode", "sketch", "render", "decode"}
+    assert set(job["timings"]) == {"encode", *(name for name, _, _ in segments), "decode", "preview"}
     assert {stage: s["attempts"] for stage, s in job["stages"].items()} == dict.fromkeys(job["timings"], 1)
-    assert job["request"]["seed"] == 7 and job["request"]["switch"] == "step:3"
+    assert job["request"]["seed"] == 7 and job["request"]["switch"] == switch and job["preview_ready"]
 
     content = app.http.get(f"/v1/videos/{job['id']}/content")
     assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"

@@ -1,9 +1,12 @@
-"""The HTTP API's contract, on the session's local Ray: malformed input, admission, auth, the official openai SDK
-and pagination. One app for the module (tiny preset, CPU stages, bearer tokens tok-a and tok-b) under the route
-prefix /apitest, so that it never collides with another module's app at "/".
+"""The HTTP API's contract: malformed input, admission, auth, the official openai SDK and pagination.
 
-Admission runs against a second, ingress-only app (/admtest): the bound on unfinished jobs lives in the ingress, and
-without an orchestrator its jobs stay queued, so the count it sees is exact and the test needs no timing luck.
+The ingress's routes (deployments/ingress.py `make_api` over a `VideoService`) are served by FastAPI's TestClient in
+this process, and jobs are driven by the drive loop over the stage deployments in this process too
+(tests/conftest.py `InProcessApp`): no Ray. One app for the module (tiny preset, bearer tokens tok-a and tok-b).
+The same routes behind Serve's HTTP proxy are tests/test_app.py.
+
+Admission runs against a second service with no drive loop: its jobs stay queued, so the count it sees is exact and
+the test needs no timing luck.
 """
 
 from __future__ import annotations
@@ -13,14 +16,10 @@ import json
 import time
 from types import SimpleNamespace
 
-import httpx
 import pytest
-from ray import serve
+from fastapi.testclient import TestClient
 
-APP, PREFIX = "srd-api", "/apitest"
-ADMISSION_APP, ADMISSION_PREFIX = "srd-api-admission", "/admtest"
 TOKEN_A, TOKEN_B = "tok-a", "tok-b"
-STAGE = {"resources": {"num_cpus": 0.5, "num_gpus": 0}, "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02}}
 # 32x32, 5 frames, 2 steps: a job takes well under a second of compute
 SMALL = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2, "switch": "step:1"}
 P = "a red ball bouncing"
@@ -29,8 +28,7 @@ P = "a red ball bouncing"
 def app_config(data_dir, **overrides) -> dict:
     return {
         "engine": {"preset": "tiny"},
-        "encoder": STAGE, "sketcher": STAGE, "renderer": STAGE, "decoder": STAGE,
-        "jobs": {"data_dir": str(data_dir), "poll_interval_s": 0.05},
+        "jobs": {"data_dir": str(data_dir), "poll_interval_s": 0.05, "progress_interval_s": 0.05},
         "auth": {"tokens": [TOKEN_A, TOKEN_B], "tokens_env": None},
         **overrides,
     }
@@ -41,27 +39,28 @@ def bearer(token: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def app(serve_http, tiny_models, tmp_path_factory):
-    from deployments.app import build_app
+def app(tiny_models, tmp_path_factory, loop, in_process_app):
     from deployments.config import AppConfig
+    from deployments.ingress import VideoService, make_api
 
     data_dir = tmp_path_factory.mktemp("srd-api-data")
-    serve.run(build_app(AppConfig.model_validate(app_config(data_dir))), name=APP, route_prefix=PREFIX)
-    base = serve_http + PREFIX
+    config = AppConfig.model_validate(app_config(data_dir))
+    local = in_process_app(config.engine, config.jobs, loop)
+    local.start()  # the orchestrator
+    api = make_api(VideoService(config))
     try:
-        with httpx.Client(base_url=base, timeout=60, headers=bearer(TOKEN_A)) as a, \
-                httpx.Client(base_url=base, timeout=60, headers=bearer(TOKEN_B)) as b, \
-                httpx.Client(base_url=base, timeout=60) as anon:
-            yield SimpleNamespace(a=a, b=b, anon=anon, base=base, data_dir=data_dir)
+        with TestClient(api, headers=bearer(TOKEN_A)) as a, TestClient(api, headers=bearer(TOKEN_B)) as b, \
+                TestClient(api) as anon:
+            yield SimpleNamespace(a=a, b=b, anon=anon, api=api, data_dir=data_dir)
     finally:
-        serve.delete(APP)
+        local.close()
 
 
 @pytest.fixture(scope="module")
-def admission(serve_http, tmp_path_factory):
-    """The ingress alone (no orchestrator: its jobs stay queued), at most two unfinished jobs, no auth."""
+def admission(tmp_path_factory):
+    """The service alone (no drive loop: its jobs stay queued), at most two unfinished jobs, no auth."""
     from deployments.config import AppConfig
-    from deployments.ingress import Ingress
+    from deployments.ingress import VideoService, make_api
 
     config = AppConfig.model_validate({
         "engine": {"preset": "tiny"},
@@ -69,13 +68,8 @@ def admission(serve_http, tmp_path_factory):
                  "retry_after_s": 7},
         "auth": {"tokens_env": None},
     })
-    serve.run(serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0}).bind(None, config),
-              name=ADMISSION_APP, route_prefix=ADMISSION_PREFIX)
-    try:
-        with httpx.Client(base_url=serve_http + ADMISSION_PREFIX, timeout=60) as http:
-            yield http
-    finally:
-        serve.delete(ADMISSION_APP)
+    with TestClient(make_api(VideoService(config))) as http:
+        yield http
 
 
 def wait_for(http, job_id: str, until=lambda job: job["status"] in ("completed", "failed"),
@@ -348,13 +342,17 @@ def test_auth_tokens_and_ownership(app):
 # -- 4. the official openai SDK, unchanged -----------------------------------------------------------------------
 
 
-def test_openai_sdk_end_to_end(app, serve_http):
+def test_openai_sdk_end_to_end(app):
     import openai
     from PIL import Image
 
     from serve.video import read_mp4
 
-    client = openai.OpenAI(api_key=TOKEN_A, base_url=f"{serve_http}{PREFIX}/v1", max_retries=0, timeout=60)
+    def sdk(api_key: str):
+        return openai.OpenAI(api_key=api_key, base_url="http://testserver/v1", max_retries=0, timeout=60,
+                             http_client=TestClient(app.api))
+
+    client = sdk(TOKEN_A)
     steps = {"num_inference_steps": 2, "switch": "step:1", "seed": 4}
     video = client.videos.create(prompt="a lighthouse at dusk", size="32x32", seconds="1", extra_body=steps)
     other = client.videos.create(prompt="a second video", size="32x32", seconds="0.25", extra_body=steps)
@@ -390,7 +388,7 @@ def test_openai_sdk_end_to_end(app, serve_http):
         client.videos.create(prompt="x", input_reference=("ref.png", PNG_1x1, "image/png"))
     assert reference.value.body["param"] == "input_reference"
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(api_key="wrong", base_url=f"{serve_http}{PREFIX}/v1", max_retries=0).videos.list()
+        sdk("wrong").videos.list()
 
     other = client.videos.retrieve(other.id)
     while other.status in ("queued", "in_progress"):

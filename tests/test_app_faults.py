@@ -1,4 +1,4 @@
-"""Faults and restarts of the Serve app, for real, on the session's local Ray (issue #14, must-shows 1 and 2).
+"""Faults and restarts of the Serve app, for real, on the session's local Ray.
 
 The app is deployed once per job-store backend: the embedded SQLite store (a file in a tmp `jobs.data_dir`) runs
 every test; PostgreSQL (`jobs.store_url`, a table of its own per run, dropped afterwards; results still under a tmp
@@ -59,6 +59,7 @@ def long_job(switch: str, seed: int) -> dict:
 
 SKETCH_LONG = long_job("step:90", 21)
 RENDER_LONG = long_job("step:5", 22)
+THIRD_LONG = long_job("step:3:6", 23)  # large for steps 0-2, small for 3-5, large again for 6-99
 RESTART_RENDER_S = 3.0  # the restart's serve.delete (graceful shutdowns of up to 0.5 s) must end inside the render
 
 FAST_FAULTS = {"health_check_period_s": 1.0, "health_check_timeout_s": 10.0, "graceful_shutdown_timeout_s": 0.5,
@@ -321,6 +322,18 @@ def test_renderer_killed_mid_render_keeps_the_sketch(app, reference, rel_err):
 
 
 @SQLITE
+def test_sketcher_killed_in_the_third_segment_keeps_the_first_two(app, reference, rel_err):
+    """A three-segment plan: the Sketcher's replica dies while it runs the third segment (the large model again);
+    the job resumes from the second hand-off, so neither earlier segment runs again."""
+    job = killed_mid_stage(app, "Sketcher", "sketch.2", THIRD_LONG, min_steps=10)
+    assert_reference(app, job, THIRD_LONG, reference, rel_err)
+    assert job["stages"]["sketch.2"]["attempts"] >= 2 and job["stages"]["sketch.2"]["error"]
+    assert job["stages"]["sketch"]["attempts"] == 1 and job["stages"]["render"]["attempts"] == 1
+    assert [(s["stage"], s["start"], s["stop"]) for s in job["segments"]] == [
+        ("sketch", 0, 3), ("render", 3, 6), ("sketch.2", 6, 100)]
+
+
+@SQLITE
 def test_decoder_killed_mid_decode_keeps_sketch_and_render(app, reference, rel_err):
     job = killed_mid_stage(app, "Decoder", "decode", SHORT)
     assert_reference(app, job, SHORT, reference, rel_err)
@@ -419,48 +432,3 @@ def test_restart_keeps_finished_jobs_and_resumes_the_running_one(app, reference,
     job = wait_for(app.http, running)
     assert_reference(app, job, restart_render_job, reference, rel_err)
     assert job["stages"]["sketch"]["attempts"] == 1  # resumed from the hand-off checkpoint
-
-
-def test_a_missing_checkpoint_fails_only_its_own_job_in_a_batch(tmp_path, monkeypatch):
-    """Two jobs in one batch, one without its input checkpoint: that job's call raises MissingCheckpoint (naming
-    the job and the file), the other is computed and done; the engine saw only the job it could load. (No Ray: the
-    stage runner with its @serve.batch queue on a plain event loop.)"""
-    import asyncio
-
-    from ray.serve import batching
-
-    # outside a replica there is no max_ongoing_requests to compare max_batch_size with
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda _: None)
-
-    from deployments.batching import MissingCheckpoint, StageDone, StageRunner, load_each, read_checkpoint
-    from deployments.config import Batching, JobsConfig
-    from serve.jobs.store import JobStore
-    from serve.jobs import JobRecord
-    from serve.jobs.results import ResultStore
-
-    config = JobsConfig(data_dir=str(tmp_path))
-    store = JobStore(config.store, config.store_table)
-    for job_id in ("video_a", "video_b"):
-        store.create(JobRecord(id=job_id, model="tiny", request={"num_inference_steps": 4}, created_at=0.0))
-    results = ResultStore(config.results)
-    results.put("video_a", "input.bin", b"a")  # video_b has none
-    computed = []
-
-    def compute(job_ids, payloads, on_step):
-        indices, inputs, outputs = load_each(job_ids, lambda job_id: read_checkpoint(results, job_id, "input.bin"))
-        computed.append(([job_ids[i] for i in indices], inputs))
-        for i in indices:
-            outputs[i] = {}
-        return outputs
-
-    runner = StageRunner("render", Batching(max_batch_size=2, batch_wait_timeout_s=2.0), config, compute)
-
-    async def both() -> StageDone:
-        calls = [asyncio.ensure_future(runner.run(job_id, None)) for job_id in ("video_a", "video_b")]
-        with pytest.raises(MissingCheckpoint, match="video_b has no input.bin checkpoint"):
-            await calls[1]
-        return await calls[0]
-
-    done = asyncio.run(both())
-    assert isinstance(done, StageDone) and done.batch_size == 2  # one batch of both
-    assert computed == [(["video_a"], [b"a"])]

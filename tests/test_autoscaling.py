@@ -9,7 +9,8 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from deployments.autoscaling import CostAwarePolicy, StageLoad, share_budget, size_stage
 
-# Measured per-step seconds on the H200 (DESIGN.md): Wan 14B sketch 3.28 s, Wan 1.3B render 0.62 s, 480p/81.
+# Per-step seconds of the order measured on the H200 at 480p/81 (bench/RESULTS.md, "Kernels": 14B ~3.3 s, 1.3B
+# ~0.63 s per forward): the policy's inputs here, not a claim.
 SKETCH_STEP_S, RENDER_STEP_S = 3.28, 0.62
 SKETCH, RENDER, INGRESS = (DeploymentID(name=n, app_name="srd") for n in ("Sketcher", "Renderer", "Ingress"))
 

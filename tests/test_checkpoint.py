@@ -192,8 +192,14 @@ Path(sys.argv[2]).write_bytes(latents_to_bytes(latents))
 
 
 def test_checkpoint_renders_identically_in_a_fresh_process(sketched, tmp_path):
+    """The hand-off is self-contained and small: its tensors (embeddings [1, 512, D] twice dominate) plus a few
+    kilobytes of scheduler config and request, no model weights, no stray copies."""
     handoff, rendered = sketched("step:2")
-    (tmp_path / "handoff.safetensors").write_bytes(handoff_to_bytes(handoff))
+    data = handoff_to_bytes(handoff)
+    tensors = [handoff.latents, handoff.embeds.prompt, handoff.embeds.negative,
+               *(t for t in handoff.scheduler.model_outputs if t is not None)]
+    assert len(data) < sum(t.nbytes for t in tensors) + 32 * 1024
+    (tmp_path / "handoff.safetensors").write_bytes(data)
     done = subprocess.run(
         [sys.executable, "-c", RENDER_FROM_CHECKPOINT, str(tmp_path / "handoff.safetensors"), str(tmp_path / "out")],
         capture_output=True, text=True, timeout=180,

@@ -96,6 +96,17 @@ def count_forwards(transformer):
     return calls, handle
 
 
+def generate_counting_forwards(engine, params):
+    """The engine's latents-only result, and how many forwards the sketch and the render transformer ran."""
+    sketch_calls, sketch_hook = count_forwards(engine.stages["sketch"].denoiser.transformer)
+    render_calls, render_hook = count_forwards(engine.stages["render"].denoiser.transformer)
+    try:
+        return engine.generate(params, decode=False), len(sketch_calls), len(render_calls)
+    finally:
+        sketch_hook.remove()
+        render_hook.remove()
+
+
 @pytest.mark.parametrize(
     ("steps", "k", "seed"),
     [(4, 1, 0), (4, 3, 1), (6, 2, 2), (5, 4, 3)],
@@ -104,22 +115,15 @@ def count_forwards(transformer):
 def test_step_switch_equals_diffusers_two_model_pipeline(any_engine, oracle, make_params, rel_err, steps, k, seed):
     params = make_params(num_inference_steps=steps, switch=f"step:{k}", seed=seed)
     expected = oracle(params, boundary_for(oracle.scheduler_config, params, k))
-
-    sketch_calls, sketch_hook = count_forwards(any_engine.stages["sketch"].denoiser.transformer)
-    render_calls, render_hook = count_forwards(any_engine.stages["render"].denoiser.transformer)
-    try:
-        result = any_engine.generate(params, decode=False)
-    finally:
-        sketch_hook.remove()
-        render_hook.remove()
+    result, sketch_calls, render_calls = generate_counting_forwards(any_engine, params)
 
     assert result.switch_step == k
     assert result.latents.dtype == torch.float32 and result.latents.shape == expected.shape
     assert rel_err(result.latents, expected) <= TOLERANCE
     # Guidance on: two rows per step, in two forwards or one.
     rows_per_forward = 1 if any_engine.config.max_tokens_per_forward == 1 else 2
-    assert len(sketch_calls) == k * 2 // rows_per_forward
-    assert len(render_calls) == (steps - k) * 2 // rows_per_forward
+    assert sketch_calls == k * 2 // rows_per_forward
+    assert render_calls == (steps - k) * 2 // rows_per_forward
 
 
 @pytest.mark.parametrize(("steps", "seed"), [(1, 4), (4, 5)])
@@ -199,18 +203,12 @@ def test_three_segments_equal_diffusers_with_the_transformer_swapped(any_engine,
     diffusers' pipeline whose transformer is swapped at steps A and B, and each model runs its own steps."""
     params = make_params(num_inference_steps=steps, switch=switch, seed=10)
     expected = oracle.swapped(params, {a: oracle.small, b: oracle.large})
-    sketch_calls, sketch_hook = count_forwards(any_engine.stages["sketch"].denoiser.transformer)
-    render_calls, render_hook = count_forwards(any_engine.stages["render"].denoiser.transformer)
-    try:
-        result = any_engine.generate(params, decode=False)
-    finally:
-        sketch_hook.remove()
-        render_hook.remove()
+    result, sketch_calls, render_calls = generate_counting_forwards(any_engine, params)
     assert result.segments == [("sketch", 0, a), ("render", a, b), ("sketch.2", b, steps)]
     assert rel_err(result.latents, expected) <= TOLERANCE
     rows_per_forward = 1 if any_engine.config.max_tokens_per_forward == 1 else 2
-    assert len(sketch_calls) == (a + steps - b) * 2 // rows_per_forward
-    assert len(render_calls) == (b - a) * 2 // rows_per_forward
+    assert sketch_calls == (a + steps - b) * 2 // rows_per_forward
+    assert render_calls == (b - a) * 2 // rows_per_forward
     # guards the oracle: swapping at other steps gives other latents
     assert rel_err(oracle.swapped(params, {a: oracle.small}), expected) > 1e-2
 

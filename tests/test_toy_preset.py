@@ -1,6 +1,6 @@
 """The toy pair shipped in serve/presets/toy, loaded through the engine like any checkpoint and run on the CPU: at the
-preset's default switch its videos follow held-out prompts and keep the layout the large model sketched (issue 6;
-the 1,200-video table is in bench/RESULTS.md)."""
+preset's default switch its videos follow held-out prompts and keep the layout the large model sketched (the
+1,200-video table is in bench/RESULTS.md, "Toy pair")."""
 
 from __future__ import annotations
 

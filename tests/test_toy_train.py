@@ -21,7 +21,7 @@ from serve.pipeline.segment import RenderStage, SketchStage
 from toy import pair, train
 
 FEW = ["--device", "cpu", "--vae-batch", "2", "--dit-batch", "2", "--bank", "4", "--check-clips", "4"]
-MAX_BYTES = 20 * 10**6  # issue 6: all committed weights together
+MAX_BYTES = 20 * 10**6  # all the toy pair's committed weights together: a small clone
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """FP8 linear layers through torchao: dynamic FP8 (E4M3) activations and weights with rowwise scales, applied to
 the linear layers of a transformer's repeated blocks (attention projections and FFN). torchao's
 `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())` does the quantization and the scaled matmul
-(torch._scaled_mm); nothing of it is written here. Measured on the H200 (DESIGN.md): it pays only under
-torch.compile, which fuses the activation quantization into the preceding ops."""
+(torch._scaled_mm); nothing of it is written here. It is meant to run under torch.compile, which fuses the
+activation quantization into the preceding ops (bench/RESULTS.md, "Kernels", measures it that way)."""
 
 from __future__ import annotations
 

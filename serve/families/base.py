@@ -112,8 +112,25 @@ class Family:
 
     # -- the phases -------------------------------------------------------------------------------------------
 
-    def encode(self, pipe, requests: list[GenerationParams], device) -> list[PromptEmbeds]:
+    def max_sequence_length(self, pipe) -> int:
+        """Tokens a prompt is padded to, as the family's pipeline does by default."""
         raise NotImplementedError
+
+    def encode(self, pipe, requests: list[GenerationParams], device) -> list[PromptEmbeds]:
+        """Prompt embeddings through the pipeline's own `encode_prompt`; the negative only where guidance is on."""
+        import torch
+
+        from serve.handoff import PromptEmbeds
+
+        with torch.inference_mode():
+            prompt, negative = pipe.encode_prompt(
+                prompt=[r.prompt for r in requests], negative_prompt=[r.negative_prompt for r in requests],
+                do_classifier_free_guidance=True, max_sequence_length=self.max_sequence_length(pipe), device=device,
+            )
+        return [
+            PromptEmbeds(prompt[i : i + 1].cpu(), negative[i : i + 1].cpu() if r.do_cfg else None)
+            for i, r in enumerate(requests)
+        ]
 
     def decode(self, pipe, latents: torch.Tensor) -> np.ndarray:
         """Latents (the family's layout) -> uint8 frames [B, F, H, W, 3]."""

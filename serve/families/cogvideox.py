@@ -187,19 +187,8 @@ class CogVideoXFamily(Family):
     def denoiser(self, transformer, max_tokens_per_forward: int) -> denoise.GuidedDenoiser:
         return CogVideoXDenoiser(transformer, max_tokens_per_forward)
 
-    def encode(self, pipe, requests, device):
-        from serve.handoff import PromptEmbeds
-
-        length = min(MAX_SEQUENCE_LENGTH, int(pipe.tokenizer.model_max_length))
-        with torch.inference_mode():
-            prompt, negative = pipe.encode_prompt(
-                prompt=[r.prompt for r in requests], negative_prompt=[r.negative_prompt for r in requests],
-                do_classifier_free_guidance=True, max_sequence_length=length, device=device,
-            )
-        return [
-            PromptEmbeds(prompt[i : i + 1].cpu(), negative[i : i + 1].cpu() if r.do_cfg else None)
-            for i, r in enumerate(requests)
-        ]
+    def max_sequence_length(self, pipe) -> int:
+        return min(MAX_SEQUENCE_LENGTH, int(pipe.tokenizer.model_max_length))
 
     def decode(self, pipe, latents: torch.Tensor) -> np.ndarray:
         vae = pipe.vae

@@ -18,7 +18,6 @@ import torch
 
 from serve.denoise import DEFAULT_SAMPLER, LatentSpec
 from serve.families.base import Family, ModelCapabilities, check_same
-from serve.handoff import PromptEmbeds
 
 
 class WanFamily(Family):
@@ -75,17 +74,8 @@ class WanFamily(Family):
             spatial=vae.get("scale_factor_spatial") or 8, patch=tuple(transformer["patch_size"]),
         )
 
-    def encode(self, pipe, requests, device) -> list[PromptEmbeds]:
-        """umT5 embeddings through diffusers' own `encode_prompt` (padded to 512 tokens, as WanPipeline does)."""
-        with torch.inference_mode():
-            prompt, negative = pipe.encode_prompt(
-                prompt=[r.prompt for r in requests], negative_prompt=[r.negative_prompt for r in requests],
-                do_classifier_free_guidance=True, max_sequence_length=512, device=device,
-            )
-        return [
-            PromptEmbeds(prompt[i : i + 1].cpu(), negative[i : i + 1].cpu() if r.do_cfg else None)
-            for i, r in enumerate(requests)
-        ]
+    def max_sequence_length(self, pipe) -> int:
+        return 512  # WanPipeline's default
 
     def decode(self, pipe, latents: torch.Tensor) -> np.ndarray:
         """Latents [B, C, F', H', W'] -> uint8 frames [B, F, H, W, 3], as WanPipeline's output_type="np" path."""

@@ -57,7 +57,7 @@ class ParallelConfig(BaseModel):
         "sdpa",
         description=(
             "Attention kernel inside USP. Default `sdpa` (torch's own choice): on the H100, xfuser's automatic pick "
-            "(cuDNN) was ~3% slower (DESIGN.md); bench/xfuser_overhead.py measures each. Ring needs one of "
+            "(cuDNN) was slower (bench/RESULTS.md, run 4); bench/xfuser_overhead.py measures each. Ring needs one of "
             + ", ".join(LSE_BACKENDS) + "."
         ),
     )

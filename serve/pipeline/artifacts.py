@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve import checkpoint
-from serve.video import Clip, encode_png
+from serve.video import Clip, encode_png, read_png
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Artifact:
     file: str  # its name in the job's directory of the results location
     kind: str  # embeds, handoff, latents, video or image: what its value is
     encode: Callable[[Any], bytes]
-    decode: Callable[[bytes], Any] | None  # None: only ever streamed to clients as stored
+    decode: Callable[[bytes], Any] | None  # None: streamed to clients as stored, never read back by a stage
 
     def __repr__(self) -> str:
         return f"Artifact({self.file})"
@@ -36,8 +36,8 @@ class Artifact:
 EMBEDS = Artifact("embeds.safetensors", "embeds", checkpoint.embeds_to_bytes, checkpoint.embeds_from_bytes)
 LATENTS = Artifact("latents.safetensors", "latents", checkpoint.latents_to_bytes, checkpoint.latents_from_bytes)
 VIDEO = Artifact("video.mp4", "video", Clip.mp4, None)
-THUMBNAIL = Artifact("thumbnail.png", "image", encode_png, None)
-PREVIEW = Artifact("preview.png", "image", encode_png, None)
+THUMBNAIL = Artifact("thumbnail.png", "image", encode_png, read_png)
+PREVIEW = Artifact("preview.png", "image", encode_png, read_png)
 
 
 def handoff(index: int) -> Artifact:

@@ -27,19 +27,23 @@ def load_vae_pipeline(config, models):
     return family, (models or ModelCache()).get(("pipeline", source, ("vae",)), load)
 
 
-class DecodeStage(Stage):
-    name = "decode"
-    deployment = "Decoder"
-    reads = (LATENTS,)
-    writes = (THUMBNAIL, VIDEO)  # the video last: a reader that sees it sees the thumbnail too
+class VaeStage(Stage):
+    """A stage that holds the sketch pipeline's VAE (decode and preview share one per process)."""
 
     def __init__(self, family, pipe):
         self.family = family
         self.pipe = pipe
 
     @classmethod
-    def load(cls, config, models=None) -> DecodeStage:
+    def load(cls, config, models=None) -> VaeStage:
         return cls(*load_vae_pipeline(config, models))
+
+
+class DecodeStage(VaeStage):
+    name = "decode"
+    deployment = "Decoder"
+    reads = (LATENTS,)
+    writes = (THUMBNAIL, VIDEO)  # the video last: a reader that sees it sees the thumbnail too
 
     def __call__(self, latents: torch.Tensor) -> np.ndarray:
         """Latents [B, C, F', H', W'] -> uint8 frames [B, F, H, W, 3]."""

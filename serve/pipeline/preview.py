@@ -7,23 +7,15 @@ import numpy as np
 
 from serve.handoff import Handoff
 from serve.pipeline.artifacts import HANDOFF, PREVIEW
-from serve.pipeline.decode import load_vae_pipeline
-from serve.pipeline.stage import Output, Stage, Task
+from serve.pipeline.decode import VaeStage
+from serve.pipeline.stage import Output, Task
 
 
-class PreviewStage(Stage):
+class PreviewStage(VaeStage):
     name = "preview"
     deployment = "Decoder"
     reads = (HANDOFF,)
     writes = (PREVIEW,)
-
-    def __init__(self, family, pipe):
-        self.family = family
-        self.pipe = pipe
-
-    @classmethod
-    def load(cls, config, models=None) -> PreviewStage:
-        return cls(*load_vae_pipeline(config, models))
 
     def __call__(self, handoff: Handoff) -> np.ndarray:
         """One image [H, W, 3]."""

@@ -1,21 +1,21 @@
-"""The other model families through the Serve app, end to end over HTTP: Wan2.2's two experts (high-noise sketches,
-low-noise renders, boundary switch, two guidance scales) and CogVideoX (the 5B-like model sketches, the 2B-like one
-renders), each on its tiny preset. The hand-off goes through the results location as for Wan2.1, and the final
-latents equal the in-process engine's (float32, relative error <= 1e-5)."""
+"""The other model families through the app's parts, end to end over the HTTP API: Wan2.2's two experts (high-noise
+sketches, low-noise renders, boundary switch, two guidance scales) and CogVideoX (the 5B-like model sketches, the
+2B-like one renders), each on its tiny preset. The routes, the drive loop and the stage deployments run in this
+process (tests/conftest.py `InProcessApp`; what Serve adds is the same for every family, test_app.py); the
+hand-off goes through the results location as for Wan2.1, and the final latents equal the in-process engine's
+(float32, relative error <= 1e-5)."""
 
 from __future__ import annotations
 
 import io
 import time
 
-import httpx
 import numpy as np
 import pytest
 import torch
-from ray import serve
+from fastapi.testclient import TestClient
 
 TOLERANCE = 1e-5
-STAGE = {"resources": {"num_cpus": 0.5}}
 CASES = {
     "tiny-wan2.2": {"prompt": "a red ball", "seed": 3, "height": 32, "width": 32, "num_frames": 5,
                     "num_inference_steps": 6, "guidance_scale": 4.0, "guidance_scale_2": 2.0},
@@ -35,22 +35,21 @@ def wait_for(http, job_id: str, timeout_s: float = 240.0) -> dict:
 
 
 @pytest.mark.parametrize("preset", sorted(CASES))
-def test_family_served_end_to_end(preset, serve_http, tmp_path):
-    from deployments.app import build_app
+def test_family_served_end_to_end(preset, tmp_path, loop, in_process_app):
     from deployments.config import AppConfig
+    from deployments.ingress import VideoService, make_api
     from serve.engine import Engine, EngineConfig
     from serve.models import PRESETS
+    from serve.pipeline.artifacts import HANDOFF
     from serve.request import VideoRequest
-    from serve.jobs.results import HANDOFF
     from serve.video import read_mp4
 
-    EngineConfig(preset=preset).models()  # build the tiny pair here once, before the replicas load it
-    config = AppConfig.model_validate({"engine": {"preset": preset}, "jobs": {"data_dir": str(tmp_path)},
-                                       **dict.fromkeys(("encoder", "sketcher", "renderer", "decoder"), STAGE)})
-    app_name = f"srd-{preset}"
-    serve.run(build_app(config), name=app_name, route_prefix=f"/{preset}")
+    config = AppConfig.model_validate({"engine": {"preset": preset}, "jobs": {"data_dir": str(tmp_path),
+                                                                              "poll_interval_s": 0.05}})
+    app = in_process_app(config.engine, config.jobs, loop)
+    app.start()
     try:
-        with httpx.Client(base_url=f"{serve_http}/{preset}", timeout=60) as http:
+        with TestClient(make_api(VideoService(config))) as http:
             request = CASES[preset]
             created = http.post("/v1/videos", json=request)
             assert created.status_code == 200, created.text
@@ -58,8 +57,8 @@ def test_family_served_end_to_end(preset, serve_http, tmp_path):
             assert job["status"] == "completed", job["error"]
             assert job["model"] == preset and job["switch_step"] is not None
             assert {s: r["attempts"] for s, r in job["stages"].items()} == dict.fromkeys(
-                ("encode", "sketch", "render", "decode"), 1)
-            assert (tmp_path / "results" / job["id"] / HANDOFF).is_file()  # the hand-off went through the store
+                ("encode", "sketch", "preview", "render", "decode"), 1)
+            assert (tmp_path / "results" / job["id"] / HANDOFF.file).is_file()  # the hand-off went through the store
             video = read_mp4(http.get(f"/v1/videos/{job['id']}/content").content)
             assert video.shape == (request["num_frames"], 32, 32, 3)
             latents = torch.from_numpy(np.load(io.BytesIO(http.get(f"/v1/videos/{job['id']}/latents").content)))
@@ -68,7 +67,7 @@ def test_family_served_end_to_end(preset, serve_http, tmp_path):
                 refused = http.post("/v1/videos", json={**request, "num_frames": 5})
                 assert refused.status_code == 422 and refused.json()["error"]["param"] == "num_frames", refused.text
     finally:
-        serve.delete(app_name)
+        app.close()
 
     engine = Engine(EngineConfig(preset=preset))
     params = VideoRequest(**request).resolve(PRESETS[preset].defaults)
