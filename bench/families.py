@@ -4,7 +4,7 @@ end-to-end SR speed-up of CogVideoX 5B -> 2B, on random-init weights of the real
     python -m bench.families --device cuda --commit $(git rev-parse --short HEAD) --out $OUT/families.json
     python -m bench.families --smoke --out /tmp/families.json      # CPU, tiny stand-ins, seconds
 
-Parts (in this order, each under a deadline, see bench.measure.Guard; the JSON is rewritten after every part):
+Parts (in this order, each under a deadline, see bench.harness.Bench; the JSON is rewritten after every part):
   compat     CPU only: what differs between the CogVideoX-5B and -2B pipelines (transformer, VAE, scheduler configs)
              and, for a hand-off at step K, the 2B timestep and latent rescale that keep the state the same video
   cog        one forward of each CogVideoX transformer at 49 frames 720x480: B=1 and B=2 (diffusers'
@@ -46,19 +46,15 @@ Where each architecture comes from (diffusers' own class, built from these confi
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
-from bench import measure, wan
-from bench.measure import GIB, Guard, Peak, free_memory, repeat, sync, timed
+from bench import harness, wan
+from bench.harness import GIB, Bench, Peak, free_memory, repeat, sync, timed
+from serve.denoise import WAN_LATENTS
 from serve.models import random_init
 
 LABEL = wan.LABEL
@@ -137,18 +133,14 @@ def cog_flops(config: dict, video_tokens: int, batch: int) -> float:
     return float(batch * config["num_layers"] * per_layer)
 
 
-def latent_grid(height: int, width: int, frames: int) -> tuple[int, int, int]:
-    """(latent frames, latent height, latent width): both families compress 4x in time and 8x in space."""
-    return (frames - 1) // 4 + 1, height // 8, width // 8
-
-
 # ------------------------------------------------------------------------------------------------- forwards
 def _forward_row(name: str, model, family: str, size: tuple[int, int, int], batch: int, ctx) -> dict:
     """Median of synchronised forwards of `model` at `size` and batch `batch`, with peak memory and TFLOP/s."""
     device, dtype = ctx.device, ctx.dtype
     config = TRANSFORMERS[name]
     height, width, frames = size
-    f, h, w = latent_grid(height, width, frames)
+    f, h, w = WAN_LATENTS.grid(frames, height, width)  # CogVideoX's VAE compresses as Wan's, its patch is Wan's
+    video_tokens = WAN_LATENTS.tokens(frames, height, width)
     gen = torch.Generator("cpu").manual_seed(0)
     timestep = torch.full((batch,), 500, device=device, dtype=torch.long)
     if family == "cog":
@@ -158,7 +150,6 @@ def _forward_row(name: str, model, family: str, size: tuple[int, int, int], batc
                   if config["use_rotary_positional_embeddings"] else None)
         kwargs = dict(hidden_states=latents, encoder_hidden_states=text.to(device, dtype), timestep=timestep,
                       image_rotary_emb=rotary, return_dict=False)
-        video_tokens = f * (h // 2) * (w // 2)
         text_tokens = config["max_text_seq_length"]
         flops = cog_flops(config, video_tokens, batch)
     else:
@@ -167,7 +158,6 @@ def _forward_row(name: str, model, family: str, size: tuple[int, int, int], batc
         text = torch.randn((batch, text_tokens, config["text_dim"]), generator=gen)
         kwargs = dict(hidden_states=latents, encoder_hidden_states=text.to(device, dtype), timestep=timestep,
                       return_dict=False)
-        video_tokens = f * (h // 2) * (w // 2)
         flops = wan.transformer_flops(config, video_tokens, text_tokens, batch)
 
     def call():
@@ -223,7 +213,7 @@ def _rope_leak(ctx, small, big, size) -> float:
     the model's config says. 0 would mean the swap is harmless; anything else, the 2B must be called without it."""
     device, dtype = ctx.device, ctx.dtype
     height, width, frames = size
-    f, h, w = latent_grid(height, width, frames)
+    f, h, w = WAN_LATENTS.grid(frames, height, width)
     config = TRANSFORMERS[ctx.cog_name("2b")]
     gen = torch.Generator("cpu").manual_seed(1)
     kwargs = dict(hidden_states=torch.randn((1, f, 16, h, w), generator=gen).to(device, dtype),
@@ -232,9 +222,9 @@ def _rope_leak(ctx, small, big, size) -> float:
                   timestep=torch.full((1,), 500, device=device, dtype=torch.long), return_dict=False)
     rotary = _cog_pipe(big)._prepare_rotary_positional_embeddings(height, width, f, device)
     with torch.inference_mode():
-        plain = small(**kwargs)[0].float()
-        leaked = small(**kwargs, image_rotary_emb=rotary)[0].float()
-    return float((leaked - plain).norm() / plain.norm().clamp_min(1e-12))
+        plain = small(**kwargs)[0]
+        leaked = small(**kwargs, image_rotary_emb=rotary)[0]
+    return harness.rel_err(leaked, plain)
 
 
 def part_wan(rec: dict, ctx, size_key: str) -> None:
@@ -269,7 +259,7 @@ def part_cog_e2e(rec: dict, ctx) -> None:
     pipe = _cog_pipe(big, vae, CogVideoXDDIMScheduler(**SCHEDULERS["cogvideox-5b"]))
     pipe.set_progress_bar_config(disable=True)
     text_len = TRANSFORMERS[ctx.cog_name("5b")]["max_text_seq_length"]
-    rec["resident_gib"] = torch.cuda.memory_allocated(device) / GIB if measure.is_cuda(device) else None
+    rec["resident_gib"] = torch.cuda.memory_allocated(device) / GIB if harness.is_cuda(device) else None
     rec["params"] = {"text_encoder": params(encoder), "vae": params(vae)}
 
     # The 2B has no rotary embedding, but the pipeline computes one from the 5B's config before the loop and passes
@@ -445,20 +435,6 @@ def _row_line(r: dict) -> str:
             f"{r['median_s']:.4f} s  {r['tflops']:.0f} TFLOP/s  peak {peak} GiB  params {r['params'] / 1e9:.3f}B")
 
 
-def _meta(args) -> dict:
-    import diffusers
-    import transformers
-
-    meta = {"label": LABEL, "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "argv": sys.argv[1:], "commit": args.commit, "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "dtype": args.dtype, "device": args.device}
-    if measure.is_cuda(args.device):
-        meta["gpu"] = torch.cuda.get_device_name(args.device)
-        meta["cuda"] = torch.version.cuda
-    return meta
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -470,24 +446,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--e2e-k", type=int, default=2)
     parser.add_argument("--e2e-reps", type=int, default=1, help="all-5B / SR pairs, alternating")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip parts that would not finish by then")
-    parser.add_argument("--commit", default=os.environ.get("SRD_COMMIT"))
+    parser.add_argument("--commit", default=None, help="the commit measured (default: $BENCH_COMMIT, else git's)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.dtype = "cpu", "float32"
         args.e2e_steps, args.e2e_k = min(args.e2e_steps, 4), min(args.e2e_k, 1)
     torch.manual_seed(0)
-    results: dict = {"meta": _meta(args), "parts": {}}
-    ctx = Context(args, results["parts"])
-    guard = Guard(args.budget_s, results["parts"])
+    bench = Bench("bench.families", argv, args.out, args.budget_s, commit=args.commit, label=LABEL,
+                  dtype=args.dtype, device=args.device)
+    ctx = Context(args, bench.parts)
     estimates = {"compat": 1, "cog": 60, "cog_e2e": 120, "wan480": 60, "wan720": 100}
-    smoke = args.smoke
-
-    def write():
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1, default=str)
-
     for part in args.parts.split(","):
         fn = {"compat": part_compat, "cog": part_cog, "cog_e2e": part_cog_e2e,
               "wan480": lambda rec, c: part_wan(rec, c, "wan480"),
@@ -496,11 +465,9 @@ def main(argv=None) -> dict:
             for key in ("5b", "2b"):
                 ctx.models.pop(key, None)
             free_memory(args.device)
-        guard.run(part, 0 if smoke else estimates[part], fn, ctx)
-        write()
-    results["meta"]["wall_s"] = args.budget_s - guard.left()
-    write()
-    return results
+        bench.run(part, 0 if args.smoke else estimates[part], fn, ctx)
+    print("\n".join(bench.problems()))
+    return bench.doc
 
 
 if __name__ == "__main__":

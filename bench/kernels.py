@@ -24,26 +24,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import platform
-import time
 
 import torch
-import torch.nn.functional as F
 
-from bench import measure, wan
+from bench import harness, wan
+from bench.harness import Bench
+from serve.denoise import WAN_LATENTS
 from srd_kernels import attention
 from srd_kernels.apply import apply_kernels
 from srd_kernels.config import KernelConfig
 
-SIZES = {"480p": (480, 832, 81)}
-SMOKE_SIZES = {"smoke": (32, 48, 5)}
+SIZE = (480, 832, 81)  # height, width, frames
+SMOKE_SIZE = (32, 48, 5)
 
 
 def inputs(transformer, height: int, width: int, frames: int, device, dtype):
     generator = torch.Generator(device).manual_seed(0)
-    shape = (1, transformer.config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+    shape = (1, transformer.config.in_channels, *WAN_LATENTS.grid(frames, height, width))
     latents = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     text = torch.randn((1, 512, transformer.config.text_dim), generator=generator, device=device, dtype=dtype)
     return dict(hidden_states=latents, timestep=torch.tensor([500], device=device), encoder_hidden_states=text,
@@ -51,9 +49,8 @@ def inputs(transformer, height: int, width: int, frames: int, device, dtype):
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
-    out, ref = out.float().flatten(), ref.float().flatten()
-    return {"cosine": F.cosine_similarity(out, ref, dim=0).item(),
-            "rel_error": ((out - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(out).all())}
+    return {"cosine": harness.cosine(out, ref), "rel_error": harness.rel_err(out, ref),
+            "finite": bool(torch.isfinite(out).all())}
 
 
 def levers(selected: str, available: list[str]) -> dict[str, KernelConfig]:
@@ -100,14 +97,16 @@ def fp8_split(shape, device, dtype, repeats: int) -> dict:
     return result
 
 
-def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, deadline: float, save,
-              backends=attention.BACKENDS, only: list[str] | None = None) -> dict:
+def run_model(result: dict, bench: Bench, name: str, size: tuple[int, int, int], device, dtype, runs: int,
+              backends=attention.BACKENDS, only: list[str] | None = None) -> None:
+    """Fill `result` with the model's attention backends and lever rows (saved after each)."""
     height, width, frames = size
-    result: dict = {"model": name, "height": height, "width": width, "num_frames": frames, "rows": {}}
+    result.update({"model": name, "height": height, "width": width, "num_frames": frames, "rows": {}})
+    save = bench.save
     base = wan.transformer(name, device, dtype).eval()
     kwargs = inputs(base, height, width, frames, device, dtype)
     cfg = base.config
-    tokens = kwargs["hidden_states"].shape[2] * (height // 16) * (width // 16)
+    tokens = WAN_LATENTS.tokens(frames, height, width)
     result["tokens"] = tokens
 
     shape = (1, tokens, cfg.num_attention_heads, cfg.attention_head_dim)
@@ -120,8 +119,8 @@ def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, d
     save()
 
     with torch.inference_mode():
-        ref, first = measure.timed(lambda: base(**kwargs)[0], device)
-        timing = measure.repeat(lambda: base(**kwargs)[0], device, warmup=0, runs=runs)
+        ref, first = harness.timed(lambda: base(**kwargs)[0], device)
+        timing = harness.repeat(lambda: base(**kwargs)[0], device, warmup=0, runs=runs)
     result["rows"]["eager"] = {"median_s": timing["median_s"], "times_s": timing["times_s"], "cosine": 1.0,
                                "rel_error": 0.0, "first_call_s": first}
     eager_s = timing["median_s"]
@@ -131,7 +130,7 @@ def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, d
     if only:
         rows = {label: rows[label] for label in only if label in rows}
     for label, config in rows.items():
-        if time.monotonic() > deadline:
+        if bench.left() <= 0:
             result["rows"][label] = {"skipped": "out of time"}
             continue
         model = None
@@ -140,8 +139,8 @@ def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, d
             model = copy.deepcopy(base)
             report = apply_kernels(model, config, label)
             with torch.inference_mode():
-                out, first = measure.timed(lambda: model(**kwargs)[0], device)
-                timing = measure.repeat(lambda: model(**kwargs)[0], device, warmup=0, runs=runs)
+                out, first = harness.timed(lambda: model(**kwargs)[0], device)
+                timing = harness.repeat(lambda: model(**kwargs)[0], device, warmup=0, runs=runs)
             row = {"median_s": timing["median_s"], "times_s": timing["times_s"], "first_call_s": first,
                    "speedup": eager_s / timing["median_s"], **compare(out, ref), "report": report.line(),
                    "numerics": "8-bit" if (config.fp8_linear or config.attention in attention.EIGHT_BIT_BACKENDS)
@@ -155,11 +154,10 @@ def run_model(name: str, size: tuple[int, int, int], device, dtype, runs: int, d
             result["rows"][label] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             print(f"{name} {label}: ERROR {type(e).__name__}: {e}"[:500], flush=True)
         del model
-        measure.free_memory(device)
+        harness.free_memory(device)
         save()
     del base
-    measure.free_memory(device)
-    return result
+    harness.free_memory(device)
 
 
 def best_stacked(rows: dict) -> tuple[str, float] | None:
@@ -170,25 +168,25 @@ def best_stacked(rows: dict) -> tuple[str, float] | None:
     return label, stacked[label]["median_s"]
 
 
-def e2e_estimate(results: dict, steps: int = 50, k: int = 10) -> dict | None:
+def e2e_estimate(estimate: dict, results: dict, steps: int = 50, k: int = 10) -> None:
     """Transformer time of one request from this run's per-forward costs (CFG: 2 forwards a step). An estimate,
     not a measurement: encode, decode and orchestration are left out, and no render caching is counted."""
-    big, small = results.get("wan2.1-t2v-14b"), results.get("wan2.1-t2v-1.3b")
-    if not big or not small:
-        return None
+    big, small = results.get("wan2.1-t2v-14b", {}), results.get("wan2.1-t2v-1.3b", {})
+    if "eager" not in big.get("rows", {}) or "eager" not in small.get("rows", {}):
+        estimate["skipped"] = "needs the eager rows of both real models (wan2.1-t2v-14b, wan2.1-t2v-1.3b)"
+        return
     eager14, eager13 = big["rows"]["eager"]["median_s"], small["rows"]["eager"]["median_s"]
     stacked14, stacked13 = best_stacked(big["rows"]), best_stacked(small["rows"])
-    estimate = {"label": "ESTIMATE from per-forward times, transformer time only", "steps": steps, "k": k,
-                "all_14b_eager_s": steps * 2 * eager14, "sr_eager_s": (k * eager14 + (steps - k) * eager13) * 2}
+    estimate.update({"label": "ESTIMATE from per-forward times, transformer time only", "steps": steps, "k": k,
+                     "all_14b_eager_s": steps * 2 * eager14, "sr_eager_s": (k * eager14 + (steps - k) * eager13) * 2})
     estimate["sr_eager_speedup"] = estimate["all_14b_eager_s"] / estimate["sr_eager_s"]
     if stacked14 and stacked13:
         estimate["stacked_rows"] = [stacked14[0], stacked13[0]]
         estimate["sr_stacked_s"] = (k * stacked14[1] + (steps - k) * stacked13[1]) * 2
         estimate["sr_stacked_speedup"] = estimate["all_14b_eager_s"] / estimate["sr_stacked_s"]
-    return estimate
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--models", default="wan2.1-t2v-1.3b,wan2.1-t2v-14b")
@@ -197,31 +195,23 @@ def main(argv=None) -> None:
     parser.add_argument("--backends", default=",".join(attention.BACKENDS),
                         help="Attention backends to time (and so to offer as levers).")
     parser.add_argument("--only", default="", help="Comma-separated lever rows to run, in this order (default all).")
-    parser.add_argument("--commit", default="")
+    parser.add_argument("--commit", default=None, help="The commit measured (default: $BENCH_COMMIT, else git's).")
     parser.add_argument("--out", required=True)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny stand-ins, float32: the code paths only.")
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.models, args.runs = "cpu", "smoke-sketch", 1
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    sizes = SMOKE_SIZES if args.smoke else SIZES
-    deadline = time.monotonic() + args.budget_s
-    doc = {"label": wan.LABEL, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "commit": args.commit, "device": torch.cuda.get_device_name() if measure.is_cuda(args.device) else
-           platform.processor() or "cpu", "torch": torch.__version__, "dtype": str(dtype), "results": {}}
-
-    def save():
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
-
+    size = SMOKE_SIZE if args.smoke else SIZE
+    bench = Bench("bench.kernels", argv, args.out, args.budget_s, ("torchao", "nvidia-cudnn-frontend", "sageattention"),
+                  args.commit, label=wan.LABEL, device=args.device, dtype=str(dtype))
     for name in args.models.split(","):
-        for size_name, size in sizes.items():
-            doc["results"][name] = run_model(name, size, args.device, dtype, args.runs, deadline, save,
-                                             tuple(args.backends.split(",")), [x for x in args.only.split(",") if x])
-            save()
-    doc["e2e_estimate"] = e2e_estimate(doc["results"])
-    save()
-    for name, result in doc["results"].items():
+        bench.run(name, 0, run_model, bench, name, size, args.device, dtype, args.runs,
+                  tuple(args.backends.split(",")), [x for x in args.only.split(",") if x])
+    bench.run("e2e_estimate", 0, e2e_estimate, bench.parts)
+    for name, result in bench.parts.items():
+        if "attention" not in result:  # the estimate, or a model that failed before its first row
+            continue
         print(f"\n{name} {result['height']}x{result['width']}/{result['num_frames']} ({result['tokens']} tokens); "
               f"attention selected: {result['attention']['selected']}")
         for backend, m in result["attention"]["backends"].items():
@@ -232,7 +222,9 @@ def main(argv=None) -> None:
                       f"{row['cosine']:.5f}  rel {row['rel_error']:.4f}")
             else:
                 print(f"  {label:45s} {row}")
-    print("\ne2e", json.dumps(doc["e2e_estimate"], indent=1))
+    print("\ne2e", json.dumps(bench.parts["e2e_estimate"], indent=1))
+    print("\n".join(bench.problems()))
+    return bench.doc
 
 
 if __name__ == "__main__":

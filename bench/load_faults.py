@@ -19,25 +19,25 @@ submission.
 
 Reported: completed, failed, lost (an id whose record is missing, or still unfinished at the end: must be 0),
 latency (the job record's created_at -> completed_at) p50/p90/p99/max, makespan, jobs with a retried stage, and the
-failures' messages. The numbers depend on the machine: label them with it (the JSON's `meta.machine`).
+failures' messages (the result file's part `load`). The numbers depend on the machine: label them with it (the
+JSON's `meta.machine`).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from bench.harness import Bench, fmt, markdown
 
 APP = "srd-load"
 TERMINAL = ("completed", "failed")
@@ -254,7 +254,7 @@ def run(args) -> dict:
             ray.shutdown()
 
     # The records themselves, from the store (the API's times are whole seconds): the judge of "lost".
-    from serve.job_store import JobStore, default_store_url
+    from serve.jobs.store import JobStore, default_store_url
 
     records = JobStore(default_store_url(data_dir)).get_many(ids)
     lost = [i for i in ids if i not in records or not records[i].terminal or i not in jobs]
@@ -284,50 +284,32 @@ def run(args) -> dict:
     }
 
 
-def meta(args) -> dict:
-    def commit() -> str:
-        try:
-            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):  # an exported tree: say which commit it is
-            return os.environ.get("SRD_BENCH_COMMIT", "unknown")
-
+def machine() -> dict:
+    """The CPU this ran on: the figures depend on it."""
     cpu = "unknown"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    import ray
-    import torch
-
     cores = len(os.sched_getaffinity(0))
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{cores}-core CPU, tiny preset, loopback", "cpu": cpu, "cores": cores,
-            "load_avg_at_start": list(os.getloadavg()), "commit": commit(),
-            "command": "python -m bench.load_faults " + " ".join(sys.argv[1:]),
-            "python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__}
+    return {"machine": f"{cores}-core CPU, tiny preset, loopback", "cpu": cpu, "cores": cores,
+            "load_avg_at_start": list(os.getloadavg())}
 
 
 def table(result: dict) -> str:
-    def f(x) -> str:
-        return "-" if x is None else f"{x:.2f}"
-
     lat = result["latency_s"]
-    rows = [
-        "| jobs | completed | failed | lost | p50 s | p90 s | p99 s | max s | makespan s | jobs/min | retried jobs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| {result['submitted']} | {result['completed']} | {result['failed']} | {result['lost']} | {f(lat['p50'])} "
-        f"| {f(lat['p90'])} | {f(lat['p99'])} | {f(lat['max'])} | {result['makespan_s']:.1f} "
-        f"| {result['jobs_per_min']} | {result['retried_jobs']} |",
-        "",
-        "| fault | killed at s | jobs finished then | jobs in stage then | back (new replica HEALTHY) at s |",
-        "|---|---|---|---|---|",
-    ]
-    for e in result["timeline"]:
-        rows.append(f"| {e['deployment']} replica | {e['killed_at_s']} | {e['jobs_finished_then']} "
-                    f"| {e['jobs_in_stage_then']} | {e['back_at_s']} |")
-    return "\n".join(rows)
+    jobs = markdown(
+        ["jobs", "completed", "failed", "lost", "p50 s", "p90 s", "p99 s", "max s", "makespan s", "jobs/min",
+         "retried jobs"],
+        [[result["submitted"], result["completed"], result["failed"], result["lost"],
+          *(fmt(lat[q], "{:.2f}") for q in ("p50", "p90", "p99", "max")), f"{result['makespan_s']:.1f}",
+          result["jobs_per_min"], result["retried_jobs"]]])
+    faults = markdown(
+        ["fault", "killed at s", "jobs finished then", "jobs in stage then", "back (new replica HEALTHY) at s"],
+        [[f"{e['deployment']} replica", e["killed_at_s"], e["jobs_finished_then"], e["jobs_in_stage_then"],
+          e["back_at_s"]] for e in result["timeline"]])
+    return f"{jobs}\n\n{faults}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,15 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the JSON here")
     args = parser.parse_args(argv)
 
-    info = meta(args)
-    result = run(args)
-    doc = {"meta": info, "result": result}
+    bench = Bench("bench.load_faults", argv, args.out, **machine())
+    result = bench.run("load", 0, lambda record: record.update(run(args)))
+    if "error" in result:
+        print(result["traceback"])
+        return 1
     print(table(result))
     print(json.dumps(result["timeline"], indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {args.out}")
     return 0 if result["lost"] == 0 and result["failed"] == 0 else 1
 
 

@@ -2,37 +2,44 @@
 
     python -m bench.run --parts vae,models,forward,anchors,e2e,handoff,forward720 \\
         --steps 25 --ks 5,4 --commit $(git rev-parse --short HEAD) --out $OUT/results.json
+    python -m bench.run --parts models,forward,forward720,anchors --write-costs serve/placement_costs.json \\
+        --out $OUT/costs.json                                # the placement planner's figures of this card
     python -m bench.run --smoke --out /tmp/bench.json        # CPU, tiny models, seconds: tests every code path
 
-Parts (run in the order given; each guarded by a deadline and its own try/except, see measure.Guard):
+Parts (run in the order given; each guarded by a deadline and its own try/except, see bench.harness.Bench):
   vae         VAE decode alone on the device: untiled fp32/bf16, peak against latent frame count, the ops with the
               largest transient memory, diffusers' spatial tiling at several tile sizes (time, peak, difference)
   vae720      the same at 720p/81 frames (untiled and tiled; no diagnostics)
-  models      load the stage models (14B, 1.3B, umT5-XXL, VAE) and keep them resident for the parts below
+  models      the engine (serve.engine.Engine) on config-only model directories of the real architectures with
+              random-init weights (bench/wan.py): 14B, 1.3B, umT5-XXL, VAE, resident for the parts below
   forward     per-forward time of each transformer at 480p: B=1 and B=2 (CFG batched) against two B=1 calls
-  anchors     encode and decode stage times (serve.stages.encode/decode) with every model resident
-  e2e         encode + K sketch + N-K render + decode through serve.stages, for K = N (all-14B) and each --ks,
-              next to the ideal K*C_sketch + (N-K)*C_render + encode + decode from this run's anchors (per-step
-              costs from the forward part, else from the e2e runs' own stage times). With --kernels SPEC, after the
-              eager rows: the levers applied to both resident transformers in place by srd_kernels.apply_kernels
-              (the stages' path; compile warmed at the request's shape, its time reported apart), then the first
-              SR plan again with them, and with render step caching at each --render-cache threshold; each lever
-              row's final latents are compared with the eager SR row's (cosine, relative error)
-  handoff     pickling the 480p Handoff that the first SR run's sketch produced: size and seconds
+  anchors     encode and decode stage times (the engine's encode and decode stages) with every model resident
+  e2e         encode + K sketch + N-K render + decode through the engine's stages, for K = N (all-14B) and each
+              --ks, next to the ideal K*C_sketch + (N-K)*C_render + encode + decode from this run's anchors
+              (per-step costs from the forward part, else from the e2e runs' own stage times). With --kernels SPEC,
+              after the eager rows: the levers applied to both resident transformers in place by
+              srd_kernels.apply_kernels (the stages' path; compile warmed at the request's shape, its time reported
+              apart), then the first SR plan again with them, and with render step caching at each --render-cache
+              threshold; each lever row's final latents are compared with the eager SR row's (cosine, rel. error)
+  handoff     the hand-off that the first SR run's sketch produced, through the codec the stage deployments store it
+              with (serve/pipeline/artifacts.py HANDOFF: safetensors bytes): size, encode and decode seconds, and
+              whether the round trip is exact
   forward720  per-forward B=1 of both transformers at 720p/81 frames
 
+--write-costs PATH: after the parts (models, forward, forward720 and anchors must be among them), the figures the
+placement planner reads (serve/placement_costs.json's format: forwards and their peaks at 480p and 720p, encode,
+decode, weights, the card's memory) replace the entry of the card this run ran on, in PATH; other cards are kept.
+
 Every model is random-init with the real architecture (bench/wan.py): cost equals the real weights', and every
-result carries that label. The denoising loop is the engine's own (serve.stages.sketch/render with GuidedDenoiser);
-nothing here re-implements it.
+result carries that label. The stages and their denoising loop are the engine's own; nothing here re-implements
+them.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -41,17 +48,19 @@ from dataclasses import asdict
 
 import torch
 
-from bench import measure, wan
-from bench.measure import GIB, Guard, Peak, free_memory, repeat, timed
-from serve import stages
-from serve.engine import VaeTiling
-from serve.models import ModelPair
-from serve.plan import make_plan, run_plan
+from bench import harness, wan
+from bench.harness import GIB, Bench, Peak, fmt, free_memory, repeat, timed
+from serve.config import EngineConfig, VaeTiling
+from serve.engine import Engine
+from serve.families.wan import FAMILY
 from serve.models import WAN21_T2V
+from serve.pipeline.artifacts import HANDOFF
+from serve.pipeline.decode import DecodeStage
 from serve.request import VideoRequest
 
 PROMPT = "A red fox runs through fresh snow at dawn, cinematic, shallow depth of field."
 NEGATIVE = "blurry, low quality, distorted"
+COST_PARTS = ("models", "forward", "forward720", "anchors")  # what --write-costs needs
 
 # diffusers' AutoencoderKLWan.enable_tiling geometry, in pixels: (tile height, tile width, stride height, stride
 # width); overlap = tile - stride is blended. Names: rows x columns of tiles over the frame.
@@ -72,24 +81,20 @@ TILINGS = {
     },
     "smoke": {"2x2": (24, 32, 16, 24)},
 }
-# DESIGN.md's H100 figures (diffusers 0.42.1, torch 2.11, real weights), for the side-by-side column.
-DESIGN = {
-    ("wan2.1-t2v-14b", 480, 1): 3.34, ("wan2.1-t2v-14b", 480, 2): 6.81,
-    ("wan2.1-t2v-1.3b", 480, 1): 0.64, ("wan2.1-t2v-1.3b", 480, 2): 1.26,
-    ("wan2.1-t2v-14b", 720, 1): 12.33, ("wan2.1-t2v-1.3b", 720, 1): 2.46,
-}
 
 
 class Context:
-    """What the parts share inside one invocation: arguments, sizes, resident models, anchors."""
+    """What the parts share inside one invocation: arguments, sizes, the resident engine, the first hand-off."""
 
-    def __init__(self, args):
+    def __init__(self, args, bench: Bench):
         self.args = args
+        self.bench = bench
+        self.results = bench.parts
         self.device = args.device
         self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
         self.sizes = wan.SMOKE if args.smoke else wan.REAL_480P
-        self.sizes720 = wan.SMOKE if args.smoke else wan.REAL_720P
-        self.models: dict = {}
+        self.sizes720 = wan.SMOKE_720P if args.smoke else wan.REAL_720P
+        self.engine = None
         self.first_handoff = None
 
     def reps(self, warmup: int, runs: int) -> tuple[int, int]:
@@ -103,9 +108,14 @@ class Context:
             num_inference_steps=steps, switch=f"step:{k}", seed=0, render_cache=render_cache,
         ).resolve(WAN21_T2V.defaults)
 
-    def save(self) -> None:
-        """Write what is measured so far (a long part saves after each run: a killed call keeps it)."""
-        _write(self.args.out, self.meta, self.results)
+    def stages(self) -> dict:
+        """The resident engine's stages by name."""
+        if self.engine is None:
+            raise RuntimeError("no resident models: run the models part first")
+        return self.engine.stages
+
+    def transformer(self, role: str):
+        return self.stages()[role].denoiser.transformer
 
 
 def latent(sizes: wan.Sizes, batch: int = 1) -> torch.Tensor:
@@ -113,15 +123,10 @@ def latent(sizes: wan.Sizes, batch: int = 1) -> torch.Tensor:
     return torch.randn((batch, *sizes.latent_shape[1:]), generator=generator)
 
 
-def _tiling(h: int, w: int, sh: int, sw: int) -> dict:
-    """enable_tiling kwargs, validated by the engine's own config (serve.engine.VaeTiling)."""
+def _tiling(h: int, w: int, sh: int, sw: int) -> VaeTiling:
+    """diffusers' tile geometry, validated by the engine's own config."""
     return VaeTiling(tile_sample_min_height=h, tile_sample_min_width=w, tile_sample_stride_height=sh,
-                     tile_sample_stride_width=sw).model_dump()
-
-
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+                     tile_sample_stride_width=sw)
 
 
 # ----------------------------------------------------------------------------------------------------------- VAE
@@ -167,22 +172,22 @@ def _vae_study(rec: dict, ctx: Context, sizes: wan.Sizes, tilings: dict, diagnos
             _attempt(rec, f"untiled_{name}_by_latent_frames",
                      lambda: {str(f): measure_decode(zz[:, :, :f], 0, 1) for f in (1, 2, 6)})
             _attempt(rec, f"largest_transients_{name}_2_latent_frames",
-                     lambda: measure.op_transients(lambda: decode(zz[:, :, :2]), dev))
+                     lambda: harness.op_transients(lambda: decode(zz[:, :, :2]), dev))
         for label, (h, w, sh, sw) in tilings.items():
             def tiled(h=h, w=w, sh=sh, sw=sw):
-                vae.enable_tiling(**_tiling(h, w, sh, sw))
+                vae.enable_tiling(**_tiling(h, w, sh, sw).model_dump())
                 try:
                     stats = measure_decode(zz, warmup, 1)
                     return {"tile": [h, w, sh, sw], **stats, "slowdown_vs_untiled": stats["median_s"] / untiled_s - 1,
-                            "rel_l2_diff_vs_untiled": rel_diff(decode(), reference)}
+                            "rel_l2_diff_vs_untiled": harness.rel_err(decode(), reference)}
                 finally:
                     vae.disable_tiling()
 
             _attempt(rec, f"tiled_{name}_{label}", tiled)
         if diagnostics:  # the whole decode stage as the engine runs it (VAE, then uint8 frames on the CPU)
-            pipe = wan.pipeline(None, vae)
-            _attempt(rec, f"stage_decode_untiled_{name}_s", lambda: timed(lambda: stages.decode(pipe, z), dev)[1])
-            del pipe
+            stage = DecodeStage(FAMILY, wan.vae_pipeline(vae))
+            _attempt(rec, f"stage_decode_untiled_{name}_s", lambda: timed(lambda: stage(z), dev)[1])
+            del stage
         del vae, zz, decode, reference
         free_memory(dev)
 
@@ -199,35 +204,37 @@ def part_vae720(rec: dict, ctx: Context) -> None:
 
 # -------------------------------------------------------------------------------------------------------- models
 def part_models(rec: dict, ctx: Context) -> None:
-    dev, dt, s = ctx.device, ctx.dtype, ctx.sizes
-    for role, build, name in (
-        ("sketch", wan.transformer, s.sketch), ("render", wan.transformer, s.render),
-        ("text_encoder", wan.text_encoder, s.text_encoder), ("vae", wan.vae, s.vae),
-    ):
-        model, seconds = timed(lambda b=build, n=name: b(n, dev, dt), dev)
-        ctx.models[role] = model
-        params = sum(p.numel() for p in model.parameters())
-        rec[role] = {"arch": name, "params_b": params / 1e9, "build_s": seconds,
+    dev, s = ctx.device, ctx.sizes
+    ctx.models_dir = tempfile.TemporaryDirectory(prefix="srd-bench-models-")
+    pair = wan.write_config_only(s, ctx.models_dir.name)
+    # At 480p one row fills a forward (B=1: cond, then uncond); the smoke sizes would batch both rows (B=2), so cap
+    # them at one row too: the compiled blocks then see the shapes of the real run, as warmed up.
+    cap = EngineConfig().max_tokens_per_forward if not ctx.args.smoke else s.tokens
+    tile = ctx.args.vae_tile
+    config = EngineConfig(preset="wan2.1-t2v", sketch=pair.sketch, render=pair.render, device=dev,
+                          dtype=ctx.args.dtype, weights="random-init", max_tokens_per_forward=cap,
+                          vae_tiling=tile is not None, vae_tile=_tiling(*tile) if tile else VaeTiling())
+    ctx.engine, rec["load_s"] = timed(lambda: Engine(config), dev)
+    stages = ctx.engine.stages
+    models = {"sketch": (s.sketch, ctx.transformer("sketch")), "render": (s.render, ctx.transformer("render")),
+              "text_encoder": (s.text_encoder, stages["encode"].pipe.text_encoder),
+              "vae": (s.vae, stages["decode"].pipe.vae)}
+    for role, (name, model) in models.items():
+        rec[role] = {"arch": name, "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
                      "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / GIB}
-    ctx.models["pipe"] = wan.pipeline(ctx.models["text_encoder"], ctx.models["vae"])
-    ctx.models["scheduler_config"] = wan.scheduler_config()
-    if ctx.args.vae_tile:
-        h, w, sh, sw = ctx.args.vae_tile
-        ctx.models["vae"].enable_tiling(**_tiling(h, w, sh, sw))
-    rec["vae_tiling"] = ctx.args.vae_tile or "off"
-    if measure.is_cuda(dev):
+    rec["vae_tiling"] = tile or "off"
+    if harness.is_cuda(dev):
         rec["resident_gib"] = torch.cuda.memory_allocated(dev) / GIB
+        rec["card_memory_gib"] = torch.cuda.get_device_properties(dev).total_memory / GIB
 
 
 def _forward_costs(rec: dict, ctx: Context, sizes: wan.Sizes, batches: tuple[int, ...], runs: dict) -> None:
     dev, dt = ctx.device, ctx.dtype
-    _, _, f, h, w = sizes.latent_shape
-    tokens = f * (h // 2) * (w // 2)  # patch (1, 2, 2)
     for role in ("sketch", "render"):
-        model = ctx.models[role]
+        model = ctx.transformer(role)
         arch = sizes.sketch if role == "sketch" else sizes.render
         text_dim = model.config.text_dim
-        row = rec.setdefault(arch, {"tokens": tokens})
+        row = rec.setdefault(arch, {"tokens": sizes.tokens})
         for batch in batches:
             x = latent(sizes, batch).to(dev, dt)
             t = torch.full((batch,), 500, device=dev, dtype=torch.int64)
@@ -240,9 +247,8 @@ def _forward_costs(rec: dict, ctx: Context, sizes: wan.Sizes, batches: tuple[int
             free_memory(dev)
             with Peak(dev) as peak:
                 stats = repeat(forward, dev, *ctx.reps(1, runs[(role, batch)]))
-            flops = wan.transformer_flops(wan.TRANSFORMERS[arch], tokens, batch=batch)
-            row[f"B{batch}"] = {**stats, **peak.as_dict(), "tflops_per_s": flops / stats["median_s"] / 1e12,
-                                "design_s": DESIGN.get((arch, sizes.height, batch))}
+            flops = wan.transformer_flops(wan.TRANSFORMERS[arch], sizes.tokens, batch=batch)
+            row[f"B{batch}"] = {**stats, **peak.as_dict(), "tflops_per_s": flops / stats["median_s"] / 1e12}
             del x, t, e
         if "B1" in row and "B2" in row:
             row["B2_over_two_B1"] = row["B2"]["median_s"] / (2 * row["B1"]["median_s"])
@@ -258,41 +264,36 @@ def part_forward720(rec: dict, ctx: Context) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ stages, e2e
-def _encode(ctx, params):
-    return stages.encode(ctx.models["pipe"], [params], ctx.device)
-
-
 def part_anchors(rec: dict, ctx: Context) -> None:
-    dev, params = ctx.device, ctx.params(2, 1)
+    dev, params, stages = ctx.device, ctx.params(2, 1), ctx.stages()
     with Peak(dev) as peak:
-        stats = repeat(lambda: _encode(ctx, params), dev, *ctx.reps(1, 5))
+        stats = repeat(lambda: stages["encode"]([params]), dev, *ctx.reps(1, 5))
     rec["encode"] = {**stats, **peak.as_dict()}
     z = latent(ctx.sizes)
     free_memory(dev)
     with Peak(dev) as peak:
-        stats = repeat(lambda: stages.decode(ctx.models["pipe"], z), dev, *ctx.reps(1, 2))
+        stats = repeat(lambda: stages["decode"](z), dev, *ctx.reps(1, 2))
     rec["decode"] = {**stats, **peak.as_dict(), "vae_tiling": ctx.args.vae_tile or "off"}
 
 
 def _step_cost(ctx: Context, role: str) -> float | None:
-    """Seconds of transformer work per denoising step with CFG, as GuidedDenoiser runs it at this size, from the
-    forward part (None when it did not run: the e2e part then takes them from its own runs)."""
+    """Seconds of transformer work per denoising step with CFG, as the engine's denoiser runs it at this size, from
+    the forward part (None when it did not run: the e2e part then takes them from its own runs)."""
     arch = ctx.sizes.sketch if role == "sketch" else ctx.sizes.render
     row = ctx.results.get("forward", {}).get(arch)
     if not isinstance(row, dict) or "B1" not in row:
         return None
-    tokens = row["tokens"]
-    rows_per_forward = max(1, stages.DEFAULT_MAX_TOKENS_PER_FORWARD // tokens)
+    rows_per_forward = max(1, ctx.engine.config.max_tokens_per_forward // row["tokens"])
     if rows_per_forward == 1 or "B2" not in row:
         return 2 * row["B1"]["median_s"]
     return row["B2"]["median_s"]
 
 
-def _e2e_run(ctx: Context, n: int, k: int, sketcher, renderer, render_cache: float = 0.0) -> tuple[dict, object]:
-    """One request through the engine's plan (encode, K sketch steps, N-K render steps, decode), each stage timed;
+def _e2e_run(ctx: Context, n: int, k: int, render_cache: float = 0.0) -> tuple[dict, object]:
+    """One request through the engine's stages (encode, K sketch steps, N-K render steps, decode), each stage timed;
     returns (record, (handoff, final latents))."""
-    dev, spec, params = ctx.device, stages.LatentSpec(), ctx.params(n, k, render_cache)
-    row, peaks, skipped = {}, {}, {}
+    dev, params = ctx.device, ctx.params(n, k, render_cache)
+    row, peaks = {}, {}
 
     def measured_stage(stage: str, call):
         with Peak(dev) as p:
@@ -302,24 +303,16 @@ def _e2e_run(ctx: Context, n: int, k: int, sketcher, renderer, render_cache: flo
 
     free_memory(dev)
     wall = time.perf_counter()
-    run = run_plan(
-        make_plan("wan", params, ModelPair(sketch=ctx.sizes.sketch, render=ctx.sizes.render)), [params],
-        encode=lambda requests: stages.encode(ctx.models["pipe"], requests, dev),
-        denoise={
-            "sketch": lambda batch, on_step: stages.sketch(sketcher, batch, ctx.models["scheduler_config"],
-                                                           spec, dev, on_step),
-            "render": lambda batch, on_step: stages.render(renderer, batch, dev, on_step, report=skipped),
-        },
-        decode=lambda latents: stages.decode(ctx.models["pipe"], latents), around=measured_stage)
+    (run,) = ctx.engine.generate_batch([params], around=measured_stage)
     measured = time.perf_counter() - wall
-    (handoff,), (latents,) = run.outputs["sketch"], run.latents
+    handoff, latents = run.artifacts[HANDOFF], run.latents
     record = {
         "K": k, "N": n, "K_over_N": k / n, "switch_step": handoff.step_index, "stage_s": row,
         "measured_s": measured, "peak_gib": peaks, "latents_finite": bool(torch.isfinite(latents).all()),
     }
     if k < n:
         record["render_cache"] = render_cache
-        record["render_steps_skipped"] = int(skipped.get(0, 0))
+        record["render_steps_skipped"] = run.cached_steps
         record["render_steps_computed"] = n - k - record["render_steps_skipped"]
     return record, (handoff, latents.detach().float().cpu())
 
@@ -329,25 +322,19 @@ def part_e2e(rec: dict, ctx: Context) -> None:
     anchors = ctx.results.get("anchors", {})
     c_sketch, c_render = _step_cost(ctx, "sketch"), _step_cost(ctx, "render")
     fixed = (anchors["encode"]["median_s"] + anchors["decode"]["median_s"]) if "encode" in anchors else None
-    # At 480p one row fills a forward (B=1: cond, then uncond); the smoke sizes would batch both rows (B=2), so
-    # cap them at one row too: the compiled blocks then see the shapes of the real run, as warmed up.
-    _, _, f, h, w = ctx.sizes.latent_shape
-    cap = stages.DEFAULT_MAX_TOKENS_PER_FORWARD if not ctx.args.smoke else f * (h // 2) * (w // 2)
-    sketcher = stages.GuidedDenoiser(ctx.models["sketch"], max_tokens_per_forward=cap)
-    renderer = stages.GuidedDenoiser(ctx.models["render"], max_tokens_per_forward=cap)
     runs = rec.setdefault("runs", {})
     sr_latents = None
     for k in [n] + [k for k in ctx.args.ks if k != n]:
         if None not in (c_sketch, c_render, fixed):
             estimate = k * c_sketch + (n - k) * c_render + fixed
-            if ctx.guard.left() < estimate * 1.1 + 5:
-                runs[str(k)] = {"skipped": f"time guard: {ctx.guard.left():.0f} s left, run needs ~{estimate:.0f} s"}
+            if ctx.bench.left() < estimate * 1.1 + 5:
+                runs[str(k)] = {"skipped": f"time guard: {ctx.bench.left():.0f} s left, run needs ~{estimate:.0f} s"}
                 continue
-        runs[str(k)], (handoff, latents) = _e2e_run(ctx, n, k, sketcher, renderer)
+        runs[str(k)], (handoff, latents) = _e2e_run(ctx, n, k)
         if k < n and ctx.first_handoff is None:
             ctx.first_handoff, sr_latents = handoff, (k, latents)
         del handoff, latents
-        ctx.save()
+        ctx.bench.save()
     # Per-step costs (CFG: two forwards a step) from this run's own stages where the forward part did not run.
     base = runs.get(str(n), {})
     sr = runs.get(str(sr_latents[0])) if sr_latents else None
@@ -372,9 +359,9 @@ def part_e2e(rec: dict, ctx: Context) -> None:
             r["speedup_ideal"] = base["ideal_s"] / r["ideal_s"]
             k50 = round(r["K_over_N"] * 50)
             r["speedup_ideal_at_50_steps"] = (50 * c_sketch + fixed) / (k50 * c_sketch + (50 - k50) * c_render + fixed)
-    ctx.save()
+    ctx.bench.save()
     if ctx.args.kernels and sr_latents is not None and "measured_s" in base:
-        _e2e_levers(rec, ctx, sketcher, renderer, sr_latents, (c_sketch, c_render, fixed))
+        _e2e_levers(rec, ctx, sr_latents, (c_sketch, c_render, fixed))
 
 
 # ------------------------------------------------------------------------------------------- e2e with levers
@@ -402,10 +389,10 @@ def _static_shapes() -> None:
 def _apply(ctx: Context, role: str, config) -> dict:
     from srd_kernels.apply import apply_kernels
 
-    model = ctx.models[role]
+    model = ctx.transformer(role)
     start = time.perf_counter()
     report = apply_kernels(model, config, role)
-    measure.sync(ctx.device)
+    harness.sync(ctx.device)
     return {"apply_s": time.perf_counter() - start, "warmup_s": report.warmup_seconds, "report": report.line(),
             "attention": report.attention, "attention_reason": report.attention_reason,
             "fp8_linear_layers": report.fp8_linear_layers, "fp8_reason": report.fp8_reason,
@@ -419,7 +406,7 @@ def _compile_helper(ctx: Context, role: str, cache_dir: str) -> tuple[subprocess
     only while this process compiles (no timed run overlaps it)."""
     if ctx.args.no_compile_helper or "compile" not in ctx.args.kernels.split("+"):
         return None
-    if measure.is_cuda(ctx.device):
+    if harness.is_cuda(ctx.device):
         free, _ = torch.cuda.mem_get_info()
         if free < 24 * GIB:
             return None
@@ -449,13 +436,7 @@ def compile_only(args) -> dict:
     return result
 
 
-def _compare(latents: torch.Tensor, reference: torch.Tensor) -> dict:
-    a, b = latents.flatten().double(), reference.flatten().double()
-    return {"cosine_vs_sr_eager": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
-            "rel_error_vs_sr_eager": float((a - b).norm() / b.norm().clamp_min(1e-12))}
-
-
-def _e2e_levers(rec: dict, ctx: Context, sketcher, renderer, sr_latents, costs) -> None:
+def _e2e_levers(rec: dict, ctx: Context, sr_latents, costs) -> None:
     """Apply --kernels to both transformers (in place: the eager rows ran first), then the first SR plan again
     with them, and with render caching at each --render-cache threshold."""
     n, (k, reference) = ctx.args.steps, sr_latents
@@ -474,7 +455,7 @@ def _e2e_levers(rec: dict, ctx: Context, sketcher, renderer, sr_latents, costs) 
             if role == "render" and helper is not None:
                 proc, out = helper
                 try:
-                    proc.wait(timeout=max(1.0, ctx.guard.left() - 60))
+                    proc.wait(timeout=max(1.0, ctx.bench.left() - 60))
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
@@ -486,7 +467,7 @@ def _e2e_levers(rec: dict, ctx: Context, sketcher, renderer, sr_latents, costs) 
             import traceback
 
             levers[role] = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc(limit=8)}
-        ctx.save()
+        ctx.bench.save()
     applied = [role for role in ("sketch", "render") if "apply_s" in levers.get(role, {})]
     if not applied:
         return
@@ -497,15 +478,16 @@ def _e2e_levers(rec: dict, ctx: Context, sketcher, renderer, sr_latents, costs) 
     lever_costs = None
     for cache in [0.0] + ctx.args.render_cache:
         key = f"{k}+{label}" + (f"+cache{cache:g}" if cache else "")
-        if ctx.guard.left() < estimate * 1.1 + 5:
-            runs[key] = {"skipped": f"time guard: {ctx.guard.left():.0f} s left, run needs ~{estimate:.0f} s"}
+        if ctx.bench.left() < estimate * 1.1 + 5:
+            runs[key] = {"skipped": f"time guard: {ctx.bench.left():.0f} s left, run needs ~{estimate:.0f} s"}
             continue
         try:
-            row, (_, latents) = _e2e_run(ctx, n, k, sketcher, renderer, render_cache=cache)
+            row, (_, latents) = _e2e_run(ctx, n, k, render_cache=cache)
         except Exception as e:  # noqa: BLE001
             runs[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             continue
-        row.update({"levers_on": applied, **_compare(latents, reference),
+        row.update({"levers_on": applied, "cosine_vs_sr_eager": harness.cosine(latents, reference),
+                    "rel_error_vs_sr_eager": harness.rel_err(latents, reference),
                     "speedup_measured": base["measured_s"] / row["measured_s"],
                     "speedup_vs_sr_eager": sr_eager["measured_s"] / row["measured_s"]})
         if lever_costs is None and not cache:
@@ -516,7 +498,7 @@ def _e2e_levers(rec: dict, ctx: Context, sketcher, renderer, sr_latents, costs) 
             row["tax"] = row["measured_s"] / row["ideal_s"] - 1
             row["speedup_ideal"] = base["ideal_s"] / row["ideal_s"]
         runs[key] = row
-        ctx.save()
+        ctx.bench.save()
     if lever_costs is not None:
         # The preset's 50 steps, K = 10, from this run's per-step costs (stage time / steps; CFG included).
         ls, lr = lever_costs
@@ -534,23 +516,37 @@ def _e2e_levers(rec: dict, ctx: Context, sketcher, renderer, sr_latents, costs) 
         proj["label"] = ("ideal from this run's per-step costs at 50 steps, K=10; cached rows assume the skip "
                          f"fraction measured at N={n}")
         rec["ideal_at_50_steps_k10"] = proj
-        ctx.save()
+        ctx.bench.save()
 
 
 def part_handoff(rec: dict, ctx: Context) -> None:
+    """The sketch's hand-off as a stage deployment stores it between the sketch and the render stage."""
     handoff = ctx.first_handoff
     if handoff is None:
-        raise RuntimeError("no SR hand-off to pickle: the e2e part ran no K < N")
-    blob = pickle.dumps(handoff, protocol=pickle.HIGHEST_PROTOCOL)
-    dumps = repeat(lambda: pickle.dumps(handoff, protocol=pickle.HIGHEST_PROTOCOL), "cpu", warmup=1, runs=3)
-    loads = repeat(lambda: pickle.loads(blob), "cpu", warmup=1, runs=3)
-    restored = pickle.loads(blob)
+        raise RuntimeError("no SR hand-off: the e2e part ran no K < N")
+    data = HANDOFF.encode(handoff)
+    encode = repeat(lambda: HANDOFF.encode(handoff), "cpu", warmup=1, runs=3)
+    decode = repeat(lambda: HANDOFF.decode(data), "cpu", warmup=1, runs=3)
+    (tensors, metadata), (tensors_back, metadata_back) = _stored(data), _stored(HANDOFF.encode(HANDOFF.decode(data)))
     rec.update({
-        "bytes_mb": len(blob) / 1e6, "dumps_s": dumps["median_s"], "loads_s": loads["median_s"],
+        "codec": f"{HANDOFF.file} (serve.checkpoint.handoff_to_bytes / handoff_from_bytes)",
+        "bytes_mb": len(data) / 1e6, "encode_s": encode["median_s"], "decode_s": decode["median_s"],
         "latents_shape": list(handoff.latents.shape), "step_index": handoff.step_index,
-        "roundtrip_equal": bool(torch.equal(restored.latents, handoff.latents)),
+        # exact: the decoded hand-off stores the same tensors bit for bit (latents, embeddings, sampler state) and the
+        # same metadata (request, step, scheduler config)
+        "roundtrip_exact": metadata == metadata_back and tensors.keys() == tensors_back.keys()
+        and all(torch.equal(tensors[k], tensors_back[k]) for k in tensors),
         "cpu_threads": torch.get_num_threads(),
     })
+
+
+def _stored(data: bytes) -> tuple[dict, dict]:
+    """The tensors and the metadata in safetensors bytes (where each tensor lies in them may differ between two
+    encodings of one value)."""
+    from safetensors.torch import load
+
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    return load(data), header.get("__metadata__")
 
 
 PARTS = {
@@ -560,11 +556,49 @@ PARTS = {
 }
 
 
+# ------------------------------------------------------------------------------------------ the planner's costs
+def costs_entry(bench: Bench, sizes: tuple[wan.Sizes, wan.Sizes]) -> dict:
+    """This run's figures in the placement planner's format (serve/placement_costs.json, one card's entry)."""
+    parts, m = bench.parts, bench.meta
+    missing = [part for part in COST_PARTS if set(bench.parts.get(part, {})) & {"error", "skipped"}]
+    if missing:
+        raise RuntimeError(f"--write-costs: part(s) {', '.join(missing)} did not run; nothing written")
+
+    def per_shape(field: str) -> dict:
+        return {role: {shape: parts[part][getattr(size, role)]["B1"][field]
+                       for shape, part, size in (("480p", "forward", sizes[0]), ("720p", "forward720", sizes[1]))}
+                for role in ("sketch", "render")}
+
+    models, (encode, decode) = parts["models"], (parts["anchors"]["encode"], parts["anchors"]["decode"])
+    return {
+        "measured": f"{m['gpu']}, {m['date_utc']}, commit {m['commit']}, {m['dtype']}: `{m['command']}`",
+        "memory_gib": models.get("card_memory_gib"),
+        "forward_s": per_shape("median_s"), "forward_peak_gib": per_shape("peak_above_start_gib"),
+        "weights_gib": {"sketch": models["sketch"]["weights_gib"], "render": models["render"]["weights_gib"],
+                        "encoder": models["text_encoder"]["weights_gib"], "vae": models["vae"]["weights_gib"]},
+        "encode_s": encode["median_s"], "encode_peak_gib": encode["peak_above_start_gib"],
+        "decode_480p_s": decode["median_s"], "decode_480p_peak_gib": decode["peak_above_start_gib"],
+    }
+
+
+def write_costs(path: str, card: str, entry: dict, sizes: tuple[wan.Sizes, wan.Sizes]) -> None:
+    """Replace card `card`'s entry of the cost table at `path` (a new table if there is none); the other cards
+    stay. Refused where the table's shapes are not the ones this run measured."""
+    shapes = {name: [s.height, s.width, s.num_frames] for name, s in zip(("480p", "720p"), sizes)}
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = json.load(f)
+    else:
+        from serve.placement import COSTS_FILE
+
+        doc = {"about": json.loads(COSTS_FILE.read_text())["about"], "shapes": shapes, "cards": {}}
+    if doc["shapes"] != shapes:
+        raise ValueError(f"--write-costs: {path} holds figures at {doc['shapes']}, this run measured {shapes}")
+    doc["cards"][card] = entry
+    harness.write_json(path, doc)
+
+
 # ---------------------------------------------------------------------------------------------------- report
-def _f(x, fmt="{:.3f}"):
-    return "-" if x is None else fmt.format(x)
-
-
 def table(results: dict) -> str:
     lines = []
     for part in ("forward", "forward720"):
@@ -573,26 +607,26 @@ def table(results: dict) -> str:
                 continue
             b1, b2 = row["B1"], row.get("B2", {})
             lines.append(
-                f"{part:10s} {arch:16s} tokens={row['tokens']:6d} B1={_f(b1['median_s'])}s "
-                f"(DESIGN {_f(b1['design_s'], '{:.2f}')}) B2={_f(b2.get('median_s'))}s 2xB1={_f(2 * b1['median_s'])}s "
-                f"B2/2B1={_f(row.get('B2_over_two_B1'))} {_f(b1['tflops_per_s'], '{:.0f}')} TFLOP/s "
-                f"peak+{_f(b1['peak_above_start_gib'], '{:.1f}')}GiB"
+                f"{part:10s} {arch:16s} tokens={row['tokens']:6d} B1={fmt(b1['median_s'])}s "
+                f"B2={fmt(b2.get('median_s'))}s 2xB1={fmt(2 * b1['median_s'])}s "
+                f"B2/2B1={fmt(row.get('B2_over_two_B1'))} {fmt(b1['tflops_per_s'], '{:.0f}')} TFLOP/s "
+                f"peak+{fmt(b1['peak_above_start_gib'], '{:.1f}')}GiB"
             )
     for part in ("vae", "vae720"):
         for key, v in results.get(part, {}).items():
             if isinstance(v, dict) and ("median_s" in v or "error" in v):
                 lines.append(
-                    f"{part:10s} {key:32s} {_f(v.get('median_s'))}s "
-                    f"peak+{_f(v.get('peak_above_start_gib'), '{:.2f}')}GiB "
-                    f"slowdown={_f(v.get('slowdown_vs_untiled'), '{:+.3f}')} "
-                    f"diff={_f(v.get('rel_l2_diff_vs_untiled'), '{:.1e}')}"
+                    f"{part:10s} {key:32s} {fmt(v.get('median_s'))}s "
+                    f"peak+{fmt(v.get('peak_above_start_gib'), '{:.2f}')}GiB "
+                    f"slowdown={fmt(v.get('slowdown_vs_untiled'), '{:+.3f}')} "
+                    f"diff={fmt(v.get('rel_l2_diff_vs_untiled'), '{:.1e}')}"
                     + (f" ERROR {v['error']}" if "error" in v else "")
                 )
     anchors = results.get("anchors", {})
     if "encode" in anchors:
         enc, dec = anchors["encode"], anchors["decode"]
-        lines.append(f"anchors    encode {_f(enc['median_s'])}s decode {_f(dec['median_s'])}s "
-                     f"(decode peak+{_f(dec['peak_above_start_gib'], '{:.2f}')}GiB)")
+        lines.append(f"anchors    encode {fmt(enc['median_s'])}s decode {fmt(dec['median_s'])}s "
+                     f"(decode peak+{fmt(dec['peak_above_start_gib'], '{:.2f}')}GiB)")
     e2e = results.get("e2e", {})
     for k, r in e2e.get("runs", {}).items():
         if "measured_s" not in r:
@@ -607,29 +641,26 @@ def table(results: dict) -> str:
             extra += f" render_skipped={r['render_steps_skipped']}/{r['N'] - r['K']}"
         lines.append(
             f"e2e        {k:22s} K={r['K']:2d}/N={r['N']} measured={r['measured_s']:.2f}s "
-            f"ideal={_f(r.get('ideal_s'), '{:.2f}')}s tax={_f(r.get('tax', 0) * 100, '{:+.2f}')}% "
-            f"speedup={_f(r.get('speedup_measured'), '{:.3f}')}x (ideal {_f(r.get('speedup_ideal'), '{:.3f}')}x, "
-            f"ideal@50 {_f(r.get('speedup_ideal_at_50_steps'), '{:.3f}')}x) "
+            f"ideal={fmt(r.get('ideal_s'), '{:.2f}')}s tax={fmt(r.get('tax', 0) * 100, '{:+.2f}')}% "
+            f"speedup={fmt(r.get('speedup_measured'), '{:.3f}')}x (ideal {fmt(r.get('speedup_ideal'), '{:.3f}')}x, "
+            f"ideal@50 {fmt(r.get('speedup_ideal_at_50_steps'), '{:.3f}')}x) "
             f"enc/sk/rd/dec={st['encode']:.2f}/{st['sketch']:.2f}/{st['render']:.2f}/{st['decode']:.2f}s" + extra
         )
     levers = e2e.get("levers", {})
     for role in ("render_helper", "sketch", "render"):
         if role in levers:
             v = levers[role]
-            lines.append(f"levers     {role:13s} " + (f"apply {v['apply_s']:.1f}s (warm-up {_f(v.get('warmup_s'), '{:.1f}')}s)"
-                                                      f" {v['report']}" if "apply_s" in v else f"ERROR {v.get('error')}"))
+            lines.append(f"levers     {role:13s} " + (
+                f"apply {v['apply_s']:.1f}s (warm-up {fmt(v.get('warmup_s'), '{:.1f}')}s) {v['report']}"
+                if "apply_s" in v else f"ERROR {v.get('error')}"))
     proj = e2e.get("ideal_at_50_steps_k10")
     if proj:
         lines.append("ideal@50/K=10 " + " ".join(f"{k.removesuffix('_speedup')}={v:.2f}x" for k, v in proj.items()
                                                if k.endswith("_speedup")))
     h = results.get("handoff", {})
     if "bytes_mb" in h:
-        lines.append(f"handoff    {h['bytes_mb']:.1f} MB pickle dumps={h['dumps_s'] * 1e3:.1f}ms "
-                     f"loads={h['loads_s'] * 1e3:.1f}ms")
-    for name, rec in results.items():
-        for key in ("error", "skipped"):
-            if isinstance(rec, dict) and key in rec:
-                lines.append(f"{key.upper():10s} {name}: {rec[key]}")
+        lines.append(f"handoff    {h['bytes_mb']:.1f} MB safetensors (HANDOFF codec) encode={h['encode_s'] * 1e3:.1f}ms"
+                     f" decode={h['decode_s'] * 1e3:.1f}ms exact={h['roundtrip_exact']}")
     return "\n".join(lines)
 
 
@@ -656,8 +687,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-compile-helper", action="store_true",
                     help="compile both transformers in this process, one after the other (no helper process)")
     ap.add_argument("--compile-only", choices=["sketch", "render"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--write-costs", metavar="PATH", default=None,
+                    help=f"write this card's entry of the placement planner's cost table (needs parts "
+                    f"{','.join(COST_PARTS)}; e.g. serve/placement_costs.json)")
     ap.add_argument("--budget-s", type=float, default=560.0, help="deadline for all parts (time guard)")
-    ap.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", "unknown"))
+    ap.add_argument("--commit", default=None, help="the commit measured (default: $BENCH_COMMIT, else git's HEAD)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     args.device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -666,6 +700,12 @@ def main(argv=None) -> dict:
     args.ks = [int(k) for k in args.ks.split(",") if k]
     args.vae_tile = tuple(int(v) for v in args.vae_tile.split(",")) if args.vae_tile else None
     args.render_cache = [float(c) for c in args.render_cache.split(",") if c]
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        ap.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if args.write_costs and (set(COST_PARTS) - set(parts) or args.vae_tile):
+        ap.error(f"--write-costs needs --parts to hold {','.join(COST_PARTS)} and an untiled decode (no --vae-tile)")
     if args.compile_only:
         return compile_only(args)
     if args.smoke:
@@ -674,47 +714,21 @@ def main(argv=None) -> dict:
         # bench.kernels --smoke (tests/test_bench_kernels.py)
         args.kernels = args.kernels or "attn:cudnn-fp8+fp8_linear"
 
-    ctx = Context(args)
-    results: dict = {}
-    ctx.results = results
-    ctx.guard = Guard(args.budget_s, results)
-    ctx.meta = meta = {
-        "label": wan.LABEL, "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": args.commit, "device": torch.cuda.get_device_name() if measure.is_cuda(args.device) else "cpu",
-        "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv, "sizes": asdict(ctx.sizes),
-        "dtype": args.dtype, "kernels": args.kernels,
-    }
-    try:
-        import diffusers
-
-        meta["diffusers"] = diffusers.__version__
-    except ImportError:
-        pass
-    if args.kernels:
-        from importlib.metadata import PackageNotFoundError, version
-
-        for package in ("torchao", "nvidia-cudnn-frontend"):
-            try:
-                meta[package] = version(package)
-            except PackageNotFoundError:
-                meta[package] = None
-        if measure.is_cuda(args.device):
-            meta["cudnn"] = torch.backends.cudnn.version()
-    for name in [p for p in args.parts.split(",") if p]:
+    sizes = (wan.SMOKE, wan.SMOKE_720P) if args.smoke else (wan.REAL_480P, wan.REAL_720P)
+    bench = Bench("bench.run", argv, args.out, args.budget_s, ("torchao", "nvidia-cudnn-frontend"), args.commit,
+                  label=wan.LABEL, device=args.device, sizes=asdict(sizes[0]), dtype=args.dtype,
+                  kernels=args.kernels, cudnn=torch.backends.cudnn.version() if harness.is_cuda(args.device) else None)
+    ctx = Context(args, bench)
+    for name in parts:
         fn, estimate = PARTS[name]
-        ctx.guard.run(name, estimate if not args.smoke else 0, fn, ctx)
-        _write(args.out, meta, results)  # after every part: a killed run still leaves what it measured
-    report = table(results)
-    print(f"# {wan.LABEL} | {meta['device']} | commit {meta['commit']} | {meta['date_utc']}")
-    print(report)
-    return {"meta": meta, "parts": results}
-
-
-def _write(path: str, meta: dict, results: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"meta": meta, "parts": results}, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+        bench.run(name, estimate if not args.smoke else 0, fn, ctx)
+    if args.write_costs:
+        write_costs(args.write_costs, harness.card_name(bench.meta["gpu"] if harness.is_cuda(args.device) else "cpu"),
+                    costs_entry(bench, sizes), sizes)
+        print(f"wrote this card's costs into {args.write_costs}")
+    print(f"# {wan.LABEL} | {bench.meta['gpu']} | commit {bench.meta['commit']} | {bench.meta['date_utc']}")
+    print("\n".join([table(bench.parts), *bench.problems()]))
+    return bench.doc
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ at the run's size, steps and switch (a quarter each; the planner's predicted vid
 measured); the engine loads config-only model directories (bench/wan.py `write_config_only`) with
 `weights="random-init"`.
 Sketch and render batches hold one request (`max_batch_size` 1): at 480p/81 frames a batch of two is no faster
-than two calls (DESIGN.md, bench/RESULTS.md), so batching buys nothing there. Requests go through the app's
+than two calls (bench/RESULTS.md "Run 1" (a)), so batching buys nothing there. Requests go through the app's
 deployment handle (`generate`: submit, run, return the result), timed on the client.
 
 Parts, in this order, each guarded by the `--budget-s` deadline (a part that would not finish in time is skipped
@@ -36,24 +36,21 @@ request, so that no stats call can delay it).
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import logging
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from bench import wan
-from bench.measure import Guard
+from bench.harness import Bench, card_name, fmt, gpu_name, markdown
 
 APP = "srd-bench"
 STAGES = ("encode", "sketch", "render", "decode")
@@ -68,11 +65,11 @@ QUIET = {"log_level": "WARNING", "enable_access_log": False}
 # --------------------------------------------------------------------------------------------------- the app
 def one_gpu_placement(args):
     """The placement planner's layout of one GPU (serve.placement.plan) at the run's size, steps and switch, on the
-    card this run finds (H100 figures for any card that is not an H200): the GPU shares the app gets, and the
+    card this run finds (the H100 figures for a card the cost table lacks): the GPU shares the app gets, and the
     videos/hour the planner's cost model predicts for them, which the measured runs are held against."""
     from serve.placement import CARDS, plan
 
-    card = CARDS["h200" if "H200" in _gpu_name() else "h100"]
+    card = CARDS.get(card_name(gpu_name()), CARDS["h100"])
     return plan(1, card, args.height, args.width, args.frames, args.steps, _switch_k(args.sr_switch, args.steps))
 
 
@@ -298,8 +295,11 @@ def summarise(runs: list[dict], makespan: float) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- parts
 class Context:
-    def __init__(self, args, handle, telemetry: Telemetry, results: dict, guard: Guard):
-        self.args, self.handle, self.telemetry, self.results, self.guard = args, handle, telemetry, results, guard
+    def __init__(self, args, telemetry: Telemetry, bench: Bench):
+        self.args, self.telemetry, self.bench = args, telemetry, bench
+        self.results = bench.parts
+        self.handle = None  # the app's ingress handle, once it runs
+        self.models_dir = tempfile.TemporaryDirectory(prefix="srd-bench-models-")
         self.next_index = 0
         self.per_step: dict[str, float] = {}  # stage seconds (per step for sketch, render) of a lone request
 
@@ -308,7 +308,7 @@ class Context:
         return [request(self.args, i, steps, switch, frames) for i in range(first, first + count)]
 
     def timeout_s(self) -> float:
-        return max(self.guard.left(), 0) + 60
+        return max(self.bench.left(), 0) + 60
 
     def learn(self, row: dict, n: int) -> None:
         """Per-step and per-request stage costs from one request that ran alone (its breakdown row)."""
@@ -427,59 +427,38 @@ def estimate_s(name: str, ctx: Context) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def _f(x, fmt="{:.2f}") -> str:
-    return "-" if x is None else fmt.format(x)
-
-
 def table(results: dict) -> str:
     lines = []
     sr, full, single = results.get("sr", {}), results.get("all14b", {}), results.get("single", {})
     if "makespan_s" in sr or "makespan_s" in full:
-        lines += ["(c) one GPU, all four stages on it; M requests submitted at once",
-                  "| run | M | N | switch | makespan | videos/hour | SR / all-14B | serial estimate | stage busy | "
-                  "GPU peak mem | GPU util mean |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         ratio = (sr["videos_per_hour"] / full["videos_per_hour"]
                  if "videos_per_hour" in sr and "videos_per_hour" in full else None)
-        for label, r in (("SR", sr), ("all-14B", full)):
-            if "makespan_s" not in r:
-                continue
-            gpu = r.get("gpu", {})
-            lines.append(
-                f"| {label} | {r['M']} | {r['N']} | {r['switch']} | {r['makespan_s']:.1f} s | "
-                f"{r['videos_per_hour']:.1f} | {_f(ratio, '{:.2f}x') if label == 'SR' else '1'} | "
-                f"{_f(r.get('serial_estimate_videos_per_hour'), '{:.1f}/h')} | "
-                f"{r['stage_busy_fraction'] * 100:.0f}% | {_f(gpu.get('peak_memory_used_gib'), '{:.1f} GiB')} | "
-                f"{_f(gpu.get('utilization_mean_pct'), '{:.0f}%')} |")
+        rows = [[label, r["M"], r["N"], r["switch"], f"{r['makespan_s']:.1f} s", f"{r['videos_per_hour']:.1f}",
+                 fmt(ratio, "{:.2f}x") if label == "SR" else "1",
+                 fmt(r.get("serial_estimate_videos_per_hour"), "{:.1f}/h"), f"{r['stage_busy_fraction'] * 100:.0f}%",
+                 fmt(r.get("gpu", {}).get("peak_memory_used_gib"), "{:.1f} GiB"),
+                 fmt(r.get("gpu", {}).get("utilization_mean_pct"), "{:.0f}%")]
+                for label, r in (("SR", sr), ("all-14B", full)) if "makespan_s" in r]
+        lines += ["(c) one GPU, all four stages on it; M requests submitted at once",
+                  markdown(["run", "M", "N", "switch", "makespan", "videos/hour", "SR / all-14B", "serial estimate",
+                            "stage busy", "GPU peak mem", "GPU util mean"], rows)]
         slow = sr.get("stage_slowdown_vs_single")
         if slow:
             lines.append("SR stage times beside other jobs / alone (GPU time-slicing): " + ", ".join(
-                f"{k} {_f(v, '{:.2f}x')}" for k, v in slow.items()))
+                f"{k} {fmt(v, '{:.2f}x')}" for k, v in slow.items()))
         lines.append("")
-    rows = []
-    if "stage_s" in single:
-        rows.append(("single (alone)", single))
+    requests = [("single (alone)", single)] if "stage_s" in single else []
     for label, r in (("SR", sr), ("all-14B", full)):
-        for i, row in enumerate(r.get("requests", [])):
-            rows.append((f"{label} #{i + 1} of {r['M']}", row))
-    if rows:
+        requests += [(f"{label} #{i + 1} of {r['M']}", row) for i, row in enumerate(r.get("requests", []))]
+    if requests:
+        rows = [[label, f"{row['latency_s']:.2f} s", *(f"{row['stage_s'][s]:.2f}" for s in STAGES),
+                 *_overheads(row)] for label, row in requests]
+        rows += [[f"{label} median", f"{r['median']['latency_s']:.2f} s", "", "", "", "", *_overheads(r["median"])]
+                 for label, r in (("SR", sr), ("all-14B", full)) if "median" in r]
         lines += ["(d) per request: latency = stage compute + queueing (waiting for a stage busy with another job) + "
                   "overhead (hand-off between stages, admission, returning the result)",
-                  "| request | latency | encode | sketch | render | decode | stages | queueing | hand-off | "
-                  "overhead (all) | overhead % | + queueing % |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for label, row in rows:
-            st = row["stage_s"]
-            lines.append(
-                f"| {label} | {row['latency_s']:.2f} s | {st['encode']:.2f} | {st['sketch']:.2f} | "
-                f"{st['render']:.2f} | {st['decode']:.2f} | {row['stage_sum_s']:.2f} s | {row['queueing_s']:.2f} s | "
-                f"{row['handoff_s'] * 1e3:.0f} ms | {row['overhead_s'] * 1e3:.0f} ms | {row['overhead_pct']:.2f}% | "
-                f"{row['overhead_plus_queueing_pct']:.2f}% |")
-        for label, r in (("SR", sr), ("all-14B", full)):
-            if "median" in r:
-                med = r["median"]
-                lines.append(f"| {label} median | {med['latency_s']:.2f} s | | | | | {med['stage_sum_s']:.2f} s | "
-                             f"{med['queueing_s']:.2f} s | {med['handoff_s'] * 1e3:.0f} ms | "
-                             f"{med['overhead_s'] * 1e3:.0f} ms | {med['overhead_pct']:.2f}% | "
-                             f"{med['overhead_plus_queueing_pct']:.2f}% |")
+                  markdown(["request", "latency", *STAGES, "stages", "queueing", "hand-off", "overhead (all)",
+                            "overhead %", "+ queueing %"], rows)]
     if "overhead_pct" in single:
         gaps = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in single["gaps_s"].items())
         verdict = "met" if single["overhead_pct"] <= 1.0 else "NOT met"
@@ -502,54 +481,14 @@ def table(results: dict) -> str:
     if "noise_encode_s" in mp4:
         lines.append(f"mp4 ({mp4['encoder']}) of noise frames in the decode stage: {mp4['noise_encode_s']:.2f} s, "
                      f"{mp4['noise_mp4_mb']:.1f} MB")
-    for name, rec in results.items():
-        for key in ("error", "skipped"):
-            if isinstance(rec, dict) and key in rec:
-                lines.append(f"{key.upper()} {name}: {rec[key]}")
     return "\n".join(lines)
 
 
-def _write(path: str | None, meta: dict, results: dict) -> None:
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"meta": meta, "parts": results}, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
-
-
-def _gpu_name() -> str:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-            return name.decode() if isinstance(name, bytes) else name
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no driver: a CPU run
-        return "cpu"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "diffusers", "transformers", "ray"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
+def _overheads(row: dict) -> list[str]:
+    """The (d) columns after the stages: their sum, queueing, hand-off, all overhead, its share of the latency."""
+    return [f"{row['stage_sum_s']:.2f} s", f"{row['queueing_s']:.2f} s", f"{row['handoff_s'] * 1e3:.0f} ms",
+            f"{row['overhead_s'] * 1e3:.0f} ms", f"{row['overhead_pct']:.2f}%",
+            f"{row['overhead_plus_queueing_pct']:.2f}%"]
 
 
 def main(argv=None) -> dict:
@@ -565,7 +504,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--parts", default="warmup,single,sr,all14b,metrics,mp4")
     ap.add_argument("--budget-s", type=float, default=300.0, help="deadline for everything (time guard)")
     ap.add_argument("--start-timeout-s", type=float, default=240.0, help="most seconds for Ray and the app to start")
-    ap.add_argument("--commit", default=os.environ.get("BENCH_COMMIT") or None)
+    ap.add_argument("--commit", default=None, help="the commit measured (default: $BENCH_COMMIT, else git's)")
     default_out = os.path.join(os.environ["OUT"], "serve_throughput.json") if os.environ.get("OUT") else None
     ap.add_argument("--out", default=default_out, help="JSON results ($OUT/serve_throughput.json if OUT is set)")
     args = ap.parse_args(argv)
@@ -577,72 +516,62 @@ def main(argv=None) -> dict:
     args.device, args.dtype = ("cpu", "float32") if args.smoke else ("cuda", "bfloat16")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray asks for an auth token otherwise
 
-    results: dict = {}
-    guard = Guard(args.budget_s, results)
-    meta = {
-        "label": wan.LABEL, "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": args.commit or _commit(), "device": _gpu_name() if not args.smoke else "cpu",
-        "argv": sys.argv[1:] if argv is None else argv, "sizes": asdict(sizes), "dtype": args.dtype,
-        "size": f"{args.height}x{args.width}x{args.frames}", "versions": _versions(),
-        # Ray puts its object store (the hand-offs) in /dev/shm if it is large enough, else in /tmp
-        "dev_shm_gib": shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else None,
-    }
-    print(f"# serve_throughput | {wan.LABEL} | {meta['device']} | {meta['size']} N={args.steps} "
+    bench = Bench("bench.serve_throughput", argv, args.out, args.budget_s, ("ray",), args.commit, label=wan.LABEL,
+                  device=args.device, sizes=asdict(sizes), dtype=args.dtype,
+                  size=f"{args.height}x{args.width}x{args.frames}",
+                  # Ray puts its object store (the hand-offs) in /dev/shm if it is large enough, else in /tmp
+                  dev_shm_gib=shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else None)
+    print(f"# serve_throughput | {wan.LABEL} | {bench.meta['gpu']} | {bench.meta['size']} N={args.steps} "
           f"M={args.requests} SR {args.sr_switch} | budget {args.budget_s:.0f} s", flush=True)
-    models_dir = tempfile.mkdtemp(prefix="srd-bench-models-")
-    telemetry = Telemetry()
+    ctx = Context(args, Telemetry(), bench)
     try:
-        setup = results.setdefault("setup", {})
-        try:
-            from serve.video import mp4_encoder
-
-            meta["mp4_encoder"] = mp4_encoder()  # fails here, at once, if the decode stage could not encode
-            models = wan.write_config_only(sizes, models_dir)
-            setup["models"] = {"sketch": sizes.sketch, "render": sizes.render, "text_encoder": sizes.text_encoder,
-                               "vae": sizes.vae, "weights": "random-init", "dir": models_dir}
-            placement = one_gpu_placement(args)
-            setup["placement"] = {"lines": placement.lines(), "gpu_share": placement.gpu_share,
-                                  "predicted_videos_per_hour": placement.videos_per_hour,
-                                  "predicted_video_s": placement.cost.total_s}
-            handle = start_app(setup, args, models, placement, timeout_s=min(args.start_timeout_s, guard.left()))
-        except Exception as e:  # noqa: BLE001 - recorded; nothing else can run
-            setup["error"] = f"{type(e).__name__}: {e}"
-            setup["traceback"] = traceback.format_exc(limit=12)
-            handle = None
-        if handle is not None:
-            setup["stage_gpu_ids"] = {stage: r.get("gpu_ids") for stage, r in replica_report().items()}
-        _write(args.out, meta, results)
+        setup = bench.run("setup", 0, part_setup, ctx, sizes)
         print(f"setup: {json.dumps({k: v for k, v in setup.items() if k != 'app_config'}, default=str)}", flush=True)
         if "traceback" in setup:
             print(setup["traceback"], flush=True)
-        if handle is not None:
-            telemetry.start()
-            ctx = Context(args, handle, telemetry, results, guard)
+        if ctx.handle is not None:
+            ctx.telemetry.start()
             for name in [p for p in args.parts.split(",") if p]:
                 estimate = estimate_s(name, ctx)
-                print(f"{name}: starting, estimate {estimate:.0f} s, {guard.left():.0f} s left", flush=True)
-                record = guard.run(name, estimate * 1.05, PARTS[name], ctx)
+                print(f"{name}: starting, estimate {estimate:.0f} s, {bench.left():.0f} s left", flush=True)
+                record = bench.run(name, estimate * 1.05, PARTS[name], ctx)
                 record.setdefault("estimate_s", estimate)
-                _write(args.out, meta, results)
                 print(f"{name}: {record.get('part_wall_s', 0):.1f} s (estimate {estimate:.1f} s)"
                       + (f" ERROR {record['error']}" if "error" in record else "")
                       + (f" SKIPPED {record['skipped']}" if "skipped" in record else ""), flush=True)
                 if name == "warmup" and "error" in record:
                     print(record.get("traceback", ""), flush=True)
                     break  # the app cannot serve a request: nothing else would run either
-            results["stages"] = replica_report()
-            results["gpu_telemetry"] = {"by_part": {part: telemetry.summary(part) for part in telemetry.samples},
-                                        "note": telemetry.error}
+            bench.parts["stages"] = replica_report()
+            bench.parts["gpu_telemetry"] = {"by_part": {part: ctx.telemetry.summary(part)
+                                                        for part in ctx.telemetry.samples},
+                                            "note": ctx.telemetry.error}
     finally:
-        telemetry.stop()
+        ctx.telemetry.stop()
         _shutdown()
-        shutil.rmtree(models_dir, ignore_errors=True)
-        _write(args.out, meta, results)
-    report = table(results)
-    print(f"\n# {wan.LABEL} | {meta['device']} | commit {meta['commit']} | {meta['date_utc']} | mp4 "
-          f"{meta.get('mp4_encoder')}")
-    print(report, flush=True)
-    return {"meta": meta, "parts": results}
+        ctx.models_dir.cleanup()
+        bench.save()
+    m = bench.meta
+    print(f"\n# {wan.LABEL} | {m['gpu']} | commit {m['commit']} | {m['date_utc']} | mp4 {m.get('mp4_encoder')}")
+    print("\n".join([table(bench.parts), *bench.problems()]), flush=True)
+    return bench.doc
+
+
+def part_setup(rec: dict, ctx: Context, sizes: wan.Sizes) -> None:
+    """Config-only models, the planner's one-GPU layout, local Ray and the app (ctx.handle once it runs)."""
+    from serve.video import mp4_encoder
+
+    args = ctx.args
+    ctx.bench.meta["mp4_encoder"] = mp4_encoder()  # fails here, at once, if the decode stage could not encode
+    models = wan.write_config_only(sizes, ctx.models_dir.name)
+    rec["models"] = {"sketch": sizes.sketch, "render": sizes.render, "text_encoder": sizes.text_encoder,
+                     "vae": sizes.vae, "weights": "random-init", "dir": ctx.models_dir.name}
+    placement = one_gpu_placement(args)
+    rec["placement"] = {"lines": placement.lines(), "gpu_share": placement.gpu_share,
+                        "predicted_videos_per_hour": placement.videos_per_hour,
+                        "predicted_video_s": placement.cost.total_s}
+    ctx.handle = start_app(rec, args, models, placement, timeout_s=min(args.start_timeout_s, ctx.bench.left()))
+    rec["stage_gpu_ids"] = {stage: r.get("gpu_ids") for stage, r in replica_report().items()}
 
 
 def _shutdown() -> None:

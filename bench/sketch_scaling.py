@@ -5,12 +5,12 @@ denoiser at 1 GPU and at 2 (Ulysses, CFG-parallel, optionally ring), with effici
     python -m bench.sketch_scaling --configs ulysses2,cfg2,ring2 --sizes 480p,720p --budget-s 560 --out ...
     python -m bench.sketch_scaling --smoke --out /tmp/sketch_scaling.json  # CPU, gloo, 2 ranks, tiny model, float32
 
-A step is what `serve.stages` asks of its denoiser once per step: the cond and uncond predictions of one request
-(guidance 5) combined. What runs:
+A step is what the denoising loop (serve/denoise.py) asks of its denoiser once per step: the cond and uncond
+predictions of one request (guidance 5) combined. What runs:
 
-  1 GPU     serve.engine.SketchStage's denoiser (a stages.GuidedDenoiser) in this process on cuda:0, what a degree-1
-            sketch replica runs (two B=1 forwards, the engine default); then freed. Its first output is the
-            reference for the checks.
+  1 GPU     the sketch stage's denoiser (serve/pipeline/segment.py SketchStage.load: a GuidedDenoiser) in this process
+            on cuda:0, what a degree-1 sketch replica runs (two B=1 forwards, the engine default); then freed. Its
+            first output is the reference for the checks.
   N GPUs    serve.parallel.RemoteDenoiser over a ProcessWorkerGroup of N spawned ranks (rank r on cuda:r, NCCL), each
             a ParallelWorker running ParallelDenoiser (xfuser USP inside a CFG group; CFG-parallel over groups):
             the rank code of a Serve sketch replica's worker group. The driver sends a batch's prompt embeddings to
@@ -45,11 +45,8 @@ import time
 _STARTED = time.monotonic()  # before the heavy imports: a script run's budget counts them
 
 import argparse
-import datetime
 import gc
 import importlib
-import importlib.metadata
-import json
 import os
 import platform
 import re
@@ -67,7 +64,7 @@ if __package__ in (None, ""):  # `python bench/sketch_scaling.py` from the repos
 import torch
 
 from bench import wan
-from bench.measure import GIB, sync, timed
+from bench.harness import GIB, fmt, markdown, meta, rel_err, sync, timed, write_json
 from serve.handoff import PromptEmbeds
 from serve.parallel import ParallelConfig, ParallelWorker
 
@@ -104,10 +101,6 @@ def parse_config(name: str) -> ParallelConfig:
     if degrees.get("ring", 1) > 1:
         kwargs["attention_backend"] = "sdpa_flash"
     return ParallelConfig(**kwargs)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -195,14 +188,13 @@ class _WithTimeout:
 def make_inputs(shape, text_dim: int, dtype: torch.dtype) -> dict:
     """One request's step inputs as the sketch loop passes them: float32 latents, the first timestep of Wan's
     sampler, umT5-shaped embeddings in the model dtype (encode's output dtype), guidance 5."""
-    from serve import stages
+    from serve.denoise import make_scheduler
 
     generator = torch.Generator("cpu").manual_seed(1)
     latents = torch.randn(shape, generator=generator)
     embeds = PromptEmbeds(torch.randn(1, TEXT_TOKENS, text_dim, generator=generator).to(dtype),
                           torch.randn(1, TEXT_TOKENS, text_dim, generator=generator).to(dtype))
-    scheduler = stages.make_scheduler(wan.scheduler_config(), SimpleNamespace(flow_shift=3.0, num_inference_steps=50),
-                                      "cpu")
+    scheduler = make_scheduler(wan.scheduler_config(), SimpleNamespace(flow_shift=3.0, num_inference_steps=50), "cpu")
     # Half a unit in the last place of the model dtype, relative: the noise floor's input perturbation.
     ulp = torch.finfo(dtype).eps / 2
     perturbed = latents * (1 + ulp * torch.randn(shape, generator=generator))
@@ -225,30 +217,23 @@ class Run:
         self.baseline: dict[str, float] = {}
         self.group = None
         self.lock = threading.Lock()
-        self.report = {
-            "what": "per guided denoising step (cond + uncond, guidance 5) of the sketch transformer through the "
-                    "engine's parallel denoiser, against 1 GPU",
-            "label": wan.LABEL, "smoke": args.smoke, "model": self.profile["model"],
-            "transformer_config": dict(wan.TRANSFORMERS[self.profile["model"]]), "dtype": str(self.dtype),
-            "guidance": GUIDANCE, "text_tokens": TEXT_TOKENS, "warmup": 1, "runs": args.runs,
-            "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "commit": args.commit,
-            "argv": args.argv, "host": platform.node(), "gpus_visible": self.gpus,
-            "env": {k: os.environ.get(k) for k in (*NCCL_ENV, "CUDA_VISIBLE_DEVICES")},
-            "versions": versions(), "rows": self.rows, "notes": self.notes,
-        }
-        if not args.smoke:
-            self.report["device"] = torch.cuda.get_device_name(0)
+        self.meta = meta(
+            "bench.sketch_scaling", args.argv, ("xfuser", "yunchang"), args.commit,
+            what="per guided denoising step (cond + uncond, guidance 5) of the sketch transformer through the "
+                 "engine's parallel denoiser, against 1 GPU",
+            label=wan.LABEL, smoke=args.smoke, model=self.profile["model"],
+            transformer_config=dict(wan.TRANSFORMERS[self.profile["model"]]), dtype=str(self.dtype),
+            guidance=GUIDANCE, text_tokens=TEXT_TOKENS, warmup=1, runs=args.runs, host=platform.node(),
+            gpus_visible=self.gpus, env={k: os.environ.get(k) for k in (*NCCL_ENV, "CUDA_VISIBLE_DEVICES")},
+            nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None)
+        self.report = {"meta": self.meta, "rows": self.rows, "notes": self.notes}
 
     def left(self) -> float:
         return self.args.budget_s - (time.monotonic() - self.started)
 
     def write(self) -> None:
-        self.report["wall_s"] = time.monotonic() - self.started
-        out = Path(self.args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.report, indent=1, default=str))
-        os.replace(tmp, out)
+        self.meta["wall_s"] = time.monotonic() - self.started
+        write_json(self.args.out, self.report)
 
     def add(self, row: dict) -> None:
         with self.lock:
@@ -263,7 +248,7 @@ class Run:
     # ---- 1 GPU: GuidedDenoiser in this process ----------------------------------------------------------------
 
     def one_gpu(self, engine, sizes: list[str], inputs: dict) -> None:
-        from serve.engine import SketchStage
+        from serve.pipeline.segment import SketchStage
 
         runs = self.args.runs
         need = self.profile["build_estimate_s"] + (2 + runs) * self.step_estimate(sizes[0], 1)
@@ -273,15 +258,15 @@ class Run:
             return
         torch.manual_seed(SEED)  # the same draw as every rank's
         start = time.perf_counter()
-        # What a degree-1 sketch replica builds (deployments/denoiser.py): GuidedDenoiser over the stage transformer,
-        # the engine's default max_tokens_per_forward (cond and uncond as two B=1 forwards at 480p).
-        denoiser = SketchStage(engine.model_copy(update={"device": str(self.device)})).denoiser
+        # What a degree-1 sketch replica loads (deployments/stage.py): GuidedDenoiser over the stage transformer, the
+        # engine's default max_tokens_per_forward (cond and uncond as two B=1 forwards at 480p).
+        denoiser = SketchStage.load(engine.model_copy(update={"device": str(self.device)})).denoiser
         sync(self.device)
         build_s = time.perf_counter() - start
-        self.report["one_gpu_weights_checksum"] = weights_checksum(denoiser.transformer)
+        self.meta["one_gpu_weights_checksum"] = weights_checksum(denoiser.transformer)
         try:
             for size in sizes:
-                row = {"config": "1gpu", "path": "engine.SketchStage's GuidedDenoiser (in process)", "gpus": 1,
+                row = {"config": "1gpu", "path": "SketchStage's GuidedDenoiser (in process)", "gpus": 1,
                        "size": size, "tokens": tokens(inputs[size]["latents"].shape), "cfg_degree": 1,
                        "ulysses_degree": 1, "ring_degree": 1, "device": str(self.device), "build_s": build_s}
                 need = (2 + runs) * self.step_estimate(size, 1)
@@ -299,7 +284,7 @@ class Run:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # rank 0 builds its own copy on this GPU next
-                self.report["driver_cuda0_allocated_after_free_gib"] = torch.cuda.memory_allocated(self.device) / GIB
+                self.meta["driver_cuda0_allocated_after_free_gib"] = torch.cuda.memory_allocated(self.device) / GIB
 
     def _one_gpu_size(self, denoiser, inp: dict, size: str, row: dict) -> None:
         dev = self.device
@@ -342,7 +327,7 @@ class Run:
         if not self.args.smoke and self.gpus < n:
             return skip_all(f"needs {n} GPUs, {self.gpus} visible (CUDA_VISIBLE_DEVICES="
                             f"{os.environ.get('CUDA_VISIBLE_DEVICES')})")
-        start_need = self.report.get("group_start_s_max", self.profile["start_estimate_s"])
+        start_need = self.meta.get("group_start_s_max", self.profile["start_estimate_s"])
         need = start_need + (2 + self.args.runs) * self.step_estimate(sizes[0], n)
         if self.left() < need:
             return skip_all(f"budget: {self.left():.0f} s left, needs ~{need:.0f} s")
@@ -361,14 +346,14 @@ class Run:
         self.group = group
         try:
             start_s = time.perf_counter() - start
-            self.report["group_start_s_max"] = max(self.report.get("group_start_s_max", 0.0), start_s)
+            self.meta["group_start_s_max"] = max(self.meta.get("group_start_s_max", 0.0), start_s)
             ranks = [{k: i.get(k) for k in ("rank", "pid", "device", "device_name", "device_uuid", "pci_bus_id",
                                             "backend", "cfg_rank", "sp_rank", "attention_backend", "build_s",
                                             "weights_checksum", "env")} for i in group.info]
             checksums = [r["weights_checksum"] for r in ranks]
             uuids = [r["device_uuid"] for r in ranks]
             same_weights = all(c == checksums[0] for c in checksums)
-            one = self.report.get("one_gpu_weights_checksum")
+            one = self.meta.get("one_gpu_weights_checksum")
             for size in sizes:
                 row = rows[size]
                 row.update(group_start_s=start_s, ranks=ranks, weights_same_on_ranks=same_weights,
@@ -428,7 +413,7 @@ class Run:
     def watchdog(self) -> threading.Timer:
         def expire():
             with self.lock:
-                self.report["aborted"] = f"hard limit {self.args.hard_limit_s:.0f} s reached; ranks killed"
+                self.meta["aborted"] = f"hard limit {self.args.hard_limit_s:.0f} s reached; ranks killed"
             group = self.group
             if group is not None:
                 try:
@@ -464,53 +449,32 @@ def payload_bytes(*values) -> int:
     return total
 
 
-def versions() -> dict:
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
-    for pkg in ("diffusers", "xfuser", "yunchang"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    if torch.cuda.is_available():
-        try:
-            out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception:  # noqa: BLE001
-            pass
-    return out
-
-
-def _f(value, fmt: str) -> str:
-    return "" if value is None else fmt.format(value)
-
-
 def table(report: dict) -> str:
-    device = report.get("device", "cpu (smoke)")
-    lines = [
-        f"{report['model']} ({report['label']}), {report['dtype']}, guidance {report['guidance']}, one guided step "
-        f"(cond + uncond); median of {report['runs']} after {report['warmup']} warm-up; {device}",
-        "| config | GPUs | size | tokens | step s | rank s | transport s | input xfer s | speedup | efficiency "
-        "| rel err vs 1 GPU (floor) | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    m = report["meta"]
+    device = "cpu (smoke)" if m["smoke"] else m["gpu"]
+    rows = []
     for r in report["rows"]:
-        head = f"| {r['config']} | {r['gpus']} | {r['size']} | {r.get('tokens', '')} |"
+        head = [r["config"], r["gpus"], r["size"], r.get("tokens", "")]
         if "step_s" not in r:
             why = r.get("skipped") or (r.get("error") or "")[:160]
-            lines.append(f"{head} {'skipped' if 'skipped' in r else 'ERROR'}: {why} | | | | | | | |")
+            rows.append(head + [f"{'skipped' if 'skipped' in r else 'ERROR'}: {why}"] + [""] * 7)
             continue
         err = r.get("rel_err_vs_1gpu")
         floor = r.get("noise_floor_rel_err")
         err_s = (f"{err:.2e}" if err is not None else "ref") + (f" ({floor:.1e})" if floor is not None else "")
         ok = {True: "yes", False: "**NO**", None: ""}[r.get("matched", True if r["gpus"] == 1 else None)]
-        lines.append(
-            f"{head} {r['step_s']:.3f} | {r['rank_denoise_s']:.3f} | {r['transport_s']:.3f} | "
-            f"{_f(r.get('input_transfer_s'), '{:.3f}')} | {_f(r.get('speedup'), '{:.2f}x')} | "
-            f"{_f(r.get('efficiency'), '{:.1%}')} | {err_s} | {ok} |"
-        )
-    for note in report["notes"]:
-        lines.append(f"note: {note}")
-    if report.get("aborted"):
-        lines.append(f"ABORTED: {report['aborted']}")
+        rows.append(head + [f"{r['step_s']:.3f}", f"{r['rank_denoise_s']:.3f}", f"{r['transport_s']:.3f}",
+                            fmt(r.get("input_transfer_s"), "{:.3f}"), fmt(r.get("speedup"), "{:.2f}x"),
+                            fmt(r.get("efficiency"), "{:.1%}"), err_s, ok])
+    lines = [
+        f"{m['model']} ({m['label']}), {m['dtype']}, guidance {m['guidance']}, one guided step (cond + uncond); "
+        f"median of {m['runs']} after {m['warmup']} warm-up; {device}",
+        markdown(["config", "GPUs", "size", "tokens", "step s", "rank s", "transport s", "input xfer s", "speedup",
+                  "efficiency", "rel err vs 1 GPU (floor)", "ok"], rows),
+    ]
+    lines += [f"note: {note}" for note in report["notes"]]
+    if m.get("aborted"):
+        lines.append(f"ABORTED: {m['aborted']}")
     return "\n".join(lines)
 
 
@@ -529,10 +493,10 @@ def main(argv=None, started: float | None = None) -> dict:
     ap.add_argument("--budget-s", type=float, default=270.0, help="skip rows whose estimate no longer fits")
     ap.add_argument("--hard-limit-s", type=float, default=None,
                     help="watchdog: write, kill the ranks and exit (default budget + 30 s)")
-    ap.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", "unknown"))
+    ap.add_argument("--commit", default=None, help="the commit measured (default: $BENCH_COMMIT, else git's)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "sketch_scaling.json"))
     args = ap.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.argv = argv
     profile = PROFILES["smoke" if args.smoke else "gpu"]
     args.tol = profile["tol"] if args.tol is None else args.tol
     args.hard_limit_s = args.budget_s + 30.0 if args.hard_limit_s is None else args.hard_limit_s
@@ -555,10 +519,10 @@ def main(argv=None, started: float | None = None) -> dict:
     try:
         text_dim = wan.TRANSFORMERS[profile["model"]]["text_dim"]
         inputs = {s: make_inputs(profile["sizes"][s], text_dim, run.dtype) for s in sizes}
-        run.report["sizes"] = {s: {"latents": list(profile["sizes"][s]), "tokens": tokens(profile["sizes"][s])}
+        run.meta["sizes"] = {s: {"latents": list(profile["sizes"][s]), "tokens": tokens(profile["sizes"][s])}
                                for s in sizes}
         with tempfile.TemporaryDirectory(prefix="srd-scaling-") as tmp:
-            from serve.engine import EngineConfig
+            from serve.config import EngineConfig
 
             pair = wan.write_config_only(wan.SMOKE if args.smoke else wan.REAL_480P, tmp)  # configs only, no weights
             engine = EngineConfig(sketch=pair.sketch, render=pair.render, device="cpu" if args.smoke else "cuda",

@@ -5,9 +5,10 @@ and of each numerics-changing speed lever at the default switch (issue 16).
     python -m bench.toy_quality --device cpu --videos 4 --ks 2 --out /tmp/toy_quality.json  # CPU smoke
 
 Every setting generates the same `--videos` videos: prompts from the held-out split of the grammar (attribute
-combinations no training clip had, toy/data.py) with fresh seeds, through the engine's own stage objects (encode,
-sketch, render, decode; requests batched as a deployment batches them). A pixel detector (toy/detector.py) reads
-colour, shape and motion direction back from each video; adherence is the share it reads as the prompt says.
+combinations no training clip had, toy/data.py) with fresh seeds, through the engine's own stages (encode, sketch,
+render, decode; requests batched as a deployment batches them: Engine.generate_batch). A pixel detector
+(toy/detector.py) reads colour, shape and motion direction back from each video; adherence is the share it reads as
+the prompt says.
 
 Settings (N = the preset's steps): all-large (step:N), all-small (boundary:1.0, so the render model runs every
 step), SR at each K of --ks (step:K), and each adaptive spec of --adaptive (with the distribution of the K it chose).
@@ -22,7 +23,7 @@ backend B on both stages), `fp8_linear` and `compile` (KernelConfig levers on bo
 against the row of its dtype without levers (`default` or `bf16`): the table gives the adherence difference and the
 paired flips (videos whose all-three verdict the lever turned wrong / right). Each row names the attention backend
 each stage actually runs and why (the stage's kernel report): a lever that cannot run here (e.g. FP8 on the CPU, or
-FP8 attention in float32) falls back and says so. A setting that raises is recorded under "failed", not scored.
+FP8 attention in float32) falls back and says so. A setting that raises is recorded with its error, not scored.
 
 Cost ratio of a setting = (K C_large + (N - K - S) C_small) / (N C_large_ref), with C the median time of one guided
 step (cond and uncond rows) of one request, measured here for each model on --device, S the render steps that step
@@ -33,28 +34,25 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import gc
-import json
+import math
 import os
-import subprocess
-import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from bench.measure import repeat
-from serve.engine import Engine, EngineConfig
-from srd_kernels.config import KernelConfig
-from serve.plan import run_plan
+from bench.harness import Bench, markdown, repeat
+from serve.config import EngineConfig
+from serve.engine import Engine
 from serve.request import VideoRequest
+from srd_kernels.config import KernelConfig
 from toy import data
 from toy.detector import adherence, detect
 
 ATTRIBUTES = ("colour", "shape", "direction", "all")
+ATTRIBUTE_COLUMNS = ("colour", "shape", "direction", "all three")
 
 
 def pair_dirs(models: str | None) -> dict:
@@ -82,24 +80,16 @@ def generate(engine: Engine, scenes: list[data.Scene], switch: str, guidance: fl
     """Frames, the switch step and the render steps skipped by step caching of each scene's video, `batch` requests
     per stage call."""
     frames, ks, skipped = [], [], []
-
-    def render(handoffs, on_step=None):
-        report: dict = {}
-        latents = engine.renderer(handoffs, on_step=on_step, report=report)
-        skipped.extend(report.get(i, 0) for i in range(len(handoffs)))
-        return latents
-
     for i in range(0, len(scenes), batch):
         chunk = scenes[i : i + batch]
         params = [
             VideoRequest(prompt=s.prompt, seed=seed0 + i + j, switch=switch, guidance_scale=guidance,
                          render_cache=render_cache).resolve(engine.config.defaults) for j, s in enumerate(chunk)
         ]
-        run = run_plan(engine.plan(params[0]), params, engine.encoder,
-                       {"sketch": engine.sketcher, "render": render}, engine.decoder)
-        frames.extend(run.frames)
-        ks.extend(h.step_index for h in run.outputs["sketch"])
-    skipped += [0] * (len(ks) - len(skipped))  # a plan without a render segment (all-large) skips nothing
+        runs = engine.generate_batch(params)
+        frames.extend(run.frames for run in runs)
+        ks.extend(run.switch_step for run in runs)
+        skipped.extend(run.cached_steps for run in runs)
     return frames, ks, skipped
 
 
@@ -145,20 +135,20 @@ def parse_lever(spec: str) -> Lever:
 def kernel_summary(engine: Engine) -> dict:
     """What each stage's transformer actually runs (the stages' kernel reports, fallbacks and their reasons)."""
     out = {}
-    for role, stage in (("sketch", engine.sketcher), ("render", engine.renderer)):
-        r = stage.kernels
+    for role in ("sketch", "render"):
+        r = engine.stages[role].kernels
         out[role] = {"attention": r.attention, "attention_reason": r.attention_reason,
                      "fp8_linear_layers": r.fp8_linear_layers, "fp8_reason": r.fp8_reason, "compiled": r.compiled,
                      "line": r.line()}
     return out
 
 
-def step_cost(engine: Engine, denoiser, params, runs: int) -> float:
-    """Median seconds of one guided step of one request."""
-    device = engine.config.device
-    (embeds,) = engine.encoder([params])
-    embeds = embeds.to(device)
-    x = torch.randn(engine.sketcher.spec.shape(params), device=device)
+def step_cost(engine: Engine, role: str, params, runs: int) -> float:
+    """Median seconds of one guided step of one request by the `role` model."""
+    device, stage = engine.config.device, engine.stages[role]
+    (embeds,) = engine.stages["encode"]([params])
+    embeds, denoiser = embeds.to(device), stage.denoiser
+    x = torch.randn(stage.spec.shape(params), device=device)
     t = torch.tensor([500.0], device=device)
     with torch.inference_mode():
         return repeat(lambda: denoiser(x, t, [embeds], [params.guidance_scale]), device, warmup=3,
@@ -195,7 +185,6 @@ def main(argv=None) -> dict:
     default_out = os.path.join(os.environ["OUT"], "toy_quality.json") if os.environ.get("OUT") else None
     ap.add_argument("--out", default=default_out)
     args = ap.parse_args(argv)
-    started = time.perf_counter()
     if args.levers is None:
         args.levers = DEFAULT_LEVERS if torch.device(args.device).type == "cuda" else CPU_LEVERS
     levers = [parse_lever(spec) for spec in args.levers.split(",") if spec]
@@ -206,103 +195,73 @@ def main(argv=None) -> dict:
     n = defaults.num_inference_steps
     guidance = defaults.guidance_scale if args.guidance is None else args.guidance
     lever_switch = args.lever_switch or defaults.switch
+    bench = Bench("bench.toy_quality", argv, args.out, math.inf if args.budget_s is None else args.budget_s,
+                  device=args.device, N=n, guidance=guidance, flow_shift=defaults.flow_shift, videos=args.videos,
+                  seed=args.seed, lever_switch=lever_switch, split="eval (held-out combinations)",
+                  size=f"{defaults.height}x{defaults.width}x{defaults.num_frames}", models=config.models().__dict__)
+    rows, verdicts = bench.parts, {}
     engine = Engine(config)
     scenes = data.sample_scenes(args.videos, seed=args.seed, split="eval", height=defaults.height, width=defaults.width)
-    meta = {
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": os.environ.get("BENCH_COMMIT") or _commit(), "device": _device_name(args.device),
-        "torch": torch.__version__, "N": n, "guidance": guidance, "flow_shift": defaults.flow_shift,
-        "videos": args.videos, "seed": args.seed, "lever_switch": lever_switch,
-        "size": f"{defaults.height}x{defaults.width}x{defaults.num_frames}", "split": "eval (held-out combinations)",
-        "models": config.models().__dict__, "argv": argv if argv is not None else sys.argv[1:],
-    }
-    result = {"meta": meta, "rows": {}, "failed": {}, "skipped": []}
-    rows, verdicts = result["rows"], {}
-
-    def save():
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-
     clips = data.render_clips(scenes, frames=defaults.num_frames, height=defaults.height, width=defaults.width)
     rows["ground truth"] = {"adherence": score([data.frames_uint8(c) for c in clips], scenes)}
     with torch.inference_mode():
-        vae = engine.decoder.pipe.vae
-        z = torch.cat([vae.encode(c[None].to(vae.device)).latent_dist.mode() for c in clips])
-        recon = engine.decoder.pipe.video_processor.postprocess_video(vae.decode(z).sample, output_type="np")
+        pipe = engine.stages["decode"].pipe
+        z = torch.cat([pipe.vae.encode(c[None].to(pipe.vae.device)).latent_dist.mode() for c in clips])
+        recon = pipe.video_processor.postprocess_video(pipe.vae.decode(z).sample, output_type="np")
     rows["VAE reconstruction"] = {"adherence": score(list((np.asarray(recon) * 255).round().astype(np.uint8)), scenes)}
 
     probe = VideoRequest(prompt=scenes[0].prompt, seed=0, guidance_scale=guidance).resolve(defaults)
 
     def costs(e: Engine) -> dict:
-        return {"large_s": step_cost(e, e.sketcher.denoiser, probe, args.cost_runs),
-                "small_s": step_cost(e, e.renderer.denoiser, probe, args.cost_runs)}
+        return {"large_s": step_cost(e, "sketch", probe, args.cost_runs),
+                "small_s": step_cost(e, "render", probe, args.cost_runs)}
 
-    cost = meta["step_cost"] = costs(engine)
+    cost = bench.meta["step_cost"] = costs(engine)
 
-    def run_setting(name, e: Engine, switch: str, step: dict, render_cache: float = 0.0) -> dict:
+    def setting(row: dict, name, e: Engine, switch: str, step: dict, render_cache: float = 0.0) -> None:
         start = time.perf_counter()
         frames, ks, skipped = generate(e, scenes, switch, guidance, seed0=args.seed * 1000, batch=args.batch,
                                        render_cache=render_cache)
         ratio = [(k * step["large_s"] + (n - k - s) * step["small_s"]) / (n * cost["large_s"])
                  for k, s in zip(ks, skipped)]
         verdicts[name] = []
-        row = {"switch": switch, "adherence": score(frames, scenes, verdicts[name]), "cost_ratio": float(np.mean(ratio)),
-               "k": dict(sorted(collections.Counter(ks).items())), "wall_s": time.perf_counter() - start}
+        row.update({"switch": switch, "adherence": score(frames, scenes, verdicts[name]),
+                    "cost_ratio": float(np.mean(ratio)),
+                    "k": dict(sorted(collections.Counter(ks).items())), "wall_s": time.perf_counter() - start})
         if render_cache:
             row["render_cache"] = render_cache
             row["render_steps"] = float(np.mean([n - k for k in ks]))
             row["render_skipped"] = float(np.mean(skipped))
             row["render_skipped_hist"] = dict(sorted(collections.Counter(skipped).items()))
         row["all_per_video"] = verdicts[name]
-        return row
-
-    def over_budget(name: str) -> bool:
-        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
-            result["skipped"].append(name)
-            print(f"{name:24s} skipped: {time.perf_counter() - started:.0f} s > --budget-s {args.budget_s:.0f}",
-                  flush=True)
-            return True
-        return False
 
     settings = [("all-large", f"step:{n}"), ("all-small", "boundary:1.0")] if args.anchors else []
     settings += [(f"SR K={k}", f"step:{k}") for k in (int(k) for k in args.ks.split(",") if k) if k < n]
     settings += [(spec, spec) for spec in args.adaptive.split(",") if spec]
     for name, switch in settings:
-        if over_budget(name):
-            continue
-        rows[name] = run_setting(name, engine, switch, cost)
-        print(f"{name:24s} {rows[name]['adherence']}  cost {rows[name]['cost_ratio']:.3f}  K {rows[name]['k']}",
-              flush=True)
-        save()
+        row = bench.run(name, 0, setting, name, engine, switch, cost)
+        print(f"{name:24s} " + (f"{row['adherence']}  cost {row['cost_ratio']:.3f}  K {row['k']}"
+                                if "adherence" in row else str(row)), flush=True)
 
     engines = {Lever("default").engine_key: (engine, cost)}
-    for lever in levers:
-        if over_budget(lever.name):
-            continue
-        try:
-            if lever.engine_key not in engines:
-                for key in [k for k in engines if k != Lever("default").engine_key]:  # one lever engine at a time
-                    del engines[key]
-                gc.collect()
-                if torch.device(args.device).type == "cuda":
-                    torch.cuda.empty_cache()
-                t0 = time.perf_counter()
-                e = Engine(config.model_copy(update={"dtype": lever.dtype, "sketch_kernels": lever.kernels,
-                                                     "render_kernels": lever.kernels}))
-                load_s = time.perf_counter() - t0
-                engines[lever.engine_key] = (e, costs(e))
-                engines[lever.engine_key][1]["load_s"] = load_s
-            e, step = engines[lever.engine_key]
-            row = run_setting(lever.name, e, lever_switch, step, lever.render_cache)
-        except Exception as exc:  # a lever that cannot run this shape here: recorded, never scored
-            result["failed"][lever.name] = f"{type(exc).__name__}: {exc}"
-            print(f"{lever.name:24s} FAILED: {result['failed'][lever.name]}\n{traceback.format_exc()}", flush=True)
-            save()
-            continue
+
+    def lever_setting(row: dict, lever: Lever) -> None:
+        if lever.engine_key not in engines:
+            for key in [k for k in engines if k != Lever("default").engine_key]:  # one lever engine at a time
+                del engines[key]
+            gc.collect()
+            if torch.device(args.device).type == "cuda":
+                torch.cuda.empty_cache()
+            t0 = time.perf_counter()
+            e = Engine(config.model_copy(update={"dtype": lever.dtype, "sketch_kernels": lever.kernels,
+                                                 "render_kernels": lever.kernels}))
+            load_s = time.perf_counter() - t0
+            engines[lever.engine_key] = (e, costs(e))
+            engines[lever.engine_key][1]["load_s"] = load_s
+        e, step = engines[lever.engine_key]
+        setting(row, lever.name, e, lever_switch, step, lever.render_cache)
         row.update(lever=lever.name, dtype=lever.dtype, kernels=kernel_summary(e), step_cost=step,
                    reference=lever.reference)
-        rows[lever.name] = row
         ref = verdicts.get(lever.reference)
         if ref is not None and lever.name != lever.reference:
             mine = verdicts[lever.name]
@@ -311,34 +270,36 @@ def main(argv=None) -> dict:
                 "turned_wrong": sum(r and not m for r, m in zip(ref, mine)),
                 "turned_right": sum(m and not r for r, m in zip(ref, mine)),
             }
-        print(f"{lever.name:24s} {row['adherence']}  cost {row['cost_ratio']:.3f}  "
-              f"attention {row['kernels']['sketch']['attention']}/{row['kernels']['render']['attention']}"
-              + (f"  skipped {row['render_skipped']:.2f}" if lever.render_cache else ""), flush=True)
-        save()
-    meta["total_s"] = time.perf_counter() - started
-    print(table(result))
+
+    for lever in levers:  # a lever that cannot run this shape here is recorded with its error, never scored
+        row = bench.run(lever.name, 0, lever_setting, lever)
+        print(f"{lever.name:24s} " + (
+            f"{row['adherence']}  cost {row['cost_ratio']:.3f}  attention "
+            f"{row['kernels']['sketch']['attention']}/{row['kernels']['render']['attention']}"
+            + (f"  skipped {row['render_skipped']:.2f}" if lever.render_cache else "")
+            if "lever" in row else str(row)), flush=True)
+    print(table(bench.doc))
     if levers:
-        print(lever_table(result))
-    save()
-    return result
+        print(lever_table(bench.doc))
+    print("\n".join(bench.problems()))
+    return bench.doc
+
+
+def _adherence(name: str, row: dict) -> list[str]:
+    a = row["adherence"]
+    return [name, f"{a['colour']:.1f}", f"{a['shape']:.1f}", f"{a['direction']:.1f}", f"**{a['all']:.1f}**"]
 
 
 def table(result: dict) -> str:
-    meta = result["meta"]
-    lines = [f"toy pair, {meta['videos']} videos per setting, N={meta['N']}, guidance {meta['guidance']}, "
-             f"{meta['device']}, step cost large {meta['step_cost']['large_s'] * 1e3:.2f} ms, "
-             f"small {meta['step_cost']['small_s'] * 1e3:.2f} ms",
-             "| setting | colour | shape | direction | all three | cost vs all-large | K chosen |",
-             "|---|---|---|---|---|---|---|"]
-    for name, row in result["rows"].items():
-        if "lever" in row:
-            continue
-        a = row["adherence"]
-        cost = f"{row['cost_ratio']:.3f}" if "cost_ratio" in row else ""
-        ks = ", ".join(f"{k}: {c}" for k, c in row.get("k", {}).items()) if name.startswith("adaptive") else ""
-        lines.append(f"| {name} | {a['colour']:.1f} | {a['shape']:.1f} | {a['direction']:.1f} | **{a['all']:.1f}** | "
-                     f"{cost} | {ks} |")
-    return "\n".join(lines)
+    m = result["meta"]
+    rows = [_adherence(name, row) + [f"{row['cost_ratio']:.3f}" if "cost_ratio" in row else "",
+                                     ", ".join(f"{k}: {c}" for k, c in row.get("k", {}).items())
+                                     if name.startswith("adaptive") else ""]
+            for name, row in result["parts"].items() if "adherence" in row and "lever" not in row]
+    cost = m["step_cost"]
+    return (f"toy pair, {m['videos']} videos per setting, N={m['N']}, guidance {m['guidance']}, {m['device']}, "
+            f"step cost large {cost['large_s'] * 1e3:.2f} ms, small {cost['small_s'] * 1e3:.2f} ms\n"
+            + markdown(["setting", *ATTRIBUTE_COLUMNS, "cost vs all-large", "K chosen"], rows))
 
 
 def _attention(kernels: dict) -> str:
@@ -352,17 +313,13 @@ def _attention(kernels: dict) -> str:
 
 
 def lever_table(result: dict) -> str:
-    """The lever rows (issue 16): adherence, its difference from the same-dtype plain row, what ran, cost."""
-    meta = result["meta"]
-    lines = [f"levers at switch {meta['lever_switch']}, {meta['videos']} videos per setting, {meta['device']}",
-             "| setting | colour | shape | direction | all three | vs reference (points; flips -/+) | attention "
-             "(sketch / render) | FP8 linear layers (sketch / render) | render steps skipped by the cache | "
-             "cost vs all-large | step ms (large / small) | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, row in result["rows"].items():
+    """The lever rows (issue 16): adherence, its difference from the same-dtype plain row, what ran, cost (those
+    that failed or were skipped are listed after the tables)."""
+    m, rows = result["meta"], []
+    for name, row in result["parts"].items():
         if "lever" not in row:
             continue
-        a, k = row["adherence"], row["kernels"]
+        k = row["kernels"]
         vs = row.get("vs_reference")
         vs = (f"{vs['all_points']:+.1f} vs {row['reference']} (-{vs['turned_wrong']} / +{vs['turned_right']})"
               if vs else "reference" if name == row["reference"] else f"no {row['reference']} row")
@@ -371,29 +328,15 @@ def lever_table(result: dict) -> str:
             fp8 += f" (FALLBACK: {k['sketch']['fp8_reason']})"
         skipped = (f"{row['render_skipped']:.2f} of {row['render_steps']:.0f} "
                    f"({100 * row['render_skipped'] / row['render_steps']:.0f}%)" if "render_skipped" in row else "")
-        if k["sketch"]["compiled"]:
-            name += " (compiled)"
-        lines.append(f"| {name} | {a['colour']:.1f} | {a['shape']:.1f} | {a['direction']:.1f} | **{a['all']:.1f}** | "
-                     f"{vs} | {_attention(k)} | {fp8} | {skipped} | {row['cost_ratio']:.3f} | "
-                     f"{row['step_cost']['large_s'] * 1e3:.2f} / {row['step_cost']['small_s'] * 1e3:.2f} | "
-                     f"{row['wall_s']:.1f} |")
-    for name, why in result.get("failed", {}).items():
-        lines.append(f"| {name} | FAILED: {why} |")
-    for name in result.get("skipped", []):
-        lines.append(f"| {name} | skipped (--budget-s) |")
-    return "\n".join(lines)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _device_name(device: str) -> str:
-    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+        rows.append(_adherence(name + (" (compiled)" if k["sketch"]["compiled"] else ""), row) + [
+            vs, _attention(k), fp8, skipped, f"{row['cost_ratio']:.3f}",
+            f"{row['step_cost']['large_s'] * 1e3:.2f} / {row['step_cost']['small_s'] * 1e3:.2f}",
+            f"{row['wall_s']:.1f}"])
+    return (f"levers at switch {m['lever_switch']}, {m['videos']} videos per setting, {m['device']}\n"
+            + markdown(["setting", *ATTRIBUTE_COLUMNS, "vs reference (points; flips -/+)",
+                        "attention (sketch / render)", "FP8 linear layers (sketch / render)",
+                        "render steps skipped by the cache", "cost vs all-large", "step ms (large / small)", "wall s"],
+                       rows))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ model's error is close to the large one's below sigma_K: this measures how close
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
+from bench.harness import meta, write_json
 from bench.toy_quality import pair_dirs
-from serve.engine import Engine, EngineConfig
+from serve.config import EngineConfig
+from serve.engine import Engine
 from serve.request import VideoRequest
 from toy import data, train
 
@@ -28,17 +29,17 @@ def x0_errors(models: str | None, clips: int, seed: int) -> list[dict]:
     engine = Engine(EngineConfig(preset="toy", **pair_dirs(models)))
     scenes = data.sample_scenes(clips, seed=seed, split="eval")
     params = [VideoRequest(prompt=s.prompt, seed=0, guidance_scale=1.0).resolve(engine.config.defaults) for s in scenes]
-    embeds = torch.cat([e.prompt for e in engine.encoder(params)])
-    vae = engine.decoder.pipe.vae
+    embeds = torch.cat([e.prompt for e in engine.stages["encode"](params)])
+    vae = engine.stages["decode"].pipe.vae
     x0 = train.scaled_latents(vae, scenes, torch.device("cpu"))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     rows = []
     for sigma in SIGMAS:
         xt, timestep, _ = train.flow_matching_example(x0, noise, torch.full((clips,), sigma))
         row = {"sigma": sigma}
-        for name, stage in (("large", engine.sketcher), ("small", engine.renderer)):
-            v = stage.denoiser.transformer(hidden_states=xt, timestep=timestep, encoder_hidden_states=embeds,
-                                           return_dict=False)[0]
+        for name, role in (("large", "sketch"), ("small", "render")):
+            transformer = engine.stages[role].denoiser.transformer
+            v = transformer(hidden_states=xt, timestep=timestep, encoder_hidden_states=embeds, return_dict=False)[0]
             row[name] = ((xt - sigma * v - x0) ** 2).mean().item()
         row["small/large"] = row["small"] / row["large"]
         print("  ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
@@ -53,11 +54,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    result = {"models": args.models or "toy preset", "clips": args.clips, "seed": args.seed,
+    result = {"meta": meta("bench.toy_sigma_error", argv, models=args.models or "toy preset", clips=args.clips,
+                           seed=args.seed),
               "rows": x0_errors(args.models, args.clips, args.seed)}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return result
 
 

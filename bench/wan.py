@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serve.denoise import WAN_LATENTS
 from serve.models import ModelPair, random_init
 
 LABEL = "random-init weights, real architecture"
@@ -64,12 +65,17 @@ class Sizes:
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
-        return (1, 16, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+        return (1, WAN_LATENTS.channels, *WAN_LATENTS.grid(self.num_frames, self.height, self.width))
+
+    @property
+    def tokens(self) -> int:
+        return WAN_LATENTS.tokens(self.num_frames, self.height, self.width)
 
 
 REAL_480P = Sizes("wan2.1-t2v-14b", "wan2.1-t2v-1.3b", "umt5-xxl", "wan2.1", 480, 832, 81)
 REAL_720P = Sizes("wan2.1-t2v-14b", "wan2.1-t2v-1.3b", "umt5-xxl", "wan2.1", 720, 1280, 81)
 SMOKE = Sizes("smoke-sketch", "smoke-render", "smoke", "smoke", 32, 48, 5)
+SMOKE_720P = Sizes("smoke-sketch", "smoke-render", "smoke", "smoke", 48, 64, 5)  # a second, larger smoke shape
 
 
 def transformer(name: str, device, dtype: torch.dtype):
@@ -106,7 +112,7 @@ def scheduler(flow_shift: float = 3.0):
 
 
 def scheduler_config(flow_shift: float = 3.0) -> dict:
-    """Wan2.1-T2V's sampler as the dict `serve.stages.make_scheduler` takes."""
+    """Wan2.1-T2V's sampler as the dict `serve.denoise.make_scheduler` takes."""
     sampler = scheduler(flow_shift)
     return {"_class_name": type(sampler).__name__, **dict(sampler.config)}
 
@@ -144,14 +150,11 @@ def write_config_only(sizes: Sizes, root, flow_shift: float = 3.0) -> ModelPair:
     return ModelPair(sketch=str(sketch_dir), render=str(render_dir))
 
 
-def pipeline(text_encoder_model, vae_model):
-    """A WanPipeline holding only what `serve.stages.encode`/`decode` read (no transformer), built in memory."""
+def vae_pipeline(vae_model):
+    """A WanPipeline holding only `vae_model` (what the Wan family's decode reads), built in memory."""
     from diffusers import WanPipeline
 
-    from serve.tiny import _byte_tokenizer
-
-    return WanPipeline(tokenizer=_byte_tokenizer(), text_encoder=text_encoder_model, vae=vae_model,
-                       scheduler=None, transformer=None)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae_model, scheduler=None, transformer=None)
 
 
 def transformer_flops(config: dict, tokens: int, text_tokens: int = 512, batch: int = 1) -> float:

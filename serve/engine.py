@@ -4,9 +4,10 @@ artifacts kept as values. What `srd generate` runs, and what the tests and bench
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,10 @@ from serve.switch import Plan
 class GenerationResult:
     params: GenerationParams
     plan: Plan
-    segments: list[tuple[str, int, int]]  # each denoising step's name, first step and one past its last
-    timings: dict[str, float]  # seconds per step
-    artifacts: dict[Artifact, Any]  # every step's outputs
+    segments: list[tuple[str, int, int]] = field(default_factory=list)  # each denoising step: name, first step,
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step              one past its last
+    artifacts: dict[Artifact, Any] = field(default_factory=dict)  # every step's outputs
+    cached_steps: int = 0  # denoising steps that reused a cached transformer output (render step caching)
 
     @property
     def latents(self) -> torch.Tensor:
@@ -43,7 +45,7 @@ class GenerationResult:
 
     @property
     def preview(self) -> np.ndarray | None:
-        """The sketch's estimate of the first frame, uint8 [H, W, 3]."""
+        """The sketch's estimate of the first frame, uint8 [H, W, 3] (with `side_steps`)."""
         return self.artifacts.get(PREVIEW)
 
     @property
@@ -69,23 +71,23 @@ class Engine:
     def plan(self, params: GenerationParams) -> Plan:
         return self.planner.plan(params)
 
-    def generate(self, params: GenerationParams, decode: bool = True,
+    def generate(self, params: GenerationParams, decode: bool = True, side_steps: bool = False,
                  on_step: Callable[[str, int, int], bool] | None = None) -> GenerationResult:
-        """Run the request's steps; with `decode` False, only up to the final latents. `on_step(step name, steps
-        done, N)` sees every denoising step."""
+        """Run the request's steps; with `decode` False only up to the final latents, with `side_steps` also those
+        a served job runs beside the others (the preview). `on_step(step name, steps done, N)` sees every
+        denoising step."""
         step_callback = on_step and (lambda _, name, done, n: on_step(name, done, n))
-        return self.generate_batch([params], decode, step_callback)[0]
+        return self.generate_batch([params], decode, side_steps, step_callback)[0]
 
-    def generate_batch(self, requests: list[GenerationParams], decode: bool = True,
-                       on_step: Callable[[int, str, int, int], bool] | None = None) -> list[GenerationResult]:
+    def generate_batch(self, requests: list[GenerationParams], decode: bool = True, side_steps: bool = False,
+                       on_step: Callable[[int, str, int, int], bool] | None = None,
+                       around: Callable[[str, Callable[[], Any]], Any] | None = None) -> list[GenerationResult]:
         """Run several requests, each step of theirs batched with the others' at the same stage (and batch key),
-        as a stage deployment batches them. `on_step(request index, step name, steps done, N)`."""
-        plans = [self.plan(params) for params in requests]
-        steps = [[step for step in self.pipeline.steps(plan) if decode or step.phase in ("prepare", "denoise")]
-                 for plan in plans]
-        values: list[dict] = [{} for _ in requests]
-        timings: list[dict[str, float]] = [{} for _ in requests]
-        segments: list[list[tuple[str, int, int]]] = [[] for _ in requests]
+        as a stage deployment batches them. `on_step(request index, step name, steps done, N)`; `around(step
+        name, call)` wraps each stage call (the benchmarks time it and take its memory peak)."""
+        phases = {"prepare", "denoise"} | ({"finish"} if decode else set()) | ({"side"} if side_steps else set())
+        results = [GenerationResult(params, self.plan(params)) for params in requests]
+        steps = [[step for step in self.pipeline.steps(r.plan) if step.phase in phases] for r in results]
         done = [0] * len(requests)
         while any(done[i] < len(steps[i]) for i in range(len(requests))):
             batches: dict[tuple, list[int]] = {}
@@ -94,20 +96,23 @@ class Engine:
                     stage = steps[i][done[i]].stage
                     batches.setdefault((stage, self.stages[stage].batch_key(params)), []).append(i)
             for (stage, _), members in batches.items():
-                tasks = [Task(requests[i], steps[i][done[i]], {a: values[i][a] for a in steps[i][done[i]].reads})
-                         for i in members]
+                tasks = [Task(requests[i], steps[i][done[i]], {a: results[i].artifacts[a]
+                                                               for a in steps[i][done[i]].reads}) for i in members]
                 callback = on_step and (lambda j, n_done, n, members=members, tasks=tasks: on_step(
                     members[j], tasks[j].step.name, n_done, n))
+                call = functools.partial(self.stages[stage].run, tasks, callback)
                 start = time.perf_counter()
-                outputs = self.stages[stage].run(tasks, callback)
+                outputs = around(tasks[0].step.name, call) if around else call()
                 seconds = time.perf_counter() - start
                 for i, task, output in zip(members, tasks, outputs):
                     if isinstance(output, Cancelled):
                         raise RuntimeError(f"{task.step.name} was cancelled after {output.step_index} steps")
-                    values[i].update(output.values)
-                    timings[i][task.step.name] = seconds
+                    result = results[i]
+                    result.artifacts.update(output.values)
+                    result.timings[task.step.name] = seconds
+                    result.cached_steps += output.cached_steps
                     if output.steps_done is not None:
-                        first = segments[i][-1][2] if segments[i] else 0
-                        segments[i].append((task.step.name, first, output.steps_done))
+                        first = result.segments[-1][2] if result.segments else 0
+                        result.segments.append((task.step.name, first, output.steps_done))
                     done[i] += 1
-        return [GenerationResult(*result) for result in zip(requests, plans, segments, timings, values)]
+        return results

@@ -1,5 +1,7 @@
 """Placement planner: how many sketch and render replicas, and where the text encoder and the VAE go, from the
-measured cost model (bench/RESULTS.md, DESIGN.md "Measured costs"). No Ray: plain arithmetic over measured figures.
+measured cost model. No Ray: plain arithmetic over measured figures, which live in serve/placement_costs.json (one
+entry per GPU model, each saying where and when it was measured; `python -m bench.run ... --write-costs` writes the
+entry of the card it runs on).
 
 A video costs K x C_sketch + (N-K) x C_render + encode + decode (the engine sits within 0.5% of it), where C is the
 seconds of one denoising step (two forwards with classifier-free guidance) at the video's token count. With one
@@ -10,23 +12,27 @@ renderers when the renderer's GPU has the memory for them (the 1.3B's few GiB le
 to the render side; else beside the sketchers; else on a GPU of their own (today's gpu.yaml did the latter).
 
 Forward seconds at other token counts come from a fit a*t + b*t^2 (linear layers plus attention) through the two
-measured token counts of each model; 720p on the H200 is the H100's 720p figure scaled by the H200/H100 ratio at
-480p (not measured on the H200 yet).
+measured shapes of each model (480p and 720p); forward peaks are interpolated between them, the decode's seconds
+and peak scale from 480p with the pixels (its time also with the frames).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
-# Tokens of the measured shapes: ((frames-1)//4+1) * (height/16) * (width/16).
-TOKENS_480P, TOKENS_720P = 32_760, 75_600
-RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
+from serve.denoise import WAN_LATENTS
+
+COSTS_FILE = Path(__file__).with_name("placement_costs.json")
+MEMORY_HEADROOM = 0.9  # of a card's memory a plan may fill (allocator fragmentation, CUDA context)
+SIDE_GPU_SHARE = 0.1  # Ray GPU fraction of an encoder or decoder replica placed beside a denoiser
 
 
 @dataclass(frozen=True)
 class Card:
-    """One GPU model's measured figures (seconds per B=1 forward, GiB)."""
+    """One GPU model's measured figures (seconds per B=1 forward, GiB), as serve/placement_costs.json holds them."""
 
     name: str
     measured: str  # where and when
@@ -34,25 +40,51 @@ class Card:
     sketch_forward_s: tuple[float, float]  # Wan 14B at 480p/81, 720p/81
     render_forward_s: tuple[float, float]  # Wan 1.3B
     encode_s: float  # umT5-XXL, one prompt pair
-    decode_s_480p: float  # VAE decode of 480p/81, untiled bf16
+    decode_s_480p: float  # the decode stage at 480p/81, untiled
+    weights_gib: dict[str, float]  # resident weights: sketch, render, encoder, vae
+    forward_peak_gib: dict[str, tuple[float, float]]  # above the weights, per B=1 forward at 480p / 720p
+    decode_peak_gib_480p: float  # untiled; it scales with a frame's pixels, hardly with the frame count
+    encode_peak_gib: float
 
 
-H100 = Card("h100", "H100 80GB, 2026-11-25 (bench/RESULTS.md run 2)", 79.6,
-            (3.414, 12.633), (0.655, 2.541), 0.072, 2.751)
-_H200_480P = (3.28, 0.62)  # DESIGN.md, 2026-12-02
-H200 = Card("h200", "H200, 2026-12-02 (DESIGN.md); 720p scaled from the H100 by the 480p ratio", 139.8,
-            (_H200_480P[0], H100.sketch_forward_s[1] * _H200_480P[0] / H100.sketch_forward_s[0]),
-            (_H200_480P[1], H100.render_forward_s[1] * _H200_480P[1] / H100.render_forward_s[0]),
-            0.08, 2.5)
-CARDS = {card.name: card for card in (H100, H200)}
+def _entry(cards: dict, name: str) -> dict:
+    """Card `name`'s figures, with those it lacks taken from its `fill_from` card (forwards at a missing shape scaled
+    by the two cards' ratio at 480p)."""
+    entry = cards[name]
+    if "fill_from" not in entry:
+        return entry
+    base = _entry(cards, entry["fill_from"])
+    forward = {}
+    for role, seconds in base["forward_s"].items():
+        own = entry["forward_s"][role]
+        forward[role] = {shape: own[shape] if shape in own else s * own["480p"] / seconds["480p"]
+                         for shape, s in seconds.items()}
+    return {**base, **entry, "forward_s": forward}
 
-# Memory (GiB, bf16, RESULTS.md run 2 (e) and (a)): resident weights, and peaks above them per B=1 forward at
-# 480p / 720p; the untiled decode peak at 480p (it scales with a frame's pixels, hardly with the frame count).
-WEIGHTS_GIB = {"sketch": 26.67, "render": 2.65, "encoder": 10.58, "vae": 0.24}
-FORWARD_PEAK_GIB = {"sketch": (3.51, 8.01), "render": (1.50, 3.46)}
-DECODE_PEAK_GIB_480P, ENCODE_PEAK_GIB = 4.39, 0.26
-MEMORY_HEADROOM = 0.9  # of a card's memory a plan may fill (allocator fragmentation, CUDA context)
-SIDE_GPU_SHARE = 0.1  # Ray GPU fraction of an encoder or decoder replica placed beside a denoiser
+
+def read_costs(doc: dict) -> tuple[dict[str, tuple[int, int, int]], dict[str, Card]]:
+    """The measured shapes ((height, width, frames) by name: 480p, 720p) and every card of a cost table; a
+    ValueError names a card's missing figure."""
+    cards = {}
+    for name in doc["cards"]:
+        try:
+            entry = _entry(doc["cards"], name)
+            forward, peak = entry["forward_s"], entry["forward_peak_gib"]
+            cards[name] = Card(
+                name, entry["measured"], entry["memory_gib"],
+                (forward["sketch"]["480p"], forward["sketch"]["720p"]),
+                (forward["render"]["480p"], forward["render"]["720p"]), entry["encode_s"], entry["decode_480p_s"],
+                entry["weights_gib"], {role: (peak[role]["480p"], peak[role]["720p"]) for role in ("sketch", "render")},
+                entry["decode_480p_peak_gib"], entry["encode_peak_gib"])
+        except KeyError as missing:
+            raise ValueError(f"the cost table's card {name!r} lacks {missing} and no `fill_from` card has it") from None
+    return {shape: tuple(size) for shape, size in doc["shapes"].items()}, cards
+
+
+SHAPES, CARDS = read_costs(json.loads(COSTS_FILE.read_text()))
+RESOLUTIONS = {shape: (height, width) for shape, (height, width, _) in SHAPES.items()}
+(H480, W480, F480), (H720, W720, F720) = SHAPES["480p"], SHAPES["720p"]
+TOKENS_480P, TOKENS_720P = WAN_LATENTS.tokens(F480, H480, W480), WAN_LATENTS.tokens(F720, H720, W720)
 
 
 def _fit(tokens: int, at: tuple[float, float]) -> float:
@@ -61,10 +93,6 @@ def _fit(tokens: int, at: tuple[float, float]) -> float:
     b = (at[1] / t2 - at[0] / t1) / (t2 - t1)
     a = at[0] / t1 - b * t1
     return a * tokens + b * tokens * tokens
-
-
-def tokens_of(height: int, width: int, frames: int) -> int:
-    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
 
 
 @dataclass(frozen=True)
@@ -88,21 +116,22 @@ def video_cost(card: Card, height: int, width: int, frames: int, steps: int, swi
                guidance: bool = True) -> VideoCost:
     if not 0 <= switch_step <= steps:
         raise ValueError(f"the switch step K must lie in 0..steps={steps} but is {switch_step}")
-    tokens = tokens_of(height, width, frames)
+    tokens = WAN_LATENTS.tokens(frames, height, width)
     forwards = 2 if guidance else 1
-    pixels = height * width / (480 * 832)
+    pixels = height * width / (H480 * W480)
     peak_scale = (tokens - TOKENS_480P) / (TOKENS_720P - TOKENS_480P)
 
     def peak(role: str) -> float:
-        lo, hi = FORWARD_PEAK_GIB[role]
+        lo, hi = card.forward_peak_gib[role]
         return max(lo, lo + (hi - lo) * peak_scale)
 
+    weights = card.weights_gib
     return VideoCost(
         sketch_s=switch_step * forwards * _fit(tokens, card.sketch_forward_s),
         render_s=(steps - switch_step) * forwards * _fit(tokens, card.render_forward_s),
-        encode_s=card.encode_s, decode_s=card.decode_s_480p * pixels * frames / 81,
-        sketch_gib=WEIGHTS_GIB["sketch"] + peak("sketch"), render_gib=WEIGHTS_GIB["render"] + peak("render"),
-        side_gib=WEIGHTS_GIB["encoder"] + WEIGHTS_GIB["vae"] + max(DECODE_PEAK_GIB_480P * pixels, ENCODE_PEAK_GIB),
+        encode_s=card.encode_s, decode_s=card.decode_s_480p * pixels * frames / F480,
+        sketch_gib=weights["sketch"] + peak("sketch"), render_gib=weights["render"] + peak("render"),
+        side_gib=weights["encoder"] + weights["vae"] + max(card.decode_peak_gib_480p * pixels, card.encode_peak_gib),
     )
 
 

@@ -1,5 +1,6 @@
 """CPU smoke tests of the GPU bench script (bench/run.py) on tiny random-init models: every part runs, records no
-error, and the e2e part goes through the engine's stage functions (K = N and K < N)."""
+error, the e2e part goes through the engine's stages (K = N and K < N), and --write-costs writes the placement
+planner's entry of the card it ran on."""
 
 import json
 
@@ -26,7 +27,7 @@ def test_bench_smoke_stages_e2e_handoff(tmp_path):
     assert full["K"] == full["N"] == 4 and full["switch_step"] == 4 and full["speedup_measured"] == 1.0
     assert sr["switch_step"] == 2 and sr["latents_finite"]
     assert set(sr["stage_s"]) == {"encode", "sketch", "render", "decode"} and sr["ideal_s"] > 0
-    assert parts["handoff"]["bytes_mb"] > 0 and parts["handoff"]["roundtrip_equal"]
+    assert parts["handoff"]["bytes_mb"] > 0 and parts["handoff"]["roundtrip_exact"]  # the stores' safetensors codec
     # the levers' rows (--smoke's spec): on the CPU every lever falls back, visibly, and the numerics stay eager's
     levers = parts["e2e"]["levers"]
     assert levers["render"]["attention"] == "sdpa" and "fallback" in levers["render"]["attention_reason"]
@@ -34,6 +35,26 @@ def test_bench_smoke_stages_e2e_handoff(tmp_path):
     assert stacked["levers_on"] == ["sketch", "render"] and stacked["render_steps_computed"] == 2
     assert stacked["cosine_vs_sr_eager"] == pytest.approx(1.0) and stacked["rel_error_vs_sr_eager"] <= 1e-6
     assert {"2+levers+cache0.05", "2+levers+cache0.1"} <= set(runs)
+
+
+def test_bench_smoke_writes_the_cost_entry_of_its_card(tmp_path):
+    costs = tmp_path / "costs.json"
+    other = {"measured": "elsewhere", "encode_s": 1.0}
+    shapes = {"480p": [32, 48, 5], "720p": [48, 64, 5]}  # the smoke sizes: a table of the real shapes is refused
+    costs.write_text(json.dumps({"about": "-", "shapes": shapes, "cards": {"other": other}}))
+    doc = main(["--smoke", "--parts", "models,forward,forward720,anchors", "--write-costs", str(costs),
+                "--out", str(tmp_path / "run.json")])
+    _no_errors(doc["parts"])
+    table = json.loads(costs.read_text())
+    assert table["shapes"] == shapes and table["cards"]["other"] == other
+    entry = table["cards"]["cpu"]
+    assert entry["measured"].startswith("cpu, ") and "--write-costs" in entry["measured"]
+    forward = doc["parts"]["forward720"]["smoke-render"]["B1"]["median_s"]
+    assert entry["forward_s"]["render"]["720p"] == forward > 0 and entry["decode_480p_s"] > 0
+    assert entry["weights_gib"]["sketch"] > entry["weights_gib"]["render"] > 0
+    assert entry["memory_gib"] is None and entry["forward_peak_gib"]["sketch"]["480p"] is None  # no GPU, no peaks
+    with pytest.raises(SystemExit):  # the figures need all four parts
+        main(["--smoke", "--parts", "models,forward", "--write-costs", str(costs), "--out", str(tmp_path / "x")])
 
 
 def test_bench_smoke_vae(tmp_path):
@@ -65,9 +86,8 @@ def test_xfuser_overhead_bench_smoke(tmp_path):
     out = tmp_path / "xfuser_overhead.json"
     assert xfuser_overhead.main(["--smoke", "--warmup", "0", "--runs", "1", "--backends", "sdpa,cudnn",
                                  "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
-    rows = {r["path"] + r.get("block", ""): r for r in report["results"]}
-    assert set(rows) == {"diffusersfirst", "xfuser/sdpa", "xfuser/cudnn", "diffuserslast"}
+    rows = json.loads(out.read_text())["parts"]
+    assert set(rows) == {"diffusers (first)", "xfuser/sdpa", "xfuser/cudnn", "diffusers (last)"}
     assert rows["xfuser/sdpa"]["attention_backend"] == "SDPA" and rows["xfuser/sdpa"]["rel_err_vs_diffusers"] <= TOL
     assert "vs_diffusers" in rows["xfuser/sdpa"] and "unavailable" in rows["xfuser/cudnn"]
 
@@ -106,11 +126,11 @@ def test_toy_quality_scores_every_setting(tmp_path):
     result = toy_quality.main(["--device", "cpu", "--videos", "2", "--batch", "2",
                                "--ks", "5", "--adaptive", "adaptive:0.05:2:12", "--cost-runs", "1",
                                "--out", str(tmp_path / "q.json")])
-    rows = result["rows"]
+    rows = result["parts"]
     assert rows["ground truth"]["adherence"]["all"] == 100.0
     assert rows["all-large"]["k"] == {20: 2} and rows["all-large"]["cost_ratio"] == pytest.approx(1.0)
-    assert rows["all-small"]["k"] == {0: 2} and rows["all-small"]["cost_ratio"] < 1.0
-    assert rows["SR K=5"]["k"] == {5: 2}
-    assert rows["all-small"]["cost_ratio"] < rows["SR K=5"]["cost_ratio"] < 1.0
+    assert rows["all-small"]["k"] == {0: 2} and rows["SR K=5"]["k"] == {5: 2}
+    # measured cost: a wall-clock ratio on a shared machine, so only its presence is checked here
+    assert all(0 < rows[name]["cost_ratio"] < float("inf") for name in ("all-small", "SR K=5"))
     assert all(0 <= row["adherence"][a] <= 100 for row in rows.values() for a in toy_quality.ATTRIBUTES)
-    assert json.loads((tmp_path / "q.json").read_text())["rows"].keys() == rows.keys()
+    assert json.loads((tmp_path / "q.json").read_text())["parts"].keys() == rows.keys()

@@ -28,8 +28,9 @@ def test_smoke_rows_match_the_one_gpu_output(tmp_path, nccl_env):
     out = tmp_path / "sketch_scaling.json"
     report = main(["--smoke", "--configs", ",".join(CONFIGS), "--sizes", ",".join(SIZES), "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(report["rows"], default=str))
-    assert report["label"] == "random-init weights, real architecture" and not report.get("aborted")
-    assert report["env"] == {**NCCL_ENV, "CUDA_VISIBLE_DEVICES": report["env"]["CUDA_VISIBLE_DEVICES"]}
+    meta = report["meta"]
+    assert meta["label"] == "random-init weights, real architecture" and not meta.get("aborted")
+    assert meta["env"] == {**NCCL_ENV, "CUDA_VISIBLE_DEVICES": meta["env"]["CUDA_VISIBLE_DEVICES"]}
     rows = {(r["config"], r["size"]): r for r in report["rows"]}
     assert set(rows) == {(c, s) for c in ("1gpu", *CONFIGS) for s in SIZES}
     for (config, size), row in rows.items():

@@ -12,16 +12,17 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.config import AppConfig
 from serve.cli import main
-from serve.placement import H100, H200, RESOLUTIONS, plan, serve_config, video_cost
+from serve.placement import CARDS, RESOLUTIONS, plan, serve_config, video_cost
 
+H100, H200 = CARDS["h100"], CARDS["h200"]
 GPU_YAML = Path(__file__).parent.parent / "deployments" / "configs" / "gpu.yaml"
 H480, W480 = RESOLUTIONS["480p"]
 
 
 @pytest.mark.parametrize("card, steps, k, measured_s", [
-    (H200, 10, 10, 65.9),   # all-14B, 10 steps with CFG, engine (DESIGN.md)
-    (H200, 10, 2, 23.0),    # SR K=2 of 10, engine (DESIGN.md)
-    (H100, 25, 5, 60.38),   # RESULTS.md run 2 (b): sketch 34.25 + render 26.13
+    (H100, 25, 5, 60.38),   # bench/RESULTS.md "Run 1" (b): sketch 34.25 + render 26.13
+    (H100, 25, 4, 54.72),   # the same run's K=4: sketch 27.34 + render 27.38
+    (H100, 25, 25, 171.97),  # and all-14B: sketch 171.96 + render 0.01
 ])
 def test_cost_model_reproduces_the_measured_transformer_time(card, steps, k, measured_s):
     cost = video_cost(card, H480, W480, 81, steps, k)

@@ -115,13 +115,13 @@ class DenoiseStage(Stage):
                                  f"continues segment {value.segment}")
             else:
                 starts.append(value)
-        outputs = []
-        for task, result in zip(tasks, self(starts, on_step)):
+        outputs, cached = [], {}
+        for i, (task, result) in enumerate(zip(tasks, self(starts, on_step, report=cached))):
             if isinstance(result, Cancelled):
                 outputs.append(result)
             else:
                 done = result.step_index if isinstance(result, Handoff) else task.params.num_inference_steps
-                outputs.append(Output({task.step.writes[0]: result}, steps_done=done))
+                outputs.append(Output({task.step.writes[0]: result}, steps_done=done, cached_steps=cached[i]))
         return outputs
 
 

@@ -56,10 +56,11 @@ class Task:
 @dataclass
 class Output:
     """What a step produced for one job: a value per artifact it writes and, for a denoising step, the denoising
-    steps done once it ended (its segment's stop)."""
+    steps done once it ended (its segment's stop) and how many of its steps reused a cached output."""
 
     values: dict[Artifact, Any]
     steps_done: int | None = None
+    cached_steps: int = 0
 
 
 class Stage:
