@@ -1,5 +1,5 @@
 """Per-step cost of the other model families (CogVideoX 5B/2B, a Wan2.2-T2V-A14B expert) and the measured
-end-to-end SR speed-up of CogVideoX 5B -> 2B, on random-init weights of the real architectures (issue 15).
+end-to-end SR speed-up of CogVideoX 5B -> 2B, on random-init weights of the real architectures.
 
     python -m bench.families --device cuda --commit $(git rev-parse --short HEAD) --out $OUT/families.json
     python -m bench.families --smoke --out /tmp/families.json      # CPU, tiny stand-ins, seconds

@@ -1,6 +1,6 @@
 """Per-forward time of each speed lever of kernels/ against diffusers' eager forward, side by side in one run, with
 the output's cosine similarity and relative error against that eager bf16 output on the same weights and inputs
-(issue 16, must-show 1), for Wan2.1-T2V 1.3B and 14B at 480x832/81 frames (32,760 tokens).
+for Wan2.1-T2V 1.3B and 14B at 480x832/81 frames (32,760 tokens).
 
     python -m bench.kernels --device cuda --commit $(git rev-parse --short HEAD) --out $OUT/kernels.json
     (from a checkout that is not pip-installed, e.g. on the device: PYTHONPATH=kernels, where srd_kernels lies)

@@ -1,4 +1,4 @@
-"""A bounded load run with faults (issue 14, must-show 5): many concurrent jobs over HTTP on loopback while replicas
+"""A bounded load run with faults: many concurrent jobs over HTTP on loopback while replicas
 are killed, and nothing is lost.
 
     python -m bench.load_faults --jobs 100 --out bench/results/2026-12-02-load-faults.json

@@ -1,4 +1,4 @@
-"""GPU benchmarks of the sketch/render engine (issue 5): one invocation per device call, parts chosen by --parts.
+"""GPU benchmarks of the sketch/render engine: one invocation per device call, parts chosen by --parts.
 
     python -m bench.run --parts vae,models,forward,anchors,e2e,handoff,forward720 \\
         --steps 25 --ks 5,4 --commit $(git rev-parse --short HEAD) --out $OUT/results.json

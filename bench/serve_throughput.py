@@ -1,4 +1,4 @@
-"""One-GPU serving benchmark (issue 5 (c) and (d), issue 17): the Serve app itself, with random-init weights of the
+"""One-GPU serving benchmark: the Serve app itself, with random-init weights of the
 real architectures, its four stage replicas sharing one GPU as the placement planner lays them out.
 
     python -m bench.serve_throughput --out $OUT/serve_throughput.json     # one H100, ~4.5 min at the defaults

@@ -1,4 +1,4 @@
-"""Sketch-stage scaling over GPUs (issue 7): one guided denoising step of Wan2.1-T2V-14B through the engine's parallel
+"""Sketch-stage scaling over GPUs: one guided denoising step of Wan2.1-T2V-14B through the engine's parallel
 denoiser at 1 GPU and at 2 (Ulysses, CFG-parallel, optionally ring), with efficiency against 1 GPU.
 
     python -m bench.sketch_scaling --out $OUT/sketch_scaling.json          # GPU host, 2 GPUs, bf16, 480p/81 frames

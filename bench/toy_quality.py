@@ -1,5 +1,5 @@
-"""Prompt adherence of the trained toy pair against the switch step (issue 6): the paper's claim, measured here;
-and of each numerics-changing speed lever at the default switch (issue 16).
+"""Prompt adherence of the trained toy pair against the switch step: the paper's claim, measured here;
+and of each numerics-changing speed lever at the default switch.
 
     python -m bench.toy_quality --device cuda --videos 200 --out $OUT/toy_quality.json    # one H100, ~2 min
     python -m bench.toy_quality --device cpu --videos 4 --ks 2 --out /tmp/toy_quality.json  # CPU smoke
@@ -16,7 +16,7 @@ Reference rows: the detector on the ground-truth clips of the same scenes, and o
 this VAE loses of a real clip; a generator may draw clearer shapes than the clips it learnt from, and the shipped
 pair's all-large row reads higher).
 
-Lever settings (--levers, issue 16), each at the preset's default switch (--lever-switch) with the same prompts and
+Lever settings (--levers), each at the preset's default switch (--lever-switch) with the same prompts and
 seeds: `default` (the plain engine, the reference row), `cache:T` (render step caching at threshold T, the request's
 `render_cache`), and stacks joined by `+` of `bf16` (the engine's dtype; float32 otherwise), `attn:B` (attention
 backend B on both stages), `fp8_linear` and `compile` (KernelConfig levers on both stages). Each lever row is held
@@ -313,7 +313,7 @@ def _attention(kernels: dict) -> str:
 
 
 def lever_table(result: dict) -> str:
-    """The lever rows (issue 16): adherence, its difference from the same-dtype plain row, what ran, cost (those
+    """The lever rows: adherence, its difference from the same-dtype plain row, what ran, cost (those
     that failed or were skipped are listed after the tables)."""
     m, rows = result["meta"], []
     for name, row in result["parts"].items():

@@ -1,4 +1,4 @@
-"""What the degree-1 xfuser path costs against plain diffusers, per transformer forward (issue 4, must-show 2).
+"""What the degree-1 xfuser path costs against plain diffusers, per transformer forward.
 
     python bench/xfuser_overhead.py --out $OUT/xfuser_overhead.json      # GPU: Wan 14B, 480p/81 frames, bf16
     python bench/xfuser_overhead.py --smoke --out /tmp/xfuser_overhead.json   # CPU, tiny model, seconds
@@ -13,7 +13,7 @@ weights (xfuser's wrapper adopts them without a copy, serve.parallel.to_sequence
 Blocks (the result file's parts) run in the order diffusers, each backend, diffusers again; each block's figure is
 the median of --runs synchronised forwards after --warmup; a block that would start after --budget-s is skipped.
 Overhead = backend median / mean of the two diffusers medians - 1 (the two diffusers blocks also show the drift
-over the run). The issue's bar: <= 2% for the configured default backend.
+over the run). The bar: <= 2% for the configured default backend.
 A backend that cannot run here (not installed, no kernel on this device) is reported as unavailable.
 """
 

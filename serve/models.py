@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,12 +211,29 @@ def is_pipeline(source: str) -> bool:
     return True  # hub ids used here name pipelines
 
 
-def _transformer_config(source: str, role: str, subfolder: str | None = None) -> dict:
-    """A transformer's config.json as a dict (any diffusers class: `load_config` only reads the file)."""
-    from diffusers import WanTransformer3DModel
+def read_config(source: str, subfolder: str | None, what: str, file_name: str = "config.json") -> dict:
+    """A component's JSON config (`file_name` in `subfolder` of a pipeline, or of a model directory) as a dict.
 
-    kwargs = {"subfolder": subfolder or "transformer"} if is_pipeline(source) else {}
-    return _load(f"the {role} transformer config", source, WanTransformer3DModel.load_config, **kwargs)
+    Configs are read before any weights load (the pair checks, the planner, the ingress), often by processes that
+    never load a model; diffusers' `load_config` would import diffusers, seconds on a small machine, to read a
+    file. So a local directory's file is read directly, and a hub id's fetched with huggingface_hub (cached as
+    `from_pretrained` caches it)."""
+    name = f"{subfolder}/{file_name}" if subfolder else file_name
+    try:
+        if Path(source).is_dir():
+            return json.loads((Path(source) / name).read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source, name)).read_text())
+    except (OSError, ValueError) as e:  # a missing file or an unreachable hub (OSError), broken JSON (ValueError)
+        raise ModelError(f"cannot load {what} from {source!r}: {type(e).__name__}: {e}") from e
+
+
+def _transformer_config(source: str, role: str, subfolder: str | None = None) -> dict:
+    """A transformer's config.json as a dict (a pipeline's `subfolder`, default "transformer", or a bare transformer
+    directory)."""
+    return read_config(source, (subfolder or "transformer") if is_pipeline(source) else None,
+                       f"the {role} transformer config")
 
 
 def check_compatible(models: ModelPair) -> None:
@@ -350,10 +368,7 @@ def random_init(cls, config, device, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load_scheduler_config(source: str) -> dict:
-    from diffusers import UniPCMultistepScheduler
-
-    source = _locate(source, "sketch")
-    return dict(_load("the scheduler config", source, UniPCMultistepScheduler.load_config, subfolder="scheduler"))
+    return read_config(_locate(source, "sketch"), "scheduler", "the scheduler config", "scheduler_config.json")
 
 
 def latent_spec(source: str):

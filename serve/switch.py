@@ -216,9 +216,8 @@ class SwitchTracker:
             rate = (output - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
             self.rates.append(math.tanh(float(rate)))
         self._previous_output = output
-        decided = sketched >= self.max_step or (
-            sketched >= self.min_step and len(self.rates) >= 2 and 0.0 < self.rates[-2] - self.rates[-1] < self.threshold
-        )
+        dropped_slightly = len(self.rates) >= 2 and 0.0 < self.rates[-2] - self.rates[-1] < self.threshold
+        decided = sketched >= self.max_step or (sketched >= self.min_step and dropped_slightly)
         if decided:
             self.switch_step = sketched
             self._previous_output = None

@@ -90,10 +90,14 @@ def tier_of(module: str, test: str | None = None) -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test gets its tier marker (fast, ray or slow), here in one place (TIERS)."""
+    """Every test gets its tier marker (fast, ray or slow), here in one place (TIERS); the tiers run in that order,
+    fast, slow, ray, so that the session's local Ray (`ray_cluster`), idle between the ray tier's tests but never
+    free on two cores, is up only while they run."""
+    tiers = {}
     for item in items:
-        tier = tier_of(Path(str(item.fspath)).stem, getattr(item, "originalname", item.name)) or DEFAULT_TIER
-        item.add_marker(getattr(pytest.mark, tier))
+        tiers[item] = tier_of(Path(str(item.fspath)).stem, getattr(item, "originalname", item.name)) or DEFAULT_TIER
+        item.add_marker(getattr(pytest.mark, tiers[item]))
+    items.sort(key=lambda item: ("fast", "slow", "ray").index(tiers[item]))
 
 # Small enough that a denoising step takes milliseconds, large enough to have several tokens and latent frames.
 SMALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 4}

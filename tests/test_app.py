@@ -75,7 +75,7 @@ def wait_for(http, job_id: str, until=lambda job: job["status"] in ("completed",
         seen.append(response.json())
         if until(seen[-1]):
             return seen[-1], seen
-        time.sleep(0.02)
+        time.sleep(0.1)  # a poll costs the app CPU that the job needs
     raise AssertionError(f"job {job_id} never got there; last record: {seen[-1] if seen else None}")
 
 

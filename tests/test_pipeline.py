@@ -32,8 +32,9 @@ def test_two_segments_read_and_write_the_artifacts_of_today():
         ("render", "render", "denoise"), ("decode", "decode", "finish")]
     by_name = {s.name: s for s in steps}
     assert by_name["encode"].writes == (EMBEDS,)
-    assert (by_name["sketch"].reads, by_name["sketch"].writes, by_name["sketch"].span) == ((EMBEDS,), (HANDOFF,), (0, 3))
-    assert (by_name["render"].reads, by_name["render"].writes, by_name["render"].span) == ((HANDOFF,), (LATENTS,), (3, 8))
+    sketch, render = by_name["sketch"], by_name["render"]
+    assert (sketch.reads, sketch.writes, sketch.span) == ((EMBEDS,), (HANDOFF,), (0, 3))
+    assert (render.reads, render.writes, render.span) == ((HANDOFF,), (LATENTS,), (3, 8))
     assert by_name["preview"].reads == (HANDOFF,) and by_name["preview"].writes == (PREVIEW,)
     assert by_name["decode"].reads == (LATENTS,) and set(by_name["decode"].writes) == {VIDEO, THUMBNAIL}
     assert [a.file for a in (EMBEDS, HANDOFF, LATENTS, VIDEO, THUMBNAIL, PREVIEW)] == [
@@ -165,4 +166,5 @@ def test_the_app_builder_deploys_the_added_stage():
 
     found = deployments(build_app(AppConfig(), WITH_SMALL_THUMBNAIL))
     assert set(found) == {"Ingress", "Orchestrator", "Encoder", "Sketcher", "Renderer", "Decoder", "Thumbnailer"}
-    assert found["Thumbnailer"].init_args[0] == "Thumbnailer" and found["Thumbnailer"].init_args[-1] is WITH_SMALL_THUMBNAIL
+    thumbnailer = found["Thumbnailer"].init_args
+    assert thumbnailer[0] == "Thumbnailer" and thumbnailer[-1] is WITH_SMALL_THUMBNAIL

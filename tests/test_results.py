@@ -1,5 +1,5 @@
-"""ResultStore (serve/results.py) on a local directory and on fsspec's in-memory filesystem (standing in for an object
-store): the file operations, atomic puts, refused path traversal, and a second store on the same root."""
+"""ResultStore (serve/jobs/results.py) on a local directory and on fsspec's in-memory filesystem (standing in for an
+object store): the file operations, atomic puts, refused path traversal, and a second store on the same root."""
 
 from __future__ import annotations
 

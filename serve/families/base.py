@@ -142,22 +142,13 @@ class Family:
 
 
 def read_model_index(source: str) -> dict:
-    """A pipeline's model_index.json (a local directory's file, or the hub's through diffusers' own reader)."""
-    from serve.models import ModelError, _load, _locate
+    """A pipeline's model_index.json."""
+    from serve.models import ModelError, _locate, read_config
 
     located = _locate(source, "sketch")
-    path = Path(located)
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ModelError(f"sketch model {source!r} must be a full pipeline directory (model_index.json)")
-        try:
-            return json.loads(index.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ModelError(f"cannot read {index}: {e}") from e
-    from diffusers import DiffusionPipeline
-
-    return dict(_load("the pipeline index", located, DiffusionPipeline.load_config))
+    if Path(located).is_dir() and not (Path(located) / "model_index.json").is_file():
+        raise ModelError(f"sketch model {source!r} must be a full pipeline directory (model_index.json)")
+    return read_config(located, None, "the pipeline index", "model_index.json")
 
 
 def family_named(pipeline_class: str | None, source: str = "") -> Family:

@@ -127,7 +127,7 @@ class CogVideoXFamily(Family):
                                                f"but is {params.num_frames}")
 
     def check_compatible(self, pair) -> None:
-        from serve.models import ModelError, is_pipeline, _load, _locate
+        from serve.models import ModelError, _locate, is_pipeline, read_config
 
         sketch_src, render_src = _locate(pair.sketch, "sketch"), _locate(pair.render, "render")
         sketch = self.transformer_config(sketch_src, "sketch")
@@ -144,39 +144,30 @@ class CogVideoXFamily(Family):
         if is_pipeline(render_src) and Path(render_src).is_dir():
             # Shared text encoder and VAE, checked from the configs. The VAE scaling factor and the scheduler's
             # snr_shift_scale may differ (5B vs 2B): the sketch pipeline owns the trajectory (module docstring).
-            from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
-            from transformers import AutoConfig
-
-            vae_s = _load("the sketch VAE config", sketch_src, AutoencoderKLCogVideoX.load_config, subfolder="vae")
-            vae_r = _load("the render VAE config", render_src, AutoencoderKLCogVideoX.load_config, subfolder="vae")
+            vae_s = read_config(sketch_src, "vae", "the sketch VAE config")
+            vae_r = read_config(render_src, "vae", "the render VAE config")
             ignore = {"scaling_factor", "_diffusers_version", "_name_or_path"}
             for key in sorted((set(vae_s) | set(vae_r)) - ignore):
                 if vae_s.get(key) != vae_r.get(key):
                     raise ModelError(f"render model {pair.render!r} uses a different VAE than sketch model "
                                      f"{pair.sketch!r} ({key} differs): the latent cannot be handed over")
-            text_s = _load("the sketch text encoder config", sketch_src, AutoConfig.from_pretrained,
-                           subfolder="text_encoder").to_dict()
-            text_r = _load("the render text encoder config", render_src, AutoConfig.from_pretrained,
-                           subfolder="text_encoder").to_dict()
+            text_s = read_config(sketch_src, "text_encoder", "the sketch text encoder config")
+            text_r = read_config(render_src, "text_encoder", "the render text encoder config")
             for key in ("model_type", "d_model", "num_layers", "num_heads", "vocab_size", "d_ff"):
                 if text_s.get(key) != text_r.get(key):
                     raise ModelError(f"render model {pair.render!r} uses a different text encoder than sketch "
                                      f"model {pair.sketch!r} ({key} differs): the prompt cannot be encoded once")
-            sched_s = _load("the sketch scheduler config", sketch_src, CogVideoXDDIMScheduler.load_config,
-                            subfolder="scheduler")
-            sched_r = _load("the render scheduler config", render_src, CogVideoXDDIMScheduler.load_config,
-                            subfolder="scheduler")
+            sched_s = read_config(sketch_src, "scheduler", "the sketch scheduler config", "scheduler_config.json")
+            sched_r = read_config(render_src, "scheduler", "the render scheduler config", "scheduler_config.json")
             if sched_s.get("prediction_type") != sched_r.get("prediction_type"):
                 raise ModelError(f"render model {pair.render!r} predicts {sched_r.get('prediction_type')!r} but "
                                  f"sketch model {pair.sketch!r} predicts {sched_s.get('prediction_type')!r}")
 
     def latent_spec(self, source: str) -> denoise.LatentSpec:
-        from diffusers import AutoencoderKLCogVideoX
-
-        from serve.models import _load, _locate
+        from serve.models import _locate, read_config
 
         source = _locate(source, "sketch")
-        vae = _load("the VAE config", source, AutoencoderKLCogVideoX.load_config, subfolder="vae")
+        vae = read_config(source, "vae", "the VAE config")
         transformer = self.transformer_config(source, "sketch")
         p = transformer["patch_size"]
         return denoise.LatentSpec(

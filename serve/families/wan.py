@@ -36,7 +36,7 @@ class WanFamily(Family):
     sampler = DEFAULT_SAMPLER
 
     def check_compatible(self, pair) -> None:
-        from serve.models import ModelError, is_pipeline, _load, _locate
+        from serve.models import ModelError, _locate, is_pipeline, read_config
 
         sketch_src, render_src = _locate(pair.sketch, "sketch"), _locate(pair.render, "render")
         if not is_pipeline(sketch_src):
@@ -50,10 +50,8 @@ class WanFamily(Family):
         render = self.transformer_config(render_src, "render", pair.render_subfolder)
         check_same(("in_channels", "out_channels", "text_dim", "patch_size"), sketch, render, pair.sketch, pair.render)
         if is_pipeline(render_src) and Path(render_src).is_dir():
-            from diffusers import AutoencoderKLWan
-
-            vae_s = _load("the sketch VAE config", sketch_src, AutoencoderKLWan.load_config, subfolder="vae")
-            vae_r = _load("the render VAE config", render_src, AutoencoderKLWan.load_config, subfolder="vae")
+            vae_s = read_config(sketch_src, "vae", "the sketch VAE config")
+            vae_r = read_config(render_src, "vae", "the render VAE config")
             for key in ("z_dim", "latents_mean", "latents_std", "temperal_downsample"):
                 if vae_s.get(key) != vae_r.get(key):
                     raise ModelError(
@@ -62,12 +60,10 @@ class WanFamily(Family):
                     )
 
     def latent_spec(self, source: str) -> LatentSpec:
-        from diffusers import AutoencoderKLWan
-
-        from serve.models import _load, _locate
+        from serve.models import _locate, read_config
 
         source = _locate(source, "sketch")
-        vae = _load("the VAE config", source, AutoencoderKLWan.load_config, subfolder="vae")
+        vae = read_config(source, "vae", "the VAE config")
         transformer = self.transformer_config(source, "sketch")
         return LatentSpec(
             channels=transformer["in_channels"], temporal=vae.get("scale_factor_temporal") or 4,

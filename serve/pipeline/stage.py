@@ -15,6 +15,7 @@ batching, checkpoint I/O through the declared artifacts) and the benchmarks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -162,17 +163,22 @@ def _check_inputs(step: Step, written: set[Artifact]) -> None:
 
 class Planner:
     """A request's plan and steps from configs alone (no weights), so that the orchestrator, the stage deployments
-    and the Engine agree on them: the boundary policy's switch comes from the sampler's timesteps."""
+    and the Engine agree on them. Only the boundary policy needs the sampler's own timesteps; the family and its
+    scheduler (diffusers, seconds to import) are loaded for the first such request, not before."""
 
     def __init__(self, config: EngineConfig, pipeline: Pipeline):
-        family = config.family()
         self.pipeline = pipeline
-        self._sampler = family.sampler
-        self._scheduler_config = family.scheduler_config(config.models().sketch)
+        self._config = config
+        self._sampler = None
 
     def plan(self, params: GenerationParams) -> Plan:
-        timesteps = self._sampler.scheduler(self._scheduler_config, params, "cpu").timesteps
-        return make_plan(params, timesteps)
+        if params.switch.kind != "boundary":
+            return make_plan(params)
+        if self._sampler is None:
+            family = self._config.family()
+            self._sampler = functools.partial(family.sampler.scheduler,
+                                              family.scheduler_config(self._config.models().sketch))
+        return make_plan(params, self._sampler(params, "cpu").timesteps)
 
     def steps(self, params: GenerationParams) -> tuple[Step, ...]:
         return self.pipeline.steps(self.plan(params))
