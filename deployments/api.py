@@ -106,14 +106,43 @@ class VideoResult:
     thumbnail: bytes | None  # PNG of the video's first frame
 
 
+class ErrorObject(BaseModel):
+    """OpenAI's error object: what its SDK reads."""
+
+    message: str = Field(description="One line; for a bad field it names the field and says what is allowed.")
+    type: Literal["invalid_request_error"] = "invalid_request_error"
+    param: str | None = Field(None, description="The request field at fault, if one is.")
+    code: str = Field(description="invalid_request_error, not_found, not_ready, rate_limit_exceeded ...")
+
+
+class ErrorLocation(BaseModel):
+    """FastAPI's shape of a request error, so that FastAPI clients read it too."""
+
+    loc: list[str] = Field(description="Where: body, query, path or header, then the field.")
+    msg: str
+    type: str = Field(description="The same as `error.code`.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error status the API answers (all 4xx; /healthz's 503 is `Health`)."""
+
+    error: ErrorObject
+    detail: list[ErrorLocation]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    problems: list[str] = Field(default_factory=list, description="What keeps the app from serving (503 only).")
+
+
 def _text(value: str | None) -> str | None:
     """Text that encodes as UTF-8: a lone surrogate from the request (a JSON "\\ud800" key) is escaped."""
     return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_body(message: str, param: str | None, code: str = "invalid_request_error", location: str = "body") -> dict:
-    """OpenAI's error shape (what its SDK reads), with FastAPI's `detail` list beside it; `location` is where
-    `param` is (body, query or path)."""
+    """OpenAI's error shape (what its SDK reads), with FastAPI's `detail` list beside it (ErrorResponse);
+    `location` is where `param` is (body, query, path or header)."""
     message, param = _text(message), _text(param)
     return {
         "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code},

@@ -35,12 +35,14 @@ from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 
-from deployments.api import Video, VideoDeleted, VideoList, VideoResult, error_body
+from deployments.api import ErrorResponse, Health, Video, VideoDeleted, VideoList, VideoResult, error_body
 from deployments.config import AppConfig
 from serve.jobs import state
 from serve.jobs.results import ResultStore
@@ -162,7 +164,7 @@ class VideoService:
             valid |= hmac.compare_digest(given, accepted)
         if scheme.lower() != "bearer" or not valid:
             raise ApiError(401, "a valid bearer token is required (Authorization: Bearer <token>)", None,
-                           "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                           "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}, location="header")
         return _token_owner(token.strip())
 
     def _visible(self, job: state.JobRecord, owner: str | None) -> bool:
@@ -172,14 +174,14 @@ class VideoService:
         owner = self.authorize(request)
         job = await asyncio.to_thread(self._store.get, job_id)
         if job is None or not self._visible(job, owner):  # another token's job is as good as absent
-            raise ApiError(404, f"no video job with id {job_id!r}", None, "not_found")
+            raise ApiError(404, f"no video job with id {job_id!r}", "job_id", "not_found", location="path")
         return job
 
     async def completed(self, job_id: str, request: Request, what: str) -> state.JobRecord:
         job = await self.job(job_id, request)
         if job.status != "completed":
             raise ApiError(409, f"video job {job_id!r} is {Video.of(job).status} (progress {job.progress}%): its "
-                                f"{what} is available once it is completed", None, "not_ready")
+                                f"{what} is available once it is completed", None, "not_ready", location="path")
         return job
 
     async def list_jobs(self, request: Request, limit: int, after: str | None, order: str) -> VideoList:
@@ -199,7 +201,8 @@ class VideoService:
         job = await self.job(job_id, request)
         if not job.terminal:
             raise ApiError(409, f"video job {job_id!r} is {job.status}: cancel it first "
-                                f"(POST /v1/videos/{job_id}/cancel), then delete it", None, "not_finished")
+                                f"(POST /v1/videos/{job_id}/cancel), then delete it", None, "not_finished",
+                           location="path")
         await asyncio.to_thread(self._results.delete, job_id)
         await asyncio.to_thread(self._store.delete, job_id)
         return VideoDeleted(id=job_id)
@@ -207,7 +210,7 @@ class VideoService:
     async def stream(self, job_id: str, file: str, media_type: str) -> StreamingResponse:
         size = await asyncio.to_thread(self._results.size, job_id, file)
         if size is None:
-            raise ApiError(404, f"video job {job_id!r} has no {file}", None, "not_found")
+            raise ApiError(404, f"video job {job_id!r} has no {file}", "job_id", "not_found", location="path")
         return StreamingResponse(self._results.iter_chunks(job_id, file), media_type=media_type,
                                  headers={"Content-Length": str(size)})
 
@@ -289,14 +292,51 @@ class VideoService:
             await asyncio.sleep(SSE_POLL_S)
 
 
+# Every error status a route can answer, as OpenAPI declares it: the ErrorResponse body, and the headers it carries.
+ERRORS = {
+    400: "The body is not a JSON object or a readable form",
+    401: "Auth is on and the request has no valid bearer token",
+    404: "No video job with this id (another token's job is as good as absent)",
+    409: "The job's state does not allow this",
+    413: "The body is larger than `limits.max_body_bytes`",
+    415: "The body is neither JSON nor a form",
+    422: "A field is invalid: `error.param` names it, `detail[0].loc` says where it is",
+    429: "Too many unfinished jobs: retry after Retry-After seconds",
+}
+ERROR_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
+}
+
+
+def error_responses(*statuses: int, **descriptions: str) -> dict:
+    """OpenAPI `responses` for these error statuses; `descriptions` (keyed `e409`...) word a route's own case."""
+    return {status: {"model": ErrorResponse, "description": descriptions.get(f"e{status}", ERRORS[status]),
+                     **({"headers": ERROR_HEADERS[status]} if status in ERROR_HEADERS else {})}
+            for status in statuses}
+
+
+def _allowed_methods(api: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at the request's path (Starlette's 405 names only the first route's)."""
+    return sorted({method for route in api.routes if isinstance(route, Route)
+                   and route.matches(request.scope)[0] is not Match.NONE for method in route.methods or ()})
+
+
 def make_api(service: VideoService) -> FastAPI:
-    """The HTTP routes over `service`."""
+    """The HTTP routes over `service`. Each route declares every status it answers, so that a client generated from
+    /openapi.json (or a fuzzer checking it) meets no undocumented response."""
     api = FastAPI(
         title="srd: sketch/render video diffusion",
         description="Asynchronous video jobs in the shape of OpenAI's /v1/videos API: a large model sketches the "
         "first denoising steps, a small model renders the rest. A cancelled job reads `status: failed` with "
         "`error.code: cancelled`.",
+        # Behind Serve, its proxy answers before any route does when it sheds load: declared on every route.
+        responses={503: {"description": "Serve's proxy sheds the request: more than `ingress.max_queued_requests` "
+                                        "wait for the ingress, or it is not running (Serve's plain text, not this "
+                                        "API's error shape)",
+                         "content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
+    job_path = Path(description="The video job's id, as its create answered.")
 
     @api.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -312,31 +352,48 @@ def make_api(service: VideoService) -> FastAPI:
         return JSONResponse(status_code=422, content=error_body(f"invalid {param}: {first['msg']}", param,
                                                                 location=location))
 
+    @api.exception_handler(HTTPException)
+    async def _routing_error(request: Request, error: HTTPException) -> JSONResponse:
+        """An unknown path (404) or method (405), in the API's error shape."""
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(api, request))
+            message = f"{request.method} is not served at {request.url.path}; {headers['Allow']} are"
+        else:
+            message = f"{request.url.path}: {error.detail}"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "invalid_request_error")
+        return JSONResponse(status_code=error.status_code, content=error_body(message, None, code, "path"),
+                            headers=headers)
+
     @api.post("/v1/videos", response_model=Video, summary="Create a video job", openapi_extra={
         "requestBody": {"required": True, "content": {
             "application/json": {"schema": VideoRequest.model_json_schema()},
             "multipart/form-data": {"schema": VideoRequest.model_json_schema()},
         }},
-    }, responses={413: {"description": "Body too large"}, 422: {"description": "A field is invalid (`param`)"},
-                  429: {"description": "Too many unfinished jobs (Retry-After)"}})
+    }, responses=error_responses(400, 401, 413, 415, 422, 429))
     async def create_video(request: Request) -> Video:
         owner = service.authorize(request)
         return await service.submit(await service.read_request(request), owner)
 
-    @api.get("/v1/videos", response_model=VideoList, summary="List video jobs")
+    @api.get("/v1/videos", response_model=VideoList, summary="List video jobs",
+             responses=error_responses(401, 404, 422, e404="`after` names no video job"))
     async def list_videos(request: Request, limit: int = Query(20, ge=1, le=100),
-                          after: str | None = Query(None, description="The last id of the previous page."),
+                          after: str | None = Query(None, min_length=1,
+                                                    description="The last id of the previous page."),
                           order: Literal["asc", "desc"] = Query("desc", description="By creation time.")
                           ) -> VideoList:
         return await service.list_jobs(request, limit, after, order)
 
-    @api.get("/v1/videos/{job_id}", response_model=Video, summary="A job's status")
-    async def get_video(job_id: str, request: Request) -> Video:
+    @api.get("/v1/videos/{job_id}", response_model=Video, summary="A job's status",
+             responses=error_responses(401, 404, 422))
+    async def get_video(request: Request, job_id: str = job_path) -> Video:
         return Video.of(await service.job(job_id, request))
 
     @api.get("/v1/videos/{job_id}/content", response_class=Response, summary="The mp4, or its first frame",
-             responses={200: {"content": {"video/mp4": {}, "image/png": {}}}, 409: {"description": "Not completed"}})
-    async def get_content(job_id: str, request: Request,
+             responses={200: {"content": {"video/mp4": {}, "image/png": {}}},
+                        **error_responses(400, 401, 404, 409, 422, e400="`variant` spritesheet is not produced here",
+                                          e409="The job is not completed")})
+    async def get_content(request: Request, job_id: str = job_path,
                           variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> StreamingResponse:
         job = await service.completed(job_id, request, "content")
         if variant == "spritesheet":
@@ -346,44 +403,51 @@ def make_api(service: VideoService) -> FastAPI:
         return await service.stream(job.id, artifact.file, media)
 
     @api.get("/v1/videos/{job_id}/preview", response_class=Response, summary="Preview image after sketching",
-             responses={200: {"content": {"image/png": {}}}, 409: {"description": "Sketching not done"}})
-    async def get_preview(job_id: str, request: Request) -> StreamingResponse:
+             responses={200: {"content": {"image/png": {}}},
+                        **error_responses(401, 404, 409, 422, e409="Sketching is not done")})
+    async def get_preview(request: Request, job_id: str = job_path) -> StreamingResponse:
         job = await service.job(job_id, request)
         if not job.finished("preview"):
             raise ApiError(409, f"video job {job_id!r} has no preview yet (status {job.status}, stage {job.stage}): "
-                                "a preview exists once sketching has finished", None, "not_ready")
+                                "a preview exists once sketching has finished", None, "not_ready", location="path")
         return await service.stream(job.id, PREVIEW.file, "image/png")
 
     @api.get("/v1/videos/{job_id}/latents", response_class=Response, summary="Final latents (.npy)",
-             responses={200: {"content": {"application/octet-stream": {}}}, 409: {"description": "Not completed"}})
-    async def get_latents(job_id: str, request: Request) -> Response:
+             responses={200: {"content": {"application/octet-stream": {}}},
+                        **error_responses(401, 404, 409, 422, e409="The job is not completed")})
+    async def get_latents(request: Request, job_id: str = job_path) -> Response:
         job = await service.completed(job_id, request, "latents")
         return Response(await service.latents_npy(job.id), media_type="application/octet-stream")
 
     @api.get("/v1/videos/{job_id}/events", summary="Server-sent events until the job is finished",
-             responses={200: {"content": {"text/event-stream": {}}}})
-    async def get_events(job_id: str, request: Request) -> StreamingResponse:
+             responses={200: {"content": {"text/event-stream": {}}}, **error_responses(401, 404, 422)})
+    async def get_events(request: Request, job_id: str = job_path) -> StreamingResponse:
         await service.job(job_id, request)
         return StreamingResponse(service.events(job_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    @api.post("/v1/videos/{job_id}/cancel", response_model=Video, summary="Cancel a job")
-    async def cancel_video(job_id: str, request: Request) -> Video:
+    @api.post("/v1/videos/{job_id}/cancel", response_model=Video, summary="Cancel a job",
+              responses=error_responses(401, 404, 409, 422, e409="The job is already finished"))
+    async def cancel_video(request: Request, job_id: str = job_path) -> Video:
         job = await service.job(job_id, request)
         if job.terminal:
-            raise ApiError(409, f"video job {job_id!r} is already {job.status}", None, "already_finished")
+            raise ApiError(409, f"video job {job_id!r} is already {job.status}", None, "already_finished",
+                           location="path")
         return await service.cancel(job_id)
 
-    @api.delete("/v1/videos/{job_id}", response_model=VideoDeleted, summary="Delete a finished job and its files")
-    async def delete_video(job_id: str, request: Request) -> VideoDeleted:
+    @api.delete("/v1/videos/{job_id}", response_model=VideoDeleted, summary="Delete a finished job and its files",
+                responses=error_responses(401, 404, 409, 422, e409="The job is not finished: cancel it first"))
+    async def delete_video(request: Request, job_id: str = job_path) -> VideoDeleted:
         return await service.delete(job_id, request)
 
-    @api.get("/v1/models", summary="The served model")
+    @api.get("/v1/models", summary="The served model", responses=error_responses(401))
     async def list_models(request: Request) -> dict:
         service.authorize(request)
         return service.models()
 
-    @api.get("/healthz", summary="200 when the job store answers and every deployment of the app is running")
+    @api.get("/healthz", response_model=Health, summary="200 when the job store answers and every deployment of "
+             "the app is running", responses={503: {"model": Health, "description": "What keeps the app from "
+                                                                                    "serving"}})
     async def healthz() -> JSONResponse:
         problems = await service.health()
         if problems:

@@ -94,6 +94,17 @@ def _generate_parser(sub) -> None:
                         "Ray started and stopped by this command, instead of all four stages in this process.")
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds > 0, for argparse (which prints the error as one line and exits 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+    return value
+
+
 def _serve_parser(sub) -> None:
     from serve.models import PRESETS
 
@@ -103,9 +114,13 @@ def _serve_parser(sub) -> None:
                                     "the app on --preset).")
     p.add_argument("--preset", choices=sorted(PRESETS), default="toy",
                    help="Models and request defaults of the app: " + _preset_summaries() + ".")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (loopback: Ray runs without token "
-                                                       "auth unless RAY_AUTH_MODE says otherwise).")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port.")
+    p.add_argument("--host", help="HTTP address to bind (loopback: Ray runs without token auth unless RAY_AUTH_MODE "
+                                  "says otherwise) (default: the config's `http_options.host`, else 127.0.0.1).")
+    p.add_argument("--port", type=int, help="HTTP port (default: the config's `http_options.port`, else 8000).")
+    p.add_argument("--start-timeout-s", type=_seconds, metavar="SECONDS",
+                   help="How long a replica may wait for Ray to place it; then `srd serve` fails with one line naming "
+                        "the deployment and the resources it asks for. Loading a placed replica's model is not "
+                        "bounded (default: $SRD_START_TIMEOUT_S, else 60).")
 
 
 def _plan_parser(sub) -> None:

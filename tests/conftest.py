@@ -52,6 +52,7 @@ TIERS: dict[str, str] = {
     "test_app": "ray",
     "test_app_api": "fast",  # the HTTP API through FastAPI's TestClient, jobs driven in-process
     "test_app_faults": "ray",
+    "test_openapi_fuzz": "fast",  # schemathesis against the API's own OpenAPI schema, in-process
     "test_app_parts": "fast",  # the progress reporter, in-process
     "test_drive": "fast",  # the drive loop over the stage deployments, in-process: retry, cancel, takeover
     "test_pipeline": "fast",  # the declared pipeline, its steps, and a stage added to it

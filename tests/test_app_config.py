@@ -13,7 +13,7 @@ from ray.serve.deployment import Application
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import app_builder, deployment_options
-from deployments.local import load_serve_config
+from deployments.local import load_serve_config, resolve_start_timeout, serve_start_options
 from deployments.config import AppConfig, SketcherConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "deployments" / "configs"
@@ -65,6 +65,60 @@ def test_defaults_first_typed_config_next_serve_options_last():
 def test_bad_config_names_the_field(args, message):
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         AppConfig.model_validate(args)
+
+
+def test_serve_config_http_options_apply_unless_flags_say_otherwise(tmp_path):
+    """`srd serve --config`: the config's `http_options` (all of them) and `proxy_location` reach `serve.start`, as
+    `serve deploy` applies them; --host and --port replace the config's; neither: loopback, port 8000."""
+    config = yaml.safe_load((CONFIGS / "tiny_cpu.yaml").read_text())
+    config.update(http_options={"host": "0.0.0.0", "port": 9123, "request_timeout_s": 30}, proxy_location="HeadOnly")
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert serve_start_options(str(path)) == {
+        "proxy_location": "HeadOnly", "http_options": {"host": "0.0.0.0", "port": 9123, "request_timeout_s": 30}}
+    assert serve_start_options(str(path), port=8001)["http_options"] == {
+        "host": "0.0.0.0", "port": 8001, "request_timeout_s": 30}
+    assert serve_start_options(str(path), host="127.0.0.1")["http_options"]["host"] == "127.0.0.1"
+    del config["http_options"], config["proxy_location"]
+    path.write_text(yaml.safe_dump(config))
+    assert serve_start_options(str(path)) == {"http_options": {"host": "127.0.0.1", "port": 8000}}
+    assert serve_start_options(None, port=8002) == {"http_options": {"host": "127.0.0.1", "port": 8002}}
+
+
+def test_start_timeout_comes_from_the_flag_then_the_environment(monkeypatch):
+    monkeypatch.delenv("SRD_START_TIMEOUT_S", raising=False)
+    assert resolve_start_timeout() == 60.0
+    monkeypatch.setenv("SRD_START_TIMEOUT_S", "12.5")
+    assert resolve_start_timeout() == 12.5 and resolve_start_timeout(3.0) == 3.0
+    for bad in ("soon", "0", "-1", "inf"):
+        monkeypatch.setenv("SRD_START_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="SRD_START_TIMEOUT_S|seconds > 0"):
+            resolve_start_timeout()
+
+
+def serve_unplaced_report(required: str) -> str:
+    """A deployment's status message as Serve 2.60 words it (deployment_state.py) for replicas Ray has not placed."""
+    return ("Deployment 'Sketcher' in application 'srd' has 1 replicas that have taken more than 15s to be scheduled. "
+            "This may be due to waiting for the cluster to auto-scale or for a runtime environment to be installed. "
+            f"Resources required for each replica: {required}, total resources available: {{}}. "
+            "Use `ray status` for more details.")
+
+
+def test_unplaced_needs_serves_report_and_rays_demand():
+    """A deployment is reported unplaceable when Serve says its replicas wait and Ray has a pending demand of their
+    shape; one whose worker is only slow to start (no demand) is not; a placement group's bundles count summed."""
+    from deployments.local import _unplaced
+
+    free, cluster = {"CPU": 1.25}, {"CPU": 2.0}
+    report = serve_unplaced_report('{"CPU": 1000}')
+    assert _unplaced("Sketcher", report, free, cluster, [{"CPU": 1000.0}]) == (
+        "Sketcher cannot be placed: 1 replica(s) waited 15 s for CPU 1000 each; Ray has CPU 1.25 free (CPU 2 in all)")
+    assert _unplaced("Sketcher", report, free, cluster, [{"CPU": 1.0}]) is None  # its worker is starting
+    assert _unplaced("Sketcher", report, free, cluster, None) is not None  # Ray does not say: Serve's report alone
+    assert _unplaced("Sketcher", "", free, cluster, [{"CPU": 1000.0}]) is None  # Serve reports nothing
+    bundles = serve_unplaced_report('[{"CPU": 2, "GPU": 1}, {"CPU": 2, "GPU": 1}]')
+    line = _unplaced("Sketcher", bundles, free, cluster, [{"CPU": 4.0, "GPU": 2.0}])
+    assert line is not None and "for CPU 4, GPU 2 each; Ray has CPU 1.25, GPU 0 free (CPU 2, GPU 0 in all)" in line
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu.yaml", "gpu.yaml"])

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sysconfig
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -176,3 +177,43 @@ def test_healthz_is_not_ok_while_a_stage_cannot_load(serve_http, tiny_models, br
                    for p in problems), problems
     finally:
         serve.delete("srd-broken")
+
+
+def test_serve_with_an_unplaceable_config_fails_fast_on_the_configs_port(tiny_models, tmp_path):
+    """A Sketcher asking for more CPUs than the machine has: `srd serve` fails within --start-timeout-s (plus Ray's
+    start) with one line naming the deployment and the resources it waits for, and leaves no process behind. Until
+    then Serve's proxy listens where the config's `http_options` say (no --host/--port given)."""
+    port, timeout_s = free_port(), 15
+    stages = {stage: {"resources": {"num_cpus": 0.25}} for stage in ("encoder", "renderer", "decoder")}
+    config = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [{
+        "name": "srd", "route_prefix": "/", "import_path": "deployments.app:app_builder",
+        "args": {"engine": {"preset": "tiny"}, "jobs": {"data_dir": str(tmp_path / "data")},
+                 "sketcher": {"resources": {"num_cpus": 1000}}, **stages},
+    }]}
+    (tmp_path / "unplaceable.yaml").write_text(yaml.safe_dump(config))
+    started = time.monotonic()
+    proc = start(["serve", "--config", str(tmp_path / "unplaceable.yaml"), "--start-timeout-s", str(timeout_s)],
+                 tmp_path)
+    try:
+        proxy_answered = False
+        while proc.poll() is None and time.monotonic() - started < START_S:
+            try:  # Serve's proxy health route: any HTTP answer means it listens on the config's port
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/healthz", timeout=2):
+                    proxy_answered = True
+            except urllib.error.HTTPError:
+                proxy_answered = True
+            except OSError:
+                pass
+            time.sleep(0.5)
+        proc.wait(timeout=GONE_S)
+        elapsed = time.monotonic() - started
+        lines = [line for line in (tmp_path / "stderr").read_text().splitlines() if line.strip()]
+        assert proc.returncode == 1, lines[-20:]
+        assert len(lines) == 1, lines[-20:]
+        assert lines[0].startswith("srd serve: error: Sketcher cannot be placed: 1 replica(s) waited "), lines
+        assert "for CPU 1000 each; Ray has CPU " in lines[0] and "--start-timeout-s" in lines[0], lines
+        assert proxy_answered, f"nothing answered on the config's port {port}"
+        assert elapsed < START_S, elapsed  # bounded: Ray's start, the timeout, then the controller's next check
+        assert not group_members(proc.pid)
+    finally:
+        kill_group(proc)
