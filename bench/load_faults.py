@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.harness import Bench, fmt, markdown
+from deployments.simulate.report import percentile  # one definition for measured and simulated runs
 
 APP = "srd-load"
 TERMINAL = ("completed", "failed")
@@ -53,14 +54,6 @@ def parse_kills(text: str) -> list[tuple[str, float]]:
                              "Renderer, Decoder, Orchestrator, Ingress")
         kills.append((name, float(at)))
     return sorted(kills, key=lambda k: k[1])
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
 
 
 def app_config(args, data_dir: str):

@@ -124,9 +124,12 @@ class CostAwarePolicy:
             now = ctx.current_time if ctx.current_time is not None else time.time()
             state = dict(ctx.policy_state)
             changed_at = state.get("srd_changed_at")
-            cooling = changed_at is not None and now - changed_at < self.cooldown_s
+            # The cooldown runs only once Ray has applied what this policy asked for: until then Ray's own
+            # upscale/downscale delay is running, and it restarts whenever the policy answers the current target.
+            applied = state.get("srd_asked") == ctx.target_num_replicas
+            cooling = changed_at is not None and now - changed_at < self.cooldown_s and applied
             if count != ctx.target_num_replicas and not cooling:
-                state["srd_changed_at"] = now
+                state["srd_changed_at"], state["srd_asked"] = now, count
             else:
                 count = ctx.target_num_replicas
             decisions[deployment_id], states[deployment_id] = count, state

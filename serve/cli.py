@@ -142,6 +142,23 @@ def _plan_parser(sub) -> None:
     p.add_argument("--write-config", metavar="PATH", help="Write a Serve config YAML for this placement.")
 
 
+def _simulate_parser(sub) -> None:
+    p = sub.add_parser("simulate", help="Simulate the app on N GPUs (discrete events, the measured costs, the app's "
+                                        "own planner and autoscaling policy): videos/hour, latency, replicas.",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--config", required=True, help="The run's YAML (deployments/simulate/config.py SimConfig; "
+                                                    "examples in bench/scenarios/).")
+    p.add_argument("--trace", help="JSON-lines arrivals (t, request, class, priority) instead of the config's "
+                                   "generator.")
+    p.add_argument("--out", help="Folder for the run's JSON and its plot over time (PNG: the `bench` extra).")
+
+
+def simulate_command(args) -> None:
+    from deployments.simulate.run import simulate_command as run  # imports Ray's policy module, never starts Ray
+
+    run(args.config, args.trace, args.out)
+
+
 def plan_command(args) -> None:
     from serve.models import PRESETS
     from serve.placement import CARDS, RESOLUTIONS, plan, serve_config
@@ -174,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _serve_parser(sub)
     _plan_parser(sub)
+    _simulate_parser(sub)
     return parser
 
 
@@ -289,7 +307,8 @@ def _generate_via_serve(args, request, params, config) -> None:
 def serve_command(args) -> None:
     from deployments.local import run_local
 
-    run_local(config_path=args.config, preset=args.preset, host=args.host, port=args.port)
+    run_local(config_path=args.config, preset=args.preset, host=args.host, port=args.port,
+              start_timeout_s=args.start_timeout_s)
 
 
 def _one_line(error: Exception) -> str:
@@ -317,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             generate(args)
         elif args.command == "plan":
             plan_command(args)
+        elif args.command == "simulate":
+            simulate_command(args)
         else:
             serve_command(args)
     except (ValueError, ValidationError, ModelError, OSError) as e:

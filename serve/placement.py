@@ -171,6 +171,23 @@ class Placement:
         ]
 
 
+def gpu_shares(side: str) -> dict[str, float]:
+    """Ray GPU fraction of one replica of each stage when the text encoder and the VAE decoder sit at `side`
+    ("renderers", "sketchers", "own GPU" or "one GPU"); a plain function so that the planner and the simulator
+    (deployments/simulate) lay out the same shares."""
+    if side == "one GPU":
+        return {"sketcher": 0.25, "renderer": 0.25, "encoder": 0.25, "decoder": 0.25}
+    if side == "renderers":
+        return {"sketcher": 1.0, "renderer": 1 - 2 * SIDE_GPU_SHARE, "encoder": SIDE_GPU_SHARE,
+                "decoder": SIDE_GPU_SHARE}
+    if side == "sketchers":
+        return {"sketcher": 1 - 2 * SIDE_GPU_SHARE, "renderer": 1.0, "encoder": SIDE_GPU_SHARE,
+                "decoder": SIDE_GPU_SHARE}
+    if side == "own GPU":
+        return {"sketcher": 1.0, "renderer": 1.0, "encoder": 0.5, "decoder": 0.5}
+    raise ValueError(f"`side` must be one of renderers, sketchers, own GPU, one GPU but is {side!r}")
+
+
 def _best_split(gpus: int, sketch_s: float, render_s: float) -> tuple[int, int]:
     """The integer split s + r = gpus (each >= 1) maximising min(s / sketch_s, r / render_s)."""
     return max(((s, gpus - s) for s in range(1, gpus)),
@@ -192,26 +209,19 @@ def plan(gpus: int, card: Card, height: int, width: int, frames: int, steps: int
         need = cost.sketch_gib + cost.render_gib + cost.side_gib
         if need > room:
             raise ValueError(f"one {card.name} cannot hold every model ({need:.1f} GiB > {room:.0f} GiB)")
-        return Placement(1, card, cost, 1, 1, "one GPU",
-                         {"sketcher": 0.25, "renderer": 0.25, "encoder": 0.25, "decoder": 0.25},
-                         3600 / cost.total_s)
+        return Placement(1, card, cost, 1, 1, "one GPU", gpu_shares("one GPU"), 3600 / cost.total_s)
     if cost.render_gib + cost.side_gib <= room:
         side, (s, r) = "renderers", _best_split(gpus, cost.sketch_s, cost.render_s + side_s)
         rate = min(s / cost.sketch_s if cost.sketch_s else math.inf, r / (cost.render_s + side_s))
-        share = {"sketcher": 1.0, "renderer": 1 - 2 * SIDE_GPU_SHARE, "encoder": SIDE_GPU_SHARE,
-                 "decoder": SIDE_GPU_SHARE}
     elif cost.sketch_gib + cost.side_gib <= room:
         side, (s, r) = "sketchers", _best_split(gpus, cost.sketch_s + side_s, cost.render_s)
         rate = min(s / (cost.sketch_s + side_s), r / cost.render_s if cost.render_s else math.inf)
-        share = {"sketcher": 1 - 2 * SIDE_GPU_SHARE, "renderer": 1.0, "encoder": SIDE_GPU_SHARE,
-                 "decoder": SIDE_GPU_SHARE}
     else:
         if gpus < 3:
             raise ValueError("the text encoder and VAE need a GPU of their own at this size: `gpus` must be >= 3")
         side, (s, r) = "own GPU", _best_split(gpus - 1, cost.sketch_s, cost.render_s)
         rate = min(s / cost.sketch_s if cost.sketch_s else math.inf, r / cost.render_s if cost.render_s else math.inf)
-        share = {"sketcher": 1.0, "renderer": 1.0, "encoder": 0.5, "decoder": 0.5}
-    return Placement(gpus, card, cost, s, r, side, share, 3600 * rate)
+    return Placement(gpus, card, cost, s, r, side, gpu_shares(side), 3600 * rate)
 
 
 def serve_config(placement: Placement, preset: str = "wan2.1-t2v") -> dict:

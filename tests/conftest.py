@@ -45,14 +45,15 @@ TIERS: dict[str, str] = {
     "test_app_config": "fast",
     "test_autoscaling": "fast",  # the cost-aware policy on synthetic load
     "test_placement": "fast",  # the placement planner and `srd plan`
+    "test_simulate": "fast",  # the cluster simulator: closed forms, the app's policy and planner inside it, faults
     "test_kuberay": "fast",  # the RayService manifest against the Serve YAML and Serve's schema
     "test_metrics": "fast",  # the Grafana dashboard against the metric names (test_app scrapes the metrics)
     "test_bench_vae_tiling": "fast",
     # ray: starts Ray or the Serve app
     "test_app": "ray",
     "test_app_api": "fast",  # the HTTP API through FastAPI's TestClient, jobs driven in-process
-    "test_app_faults": "ray",
     "test_openapi_fuzz": "fast",  # schemathesis against the API's own OpenAPI schema, in-process
+    "test_app_faults": "ray",
     "test_app_parts": "fast",  # the progress reporter, in-process
     "test_drive": "fast",  # the drive loop over the stage deployments, in-process: retry, cancel, takeover
     "test_pipeline": "fast",  # the declared pipeline, its steps, and a stage added to it

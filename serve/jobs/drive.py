@@ -58,6 +58,12 @@ def error_message(error: BaseException) -> str:
     return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
 
 
+def retry_delay_s(attempts: int) -> float:
+    """The wait before a step's next attempt after `attempts` failed ones (a plain function so that the cluster
+    simulator, deployments/simulate, retries as the drive loop does)."""
+    return min(2.0 ** attempts / 4, 5.0)
+
+
 class Driver:
     """Drives jobs of `store` through the steps `steps_of(params)` gives them, calling `call(step, job_id, params)`
     for each; at most `max_running_jobs` at once. `on_finished(job)` sees every job this driver ended."""
@@ -183,7 +189,7 @@ class Driver:
             failed = await self._update(
                 job_id, lambda j: state.fail_attempt(j, step, message, self._jobs.max_attempts))
             if failed is not None and not failed.terminal and step.phase != "side":
-                await asyncio.sleep(min(2.0 ** failed.stages[step.name].attempts / 4, 5.0))
+                await asyncio.sleep(retry_delay_s(failed.stages[step.name].attempts))
             return None
 
     def _start_side_steps(self, job: state.JobRecord, steps: tuple[Step, ...], params: GenerationParams,
