@@ -175,7 +175,7 @@ def sample_scenes(
     return scenes
 
 
-def _signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+def signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """Signed distance in pixels (negative inside) from the shape centred at the origin, broadcast over the inputs.
 
     The triangle points up (apex at dy = -radius, base at dy = +radius, corners at dx = +-radius); its distance is
@@ -220,7 +220,7 @@ def render_clips(
     for shape in SHAPES:
         rows = torch.tensor([k == shape for k in kinds], device=device)
         if rows.any():
-            distance[rows] = _signed_distance(shape, dx[rows], dy[rows], radius[rows])
+            distance[rows] = signed_distance(shape, dx[rows], dy[rows], radius[rows])
     coverage = (0.5 - distance).clamp(0.0, 1.0)[:, None]  # [B, 1, F, H, W]
 
     foreground = column([COLOUR_RGB[s.colour] for s in scenes])[:, :, None, None, None]

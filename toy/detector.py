@@ -1,7 +1,8 @@
 """Read a toy clip's attributes back from its pixels, to score how well a generated video follows its prompt.
 
 Generated videos are blurrier and noisier than the rendered ground truth, so every decision is a nearest-palette
-or threshold test on medians over many pixels and frames, never an exact pixel value. numpy only.
+or threshold test on medians over many pixels and frames, never an exact pixel value; shapes are read by
+matching the renderer's own templates (toy.data), drawn with torch.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toy.data import BACKGROUND_RGB, COLOUR_RGB
+import torch
+
+from toy.data import BACKGROUND_RGB, COLOUR_RGB, SHAPES, signed_distance
 
 FOREGROUND_DISTANCE = 0.25  # RGB distance (in [0, 1] units) from the background beyond which a pixel is shape
 MIN_NEIGHBOURS = 2  # foreground pixels with fewer foreground 8-neighbours are noise specks
 MIN_FOREGROUND_PIXELS = 8  # a frame with fewer foreground pixels shows no shape
 CORE_QUANTILE = 0.5  # the shape's colour is the median of its foreground pixels farthest from the background
-# Fill ratio cuts: clean clips measure square 1.00, circle 0.79, triangle 0.51-0.57; a 3x3 blur plus noise of std
-# 0.05 moves them to 0.88-0.96, 0.74-0.80 and 0.56-0.65, so each cut sits midway between the degraded ranges.
-SQUARE_MIN_FILL = 0.84
-CIRCLE_MIN_FILL = 0.69
+WINDOW_MARGIN_PX = 2  # around the solid part's box: the blurred edge, not the background's noise
+RADIUS_OFFSETS_PX = (-1.0, -0.75, -0.5, -0.25, 0.0)  # tried around the measured half-extent: blur widens the box
 MIN_MOTION_PX = 3.0  # least-squares displacement over the clip below which the shape counts as static
 
 NONE = "none"
@@ -29,8 +30,8 @@ NONE = "none"
 class Detection:
     """Attributes read from a clip ("none" where not determinable), and the measurements behind them.
 
-    fill_ratio: median over frames of the shape's area / its bounding box's area, both from soft coverage
-        (0 without a shape): square ~1, circle ~pi/4, triangle ~1/2.
+    shape_misfit: the chosen shape's template misfit (`_template_misfits`; 0 is a perfect fit, nan without a
+        shape).
     motion_px: size of the least-squares displacement over the clip along the dominant axis; below
         MIN_MOTION_PX the direction is "none".
     colour_error: RGB distance from the median shape colour to the chosen palette colour (nan without a shape).
@@ -40,7 +41,7 @@ class Detection:
     shape: str
     direction: str
     background: str
-    fill_ratio: float
+    shape_misfit: float
     motion_px: float
     colour_error: float
 
@@ -72,23 +73,41 @@ def _drop_specks(mask: np.ndarray) -> np.ndarray:
     return mask & (neighbours >= MIN_NEIGHBOURS)
 
 
-def _fill_ratios(alpha: np.ndarray, solid: np.ndarray) -> np.ndarray:
-    """Shape area / bounding-box area per frame, from the shape's coverage alpha [F, H, W] in [0, 1].
+def _template_misfits(alpha: np.ndarray, solid: np.ndarray) -> dict[str, float]:
+    """Per shape, how far each frame's coverage alpha [F, H, W] (inside its solid part's box grown by
+    WINDOW_MARGIN_PX, so that background noise far away does not count) lies from that shape drawn as the renderer draws it
+    (toy.data's signed distances) at the frame's measured centre and size: the median over frames of the summed
+    |template - alpha| over the summed alpha, at the best of a few radii around the measured one.
 
-    Measured softly inside each frame's solid (alpha > 1/2) bounding box grown by 1 px: the area is the summed
-    coverage, the box's width (height) the summed per-column (per-row) peak coverage. A hard mask's box would
-    count a whole row for an edge that noise leaves half in, half out; sums of coverage don't jump like that.
+    Centre and half-extent come from the per-column (per-row) peak coverage, whose sums are the box's width
+    (height) for all three shapes: each spans +-r on both axes around its centre. Matching whole templates reads a
+    blurred small triangle right where a single statistic (the fill of its box) confuses it with a circle.
     """
+    height, width = alpha.shape[1:]
     rows, cols = solid.any(axis=2), solid.any(axis=1)
-    row_index, col_index = np.arange(solid.shape[1]), np.arange(solid.shape[2])
-    top, bottom = rows.argmax(axis=1) - 1, solid.shape[1] - rows[:, ::-1].argmax(axis=1)
-    left, right = cols.argmax(axis=1) - 1, solid.shape[2] - cols[:, ::-1].argmax(axis=1)
-    in_rows = (row_index >= top[:, None]) & (row_index <= bottom[:, None])
-    in_cols = (col_index >= left[:, None]) & (col_index <= right[:, None])
-    window = alpha * (in_rows[:, :, None] & in_cols[:, None, :])
-    height = window.max(axis=2).sum(axis=1)
-    width = window.max(axis=1).sum(axis=1)
-    return window.sum(axis=(1, 2)) / (height * width)
+    top, bottom = rows.argmax(axis=1) - WINDOW_MARGIN_PX, height - 1 - rows[:, ::-1].argmax(axis=1) + WINDOW_MARGIN_PX
+    left, right = cols.argmax(axis=1) - WINDOW_MARGIN_PX, width - 1 - cols[:, ::-1].argmax(axis=1) + WINDOW_MARGIN_PX
+    in_rows = (np.arange(height) >= top[:, None]) & (np.arange(height) <= bottom[:, None])
+    in_cols = (np.arange(width) >= left[:, None]) & (np.arange(width) <= right[:, None])
+    alpha = alpha * (in_rows[:, :, None] & in_cols[:, None, :])
+    column_peak, row_peak = alpha.max(axis=1), alpha.max(axis=2)  # [F, W], [F, H]
+    box_w, box_h = column_peak.sum(axis=1), row_peak.sum(axis=1)
+    cx = (column_peak * np.arange(width)).sum(axis=1) / box_w
+    cy = (row_peak * np.arange(height)).sum(axis=1) / box_h
+    radius = (box_w + box_h) / 4
+    dx = torch.from_numpy(np.arange(width)[None, None, :] - cx[:, None, None])
+    dy = torch.from_numpy(np.arange(height)[None, :, None] - cy[:, None, None])
+    target = torch.from_numpy(alpha.astype(np.float64))
+    area = target.sum(dim=(1, 2)).clamp_min(1.0)
+    misfits = {}
+    for shape in SHAPES:
+        per_frame = torch.stack([
+            ((0.5 - signed_distance(shape, dx, dy, torch.from_numpy(radius + offset)[:, None, None])).clamp(0, 1)
+             - target).abs().sum(dim=(1, 2)) / area
+            for offset in RADIUS_OFFSETS_PX
+        ]).amin(dim=0)
+        misfits[shape] = float(per_frame.median())
+    return misfits
 
 
 def _direction(mask: np.ndarray, present: np.ndarray) -> tuple[str, float]:
@@ -114,24 +133,21 @@ def _direction(mask: np.ndarray, present: np.ndarray) -> tuple[str, float]:
 
 
 def _shape(video: np.ndarray, background_rgb: np.ndarray, shape_rgb: np.ndarray) -> tuple[str, float]:
-    """Shape from the median fill ratio over frames, and that ratio; ("none", 0) where no frame shows a shape.
+    """The shape whose template fits the frames best (`_template_misfits`) and its misfit; ("none", nan) where no
+    frame shows a shape.
 
-    Coverage is each pixel's position between the background and shape colours, and the solid part of the
-    shape the pixels at least half way: a symmetric blur keeps straight edges there, where the looser
-    foreground mask would grow and round them.
+    Coverage is each pixel's position between the background and shape colours; frames count where the solid part
+    (pixels at least half way) is large enough, so that a frame with the shape blurred away does not vote.
     """
     contrast = shape_rgb - background_rgb
     alpha = np.clip(((video - background_rgb) @ contrast) / (contrast @ contrast), 0.0, 1.0)
     solid = _drop_specks(alpha > 0.5)
     shown = solid.sum(axis=(1, 2)) >= MIN_FOREGROUND_PIXELS
     if not shown.any():
-        return NONE, 0.0
-    fill_ratio = float(np.median(_fill_ratios(alpha[shown], solid[shown])))
-    if fill_ratio > SQUARE_MIN_FILL:
-        return "square", fill_ratio
-    if fill_ratio > CIRCLE_MIN_FILL:
-        return "circle", fill_ratio
-    return "triangle", fill_ratio
+        return NONE, float("nan")
+    misfits = _template_misfits(alpha[shown], solid[shown])
+    shape = min(misfits, key=misfits.get)
+    return shape, misfits[shape]
 
 
 def detect(frames: np.ndarray) -> Detection:
@@ -147,16 +163,16 @@ def detect(frames: np.ndarray) -> Detection:
     mask = _drop_specks(distance > FOREGROUND_DISTANCE)
     present = mask.sum(axis=(1, 2)) >= MIN_FOREGROUND_PIXELS
     if not present.any():
-        return Detection(NONE, NONE, NONE, background, fill_ratio=0.0, motion_px=0.0, colour_error=float("nan"))
+        return Detection(NONE, NONE, NONE, background, shape_misfit=float("nan"), motion_px=0.0, colour_error=float("nan"))
     mask[~present] = False
 
     # The shape's own colour is in its core: blurred edge pixels are mixed with the background.
     core = distance[mask] >= np.quantile(distance[mask], CORE_QUANTILE)
     shape_rgb = np.median(video[mask][core], axis=0)
     colour, colour_error = _nearest(shape_rgb, COLOUR_RGB)
-    shape, fill_ratio = _shape(video, background_rgb, shape_rgb)
+    shape, shape_misfit = _shape(video, background_rgb, shape_rgb)
     direction, motion_px = _direction(mask, present)
-    return Detection(colour, shape, direction, background, fill_ratio, motion_px, colour_error)
+    return Detection(colour, shape, direction, background, shape_misfit, motion_px, colour_error)
 
 
 def adherence(detection: Detection, attributes: dict[str, str]) -> dict[str, bool]:
