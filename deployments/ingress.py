@@ -110,6 +110,7 @@ class VideoService:
             params = request.resolve(self._defaults)
             self._limits.check(params, self._spec, request.model_fields_set)
             self._family.check_request(params)
+            self._config.engine.check_switch(params)
         except ValidationError as e:
             raise validation_error(e) from None
         except InvalidRequest as e:

@@ -231,6 +231,7 @@ def generate(args) -> None:
     config = EngineConfig(preset=args.preset, sketch=args.sketch, render=args.render, device=args.device,
                           dtype=args.dtype, vae_tiling=args.vae_tiling)
     config.family().check_request(params)  # the family's own limits (a config file read, no weights)
+    config.check_switch(params)  # quality:T needs the pair's calibration
     toy_prompt_check = args.preset == "toy" and not args.sketch  # after every error a user can cause, once
     if args.via_serve:
         if toy_prompt_check:

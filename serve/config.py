@@ -7,10 +7,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve.calibration import Calibration, load_calibration
 from serve.denoise import DEFAULT_MAX_TOKENS_PER_FORWARD
 from serve.families.base import Family, family_of
 from serve.models import PRESETS, ModelPair, Weights, is_pipeline, preset_models
-from serve.request import GenerationDefaults
+from serve.request import GenerationDefaults, GenerationParams, InvalidRequest
+from serve.switch import make_plan
 from srd_kernels.config import KernelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -72,6 +74,9 @@ class EngineConfig(BaseModel):
     )
     vae_tiling: bool = Field(False, description="Decode in spatial tiles (diffusers' AutoencoderKLWan tiling).")
     vae_tile: VaeTiling = Field(default_factory=VaeTiling, description="Tile geometry when `vae_tiling` is on.")
+    calibration: str | None = Field(
+        None, description="The model pair's calibration file (`switch: quality:T`); default: the preset's, when its "
+        "models are the preset's.")
     sketch_kernels: KernelConfig = Field(
         default_factory=KernelConfig, description="Speed levers of the sketch transformer (attention backend, FP8 "
         "linear layers, regional compile); all off by default.")
@@ -116,6 +121,22 @@ class EngineConfig(BaseModel):
         render = self.render or base.render
         return ModelPair(sketch=self.sketch or base.sketch, render=render,
                          render_subfolder=preset.render_subfolder if is_pipeline(render) else None)
+
+    def pair_calibration(self) -> Calibration | None:
+        """The calibration of the models this config runs: `calibration`, else the preset's for its own models."""
+        path = self.calibration
+        if path is None and not (self.sketch or self.render):
+            path = PRESETS[self.preset].calibration
+        return None if path is None else load_calibration(path)
+
+    def check_switch(self, params: GenerationParams) -> None:
+        """InvalidRequest naming `switch` when `quality:T` cannot be met here: no calibration of these models, or none
+        of its schedules of that quality (a JSON file read, no weights; the family checks the rest)."""
+        if params.switch.kind == "quality":
+            try:
+                make_plan(params, calibration=self.pair_calibration())
+            except ValueError as e:
+                raise InvalidRequest("switch", str(e)) from None
 
     def family(self) -> Family:
         """The model family adapter, from the sketch pipeline's model_index.json (no weights load)."""

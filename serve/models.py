@@ -78,6 +78,7 @@ class Preset:
     # The render transformer's subfolder in a render pipeline (None: "transformer"), also when the user gives the
     # render pipeline's directory (EngineConfig.models)
     render_subfolder: str | None = None
+    calibration: str | None = None  # the pair's calibration file (serve/calibration.py), for `switch: quality:T`
 
 
 WAN21_T2V = Preset(

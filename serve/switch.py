@@ -9,6 +9,8 @@ A policy is parsed from a short spec string (the CLI flag, the HTTP field):
     adaptive:THR[:MIN:MAX]    SRDiffusion's rate-of-change rule (defaults 0.01, 5, 30)
     boundary:R                Wan 2.2 style: steps with t >= R * 1000 are sketched (none if R * 1000 > t_0,
                               as in diffusers: then the render model runs every step)
+    quality:T                 the cheapest schedule the model pair's calibration (serve/calibration.py) measured
+                              at T or more of all-large's quality, 0 < T <= 1
 
 `make_plan` turns a policy into the request's `Plan`: an ordered list of denoising segments, each a model role
 ("sketch": the large model, "render": the small one), a step range and a guidance scale. This module is the one
@@ -26,9 +28,10 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
+    from serve.calibration import Calibration
     from serve.request import GenerationParams
 
-SWITCH_SYNTAX = "step:K | step:A:B | ratio:R | ratio:RA:RB | adaptive:THR[:MIN:MAX] | boundary:R"
+SWITCH_SYNTAX = "step:K | step:A:B | ratio:R | ratio:RA:RB | adaptive:THR[:MIN:MAX] | boundary:R | quality:T"
 Role = Literal["sketch", "render"]
 
 
@@ -40,8 +43,8 @@ def _number(value: float) -> str:
 
 @dataclass(frozen=True)
 class SwitchPolicy:
-    kind: str  # "step" | "ratio" | "adaptive" | "boundary"
-    value: float  # K, R, THR or R
+    kind: str  # "step" | "ratio" | "adaptive" | "boundary" | "quality"
+    value: float  # K, R, THR, R or T
     min_step: int = 5
     max_step: int = 30
     back: float | None = None  # step:A:B's B or ratio:RA:RB's RB: where the large model takes over again
@@ -94,9 +97,9 @@ def parse_switch(spec: str) -> SwitchPolicy:
         if len(numbers) == 2 and not numbers[0] < numbers[1]:
             raise bad("RA must be less than RB")
         return SwitchPolicy("ratio", numbers[0], back=numbers[1] if len(numbers) == 2 else None)
-    if kind == "boundary":
+    if kind in ("boundary", "quality"):
         if len(numbers) != 1 or not 0.0 < numbers[0] <= 1.0:
-            raise bad("R must be one number in (0, 1]")
+            raise bad(f"{'R' if kind == 'boundary' else 'T'} must be one number in (0, 1]")
         return SwitchPolicy(kind, numbers[0])
     if kind == "adaptive":
         if len(numbers) not in (1, 3):
@@ -159,11 +162,18 @@ class Plan:
         return start, stop
 
 
-def make_plan(params: GenerationParams, timesteps: torch.Tensor | None = None) -> Plan:
+def make_plan(params: GenerationParams, timesteps: torch.Tensor | None = None,
+              calibration: Calibration | None = None) -> Plan:
     """The request's segments: sketch then render (the two-segment policies, either possibly empty: K = N or a
     boundary above t_0), and a third, sketch again, for step:A:B and ratio:RA:RB with B < N. `timesteps` are the
-    sampler's (diffusers' `scheduler.timesteps`); without them a boundary switch stays open like an adaptive one."""
+    sampler's (diffusers' `scheduler.timesteps`); without them a boundary switch stays open like an adaptive one.
+    `quality:T` takes its schedule from the pair's `calibration` (ValueError naming the switch without one)."""
     policy, n = params.switch, params.num_inference_steps
+    if policy.kind == "quality":
+        if calibration is None:
+            raise ValueError(f"`switch` {policy} needs the model pair's calibration, and this pair has none "
+                             "(`python -m bench.toy_quality --calibrate FILE` measures one)")
+        policy = parse_switch(calibration.schedule_for(policy.value).switch)
     k: int | None
     back = None
     if policy.kind == "step":
@@ -189,6 +199,16 @@ def make_plan(params: GenerationParams, timesteps: torch.Tensor | None = None) -
     else:
         expected = n // 2
     return Plan(tuple(segments), n, expected)
+
+
+def large_step_equivalents(plan: Plan, step_cost_ratio: float) -> float:
+    """A plan's cost in large-model steps: its large steps plus c x its small steps (c: a small step's time over
+    a large step's); None-bounded (open) segments count at their expected span."""
+    steps = {"sketch": 0, "render": 0}
+    for index, segment in enumerate(plan.segments):
+        start, stop = plan.expected_span(index)
+        steps[segment.role] += stop - start
+    return steps["sketch"] + step_cost_ratio * steps["render"]
 
 
 class SwitchTracker:

@@ -56,7 +56,7 @@ class Family:
     pipeline_class: str  # diffusers class named by model_index.json's `_class_name`
     transformer_class: str
     capabilities: ModelCapabilities
-    switch_kinds: tuple[str, ...] = ("step", "ratio", "adaptive", "boundary")
+    switch_kinds: tuple[str, ...] = ("step", "ratio", "adaptive", "boundary", "quality")
     sampler: Sampler
     # model_index.json entries that are transformers: skipped by the stages that do not denoise
     transformer_components: tuple[str, ...] = ("transformer",)

@@ -10,6 +10,7 @@ ends where the rule decides. Render segments may cache steps (`render_cache`).
 
 from __future__ import annotations
 
+from serve.calibration import Calibration
 from serve.denoise import Cancelled, LatentSpec, StepCallback, Trajectory, run
 from serve.handoff import Handoff, PromptEmbeds, move_scheduler
 from serve.pipeline.artifacts import EMBEDS, LATENTS
@@ -27,13 +28,14 @@ class DenoiseStage(Stage):
     writes = (LATENTS,)  # the plan's last segment; earlier ones write a hand-off
 
     def __init__(self, family, denoiser, scheduler_config: dict, spec: LatentSpec, device: str = "cpu",
-                 kernels: KernelReport | None = None):
+                 kernels: KernelReport | None = None, calibration: Calibration | None = None):
         self.family = family
         self.denoiser = denoiser
         self.scheduler_config = scheduler_config
         self.spec = spec
         self.device = device
         self.kernels = kernels or KernelReport(self.role)
+        self.calibration = calibration  # the pair's, for `switch: quality:T`
 
     @classmethod
     def load(cls, config, models=None, denoiser=None) -> DenoiseStage:
@@ -52,7 +54,7 @@ class DenoiseStage(Stage):
             if levers.any:
                 kernels = apply_kernels(transformer, levers, cls.role)
         return cls(family, denoiser, family.scheduler_config(pair.sketch), family.latent_spec(pair.sketch),
-                   config.device, kernels)
+                   config.device, kernels, config.pair_calibration())
 
     def __call__(self, inputs: list[Start], on_step: StepCallback | None = None,
                  report: dict | None = None) -> list[Handoff | object]:
@@ -78,7 +80,7 @@ class DenoiseStage(Stage):
             index, step, extra, embeds = 0, 0, {}, embeds.to(device)
             scheduler = sampler.scheduler(self.scheduler_config, params, device)
             latents = sampler.initial_latents(params, self.spec, device, scheduler, extra)
-        plan = make_plan(params, scheduler.timesteps)
+        plan = make_plan(params, scheduler.timesteps, self.calibration)
         if not 0 <= index < len(plan.segments) or plan.segments[index].role != self.role:
             raise ValueError(f"the {self.role} stage cannot run segment {index} of switch {params.switch} "
                              f"({', '.join(plan.names)})")

@@ -172,8 +172,9 @@ class Planner:
         self._sampler = None
 
     def plan(self, params: GenerationParams) -> Plan:
+        calibration = self._config.pair_calibration() if params.switch.kind == "quality" else None
         if params.switch.kind != "boundary":
-            return make_plan(params)
+            return make_plan(params, calibration=calibration)
         if self._sampler is None:
             family = self._config.family()
             self._sampler = functools.partial(family.sampler.scheduler,
