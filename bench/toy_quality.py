@@ -251,7 +251,15 @@ def main(argv=None) -> dict:
     default_out = os.path.join(os.environ["OUT"], "toy_quality.json") if os.environ.get("OUT") else None
     ap.add_argument("--out", default=default_out)
     ap.add_argument("--plot", default=None, help="PNG of adherence against cost (needs the `bench` extra)")
+    ap.add_argument("--from-results", default=None, metavar="A.json,B.json",
+                    help="with --calibrate: no generation, the calibration of these runs' rows (same pair, same "
+                         "--seed: e.g. the fixed K and the three-segment schedules measured in two device calls)")
     args = ap.parse_args(argv)
+    if args.from_results:
+        if not args.calibrate:
+            raise SystemExit("--from-results needs --calibrate FILE")
+        return calibrate_from([json.loads(open(path).read()) for path in args.from_results.split(",")],
+                              args.calibrate)
     if args.levers is None:
         args.levers = DEFAULT_LEVERS if torch.device(args.device).type == "cuda" else CPU_LEVERS
     levers = [parse_lever(spec) for spec in args.levers.split(",") if spec]
@@ -385,6 +393,23 @@ def main(argv=None) -> dict:
         plot(bench.doc, args.plot)
     print("\n".join(bench.problems()))
     return bench.doc
+
+
+def calibrate_from(results: list[dict], path: str) -> dict:
+    """Write the calibration of earlier runs' rows (one run's meta, every run's scored fixed schedules)."""
+    seeds = {r["meta"]["seed"] for r in results}
+    if len(seeds) != 1:
+        raise SystemExit(f"--from-results: the runs used different seeds {sorted(seeds)}: their rows do not compare")
+    merged = {"meta": results[0]["meta"], "parts": {k: v for r in results for k, v in r["parts"].items()}}
+    names = [name for name, row in merged["parts"].items() if "lever" not in row and "adherence" in row
+             and (is_fixed_k(name) or name.startswith("step:"))]
+    cal = calibration(merged, names, results[0]["meta"]["step_cost_ratio"],
+                      "; ".join(f"{r['meta']['gpu']}, {r['meta']['date_utc']}, commit {r['meta']['commit']}: "
+                                f"{r['meta']['command']}" for r in results))
+    with open(path, "w") as f:
+        f.write(cal.model_dump_json(indent=1) + "\n")
+    print(f"calibration of {len(cal.schedules)} schedules written to {path}")
+    return merged
 
 
 def is_fixed_k(name: str) -> bool:

@@ -168,6 +168,7 @@ TOY = Preset(
     ),
     RequestLimits(max_tokens_per_video=4096, max_steps=100),
     summary="a small trained Wan pair, shipped",
+    calibration=str(TOY_DIR / "calibration.json"),
 )
 PRESETS = {p.name: p for p in (WAN21_T2V, WAN22_T2V_A14B, COGVIDEOX, TOY, TINY, TINY_WAN22, TINY_COGVIDEOX)}
 

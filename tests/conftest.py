@@ -63,6 +63,7 @@ TIERS: dict[str, str] = {
     "test_autoscaling_ray": "ray",  # the cost-aware policy driving the app (fake GPUs)
     # slow: training, quality, the benchmarks' smoke runs
     "test_toy_preset": "slow",
+    "test_schedules_served": "slow",  # toy-preset schedules over HTTP, in-process (20-step 64x64 videos)
     "test_toy_train": "slow",
     "test_parallel": "slow",  # sequence-parallel ranks as processes (gloo, xfuser): tens of seconds each
     "test_bench": "slow",

@@ -211,6 +211,7 @@ MALFORMED = [
     ("seconds-bool", J(seconds=True), 422, "seconds"),
     ("seconds-list", J(seconds=["1"]), 422, "seconds"),
     ("seconds-with-num-frames", J(seconds="1", num_frames=17), 422, "seconds"),
+    ("switch-quality-uncalibrated", J(switch="quality:0.99"), 422, "switch"),  # the tiny pair has no calibration
     # model, input_reference, unknown and missing fields, the prompt itself
     ("model-unknown", J(model="sora-2"), 422, "model"),
     ("model-not-a-string", J(model=5), 422, "model"),

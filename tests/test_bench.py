@@ -120,17 +120,29 @@ def test_the_large_model_is_the_better_denoiser_at_every_noise_level():
 
 
 def test_toy_quality_scores_every_setting(tmp_path):
-    """bench/toy_quality.py on the shipped toy pair (the default --models), 2 videos per setting."""
+    """bench/toy_quality.py on the shipped toy pair (the default --models), 2 videos per setting: fixed K, a
+    three-segment schedule, a calibration written and read back by a quality target, the plot."""
     from bench import toy_quality
+    from serve.calibration import load_calibration
 
-    result = toy_quality.main(["--device", "cpu", "--videos", "2", "--batch", "2",
-                               "--ks", "5", "--adaptive", "adaptive:0.05:2:12", "--cost-runs", "1",
-                               "--out", str(tmp_path / "q.json")])
+    result = toy_quality.main(["--device", "cpu", "--videos", "2", "--batch", "2", "--ks", "5",
+                               "--schedules", "step:4:19", "--adaptive", "adaptive:0.05:2:12", "--quality", "0.5",
+                               "--levers", "", "--cost-runs", "1", "--calibrate", str(tmp_path / "cal.json"),
+                               "--plot", str(tmp_path / "q.png"), "--out", str(tmp_path / "q.json")])
     rows = result["parts"]
     assert rows["ground truth"]["adherence"]["all"] == 100.0
-    assert rows["all-large"]["k"] == {20: 2} and rows["all-large"]["cost_ratio"] == pytest.approx(1.0)
+    assert rows["all-large"]["k"] == {20: 2} and rows["all-large"]["lse"] == pytest.approx(20.0)
     assert rows["all-small"]["k"] == {0: 2} and rows["SR K=5"]["k"] == {5: 2}
-    # measured cost: a wall-clock ratio on a shared machine, so only its presence is checked here
-    assert all(0 < rows[name]["cost_ratio"] < float("inf") for name in ("all-small", "SR K=5"))
+    assert (rows["step:4:19"]["large_steps"], rows["step:4:19"]["small_steps"]) == (5, 15)
+    c = result["meta"]["step_cost_ratio"]  # a wall-clock ratio on a shared machine: only its use is checked
+    assert rows["step:4:19"]["lse"] == pytest.approx(rows["SR K=5"]["lse"]) == pytest.approx(5 + 15 * c)
+    assert rows["step:4:19"]["vs_fixed_k"]["row"] == "SR K=5"  # equal cost: 5 large steps each
+    assert rows["all-small"]["lse_wan"] == pytest.approx(20 * result["meta"]["wan_step_cost_ratio"])
+
+    calibration = load_calibration(str(tmp_path / "cal.json"))
+    assert {s.switch for s in calibration.schedules} == {"ratio:1", "boundary:1", "ratio:0.25", "ratio:0.2:0.95"}
+    assert calibration.step_cost_ratio == c
+    assert rows["quality:0.5"]["predicted"]["switch"] == calibration.schedule_for(0.5).switch
+    assert (tmp_path / "q.png").stat().st_size > 10_000
     assert all(0 <= row["adherence"][a] <= 100 for row in rows.values() for a in toy_quality.ATTRIBUTES)
     assert json.loads((tmp_path / "q.json").read_text())["parts"].keys() == rows.keys()

@@ -156,3 +156,44 @@ def test_adaptive_run_on_tiny_preset_reports_the_step_it_chose(engine, make_para
     assert result.switch_step == k
     fixed = engine.generate(make_params(num_inference_steps=6, switch=f"step:{k}", seed=0), decode=False)
     assert rel_err(result.latents, fixed.latents) <= 1e-6
+
+
+def calibration_of(*schedules: tuple[str, float, float]):
+    from serve.calibration import Calibration, ScheduleQuality
+
+    return Calibration(pair="test", measured="by hand", steps=20, step_cost_ratio=0.5, proxy="none",
+                       schedules=[ScheduleQuality(switch=s, cost=c, score=100 * q, quality=q) for s, c, q in schedules])
+
+
+CALIBRATION = (("boundary:1", 0.5, 0.90), ("ratio:0.25", 0.625, 0.97), ("ratio:0.2:0.9", 0.65, 0.99),
+               ("ratio:0.5", 0.75, 0.99), ("ratio:1", 1.0, 1.0))
+
+
+@pytest.mark.parametrize(("target", "segments"), [
+    (0.9, [("sketch", 0, 0), ("render", 0, 8)]),  # all-small is the cheapest at 0.9
+    (0.95, [("sketch", 0, 2), ("render", 2, 8)]),  # ratio:0.25 of 8 steps
+    (0.99, [("sketch", 0, 2), ("render", 2, 7), ("sketch", 7, 8)]),  # as good as ratio:0.5, and cheaper
+    (1.0, [("sketch", 0, 8), ("render", 8, 8)]),  # only all-large
+])
+def test_quality_target_takes_the_cheapest_calibrated_schedule(target, segments):
+    params = VideoRequest(prompt="x", num_inference_steps=8, switch=f"quality:{target}").resolve(
+        PRESETS["tiny"].defaults)
+    plan = make_plan(params, TIMESTEPS_N4.repeat(2), calibration_of(*CALIBRATION))
+    assert [(s.role, s.start, s.stop) for s in plan.segments] == segments
+
+
+def test_quality_target_needs_a_calibration_that_reaches_it():
+    params = VideoRequest(prompt="x", num_inference_steps=8, switch="quality:0.99").resolve(PRESETS["tiny"].defaults)
+    with pytest.raises(ValueError, match=r"`switch` quality:0.99 needs the model pair's calibration"):
+        make_plan(params)
+    with pytest.raises(ValueError, match=r"quality:0.99: the calibration of test has no schedule of that quality "
+                                         r"\(best measured: 0.97\)"):
+        make_plan(params, calibration=calibration_of(*CALIBRATION[:2]))
+
+
+def test_large_step_equivalents_count_every_segment():
+    from serve.switch import large_step_equivalents
+
+    assert large_step_equivalents(plan_of("step:2:6", 8), 0.25) == 2 + 2 + 0.25 * 4
+    assert large_step_equivalents(plan_of("step:8", 8), 0.25) == 8
+    assert large_step_equivalents(plan_of("boundary:1", 8, TIMESTEPS_N4.repeat(2)), 0.25) == 2
