@@ -211,8 +211,9 @@ def part_models(rec: dict, ctx: Context) -> None:
     # them at one row too: the compiled blocks then see the shapes of the real run, as warmed up.
     cap = EngineConfig().max_tokens_per_forward if not ctx.args.smoke else s.tokens
     tile = ctx.args.vae_tile
+    # speed exact: the eager rows first; --kernels applies the levers in place afterwards (_e2e_levers)
     config = EngineConfig(preset="wan2.1-t2v", sketch=pair.sketch, render=pair.render, device=dev,
-                          dtype=ctx.args.dtype, weights="random-init", max_tokens_per_forward=cap,
+                          speed="exact", dtype=ctx.args.dtype, weights="random-init", max_tokens_per_forward=cap,
                           vae_tiling=tile is not None, vae_tile=_tiling(*tile) if tile else VaeTiling())
     ctx.engine, rec["load_s"] = timed(lambda: Engine(config), dev)
     stages = ctx.engine.stages

@@ -51,6 +51,7 @@ from dataclasses import asdict
 
 from bench import wan
 from bench.harness import Bench, card_name, fmt, gpu_name, markdown
+from serve.speed import PROFILES
 
 APP = "srd-bench"
 STAGES = ("encode", "sketch", "render", "decode")
@@ -86,7 +87,7 @@ def app_config(args, models, placement):
 
     return AppConfig.model_validate({
         "engine": {"preset": "wan2.1-t2v", "sketch": models.sketch, "render": models.render, "device": args.device,
-                   "dtype": args.dtype, "weights": "random-init"},
+                   "speed": args.speed, "dtype": args.dtype, "weights": "random-init"},
         "encoder": {"resources": resources("encoder"), "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0}},
         "sketcher": {"resources": resources("sketcher"), "batching": one},
         "renderer": {"resources": resources("renderer"), "batching": one},
@@ -501,6 +502,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--width", type=int, default=None, help="832 (48 with --smoke)")
     ap.add_argument("--frames", type=int, default=None, help="81 (5 with --smoke)")
     ap.add_argument("--object-store-gib", type=float, default=None, help="Ray object store (4 GiB; 0.2 with --smoke)")
+    ap.add_argument("--speed", choices=sorted(PROFILES), default="exact",
+                    help="the app's speed profile (serve/speed.py); exact: eager, the rows measured before profiles")
     ap.add_argument("--parts", default="warmup,single,sr,all14b,metrics,mp4")
     ap.add_argument("--budget-s", type=float, default=300.0, help="deadline for everything (time guard)")
     ap.add_argument("--start-timeout-s", type=float, default=240.0, help="most seconds for Ray and the app to start")
@@ -517,7 +520,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray asks for an auth token otherwise
 
     bench = Bench("bench.serve_throughput", argv, args.out, args.budget_s, ("ray",), args.commit, label=wan.LABEL,
-                  device=args.device, sizes=asdict(sizes), dtype=args.dtype,
+                  device=args.device, sizes=asdict(sizes), dtype=args.dtype, speed=args.speed,
                   size=f"{args.height}x{args.width}x{args.frames}",
                   # Ray puts its object store (the hand-offs) in /dev/shm if it is large enough, else in /tmp
                   dev_shm_gib=shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else None)

@@ -526,7 +526,8 @@ def main(argv=None, started: float | None = None) -> dict:
 
             pair = wan.write_config_only(wan.SMOKE if args.smoke else wan.REAL_480P, tmp)  # configs only, no weights
             engine = EngineConfig(sketch=pair.sketch, render=pair.render, device="cpu" if args.smoke else "cuda",
-                                  dtype="float32" if args.smoke else "bfloat16", weights="random-init")
+                                  speed="exact", dtype="float32" if args.smoke else "bfloat16",
+                                  weights="random-init")  # eager: parallel ranks against one GPU
             run.one_gpu(engine, sizes, inputs)
             for name in configs:
                 run.parallel(name, engine, sizes, inputs)

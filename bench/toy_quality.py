@@ -270,7 +270,7 @@ def main(argv=None) -> dict:
     if args.calibrate and not args.anchors:
         raise SystemExit("--calibrate needs the all-large and all-small rows (drop --no-anchors)")
 
-    config = EngineConfig(preset="toy", **pair_dirs(args.models), device=args.device, dtype="float32",
+    config = EngineConfig(preset="toy", **pair_dirs(args.models), device=args.device, speed="exact", dtype="float32",
                           max_tokens_per_forward=2 * args.batch * 320, calibration=args.calibration)
     defaults = config.defaults
     n = defaults.num_inference_steps

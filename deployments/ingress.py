@@ -12,6 +12,7 @@
     DELETE /v1/videos/{id}                 delete a finished job and its files (a running one: cancel it first)
     GET    /v1/models                      the served model
     GET    /healthz                        200 only when the store answers and every deployment is running
+    GET    /metrics                        Prometheus text: the app's srd_* series (GPU gauges included) from Ray
 
 A request flows: validation (the shared VideoRequest schema, then `resolve` against the preset's defaults, then the
 app's limits and the model family's own checks) -> admission (a bound on unfinished jobs: 429 beyond it) -> a
@@ -37,7 +38,7 @@ from typing import Literal
 import numpy as np
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
@@ -52,6 +53,7 @@ from serve.request import InvalidRequest, VideoRequest
 
 SSE_POLL_S = 0.25
 SSE_KEEPALIVE_S = 15.0
+EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format, for GET /metrics
 
 
 class ApiError(Exception):
@@ -83,9 +85,11 @@ class VideoService:
     `generate`, `status`, `result` and `cancel` are the handle API (no auth); `make_api` serves it over HTTP.
 
     `problems()` names what keeps the app from serving besides the store (the Serve ingress: deployments that are
-    not running)."""
+    not running); `metrics()` is the Prometheus text of `GET /metrics` (the Serve ingress: the app's series from
+    Ray's metrics export, deployments/metrics.py)."""
 
-    def __init__(self, config: AppConfig, problems: Callable[[], list[str]] = list):
+    def __init__(self, config: AppConfig, problems: Callable[[], list[str]] = list,
+                 metrics: Callable[[], str] = lambda: "# no metrics: this API runs outside Ray Serve\n"):
         self._config = config
         self._defaults = config.engine.defaults
         family = config.engine.family()
@@ -93,6 +97,7 @@ class VideoService:
         self._spec = family.latent_spec(config.engine.models().sketch)
         self._limits = config.request_limits
         self._problems = problems
+        self._metrics = metrics
         self._store = JobStore(config.jobs.store, config.jobs.store_table)
         self._results = ResultStore(config.jobs.results)
         tokens = [t.get_secret_value() for t in config.auth.tokens]
@@ -228,6 +233,9 @@ class VideoService:
         except Exception as e:
             problems.append(f"job store: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return problems + await asyncio.to_thread(self._problems)
+
+    async def metrics(self) -> str:
+        return await asyncio.to_thread(self._metrics)
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self._config.served_model, "object": "model", "created": 0,
@@ -455,6 +463,13 @@ def make_api(service: VideoService) -> FastAPI:
             return JSONResponse(status_code=503, content={"status": "unavailable", "problems": problems})
         return JSONResponse({"status": "ok"})
 
+    # Open like /healthz, as vLLM, SGLang and TGI serve theirs: Prometheus scrapes it, and it holds counts and
+    # timings, no job's content.
+    @api.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics: the app's srd_* series",
+             responses={200: {"content": {EXPOSITION_CONTENT_TYPE: {"schema": {"type": "string"}}}}})
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(await service.metrics(), media_type=EXPOSITION_CONTENT_TYPE)
+
     return api
 
 
@@ -481,7 +496,9 @@ class Ingress(VideoService):
     the store."""
 
     def __init__(self, orchestrator, config: AppConfig):
-        super().__init__(config, problems=_unhealthy_deployments)
+        from deployments.metrics import app_exposition
+
+        super().__init__(config, problems=_unhealthy_deployments, metrics=app_exposition)
         self._orchestrator = orchestrator
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -87,6 +87,21 @@ def load_serve_config(config_path: str) -> tuple[list[tuple[str, str | None, App
     return apps, left_out
 
 
+def engine_configs(config_path: str) -> list[tuple[str, EngineConfig]]:
+    """Each application's engine config in a Serve config YAML (its `args.engine`, as the app builder reads it):
+    what `srd warm --config` warms."""
+    configs = []
+    for spec in _read_serve_config(config_path).applications:
+        try:
+            configs.append((spec.name, AppConfig.model_validate(spec.args or {}).engine))
+        except ValueError as e:  # pydantic's ValidationError included: one line naming the application
+            first = e.errors()[0] if hasattr(e, "errors") else None
+            where = ".".join(str(x) for x in first["loc"]) if first else "args"
+            message = first["msg"].removeprefix("Value error, ") if first else str(e)
+            raise ValueError(f"application {spec.name!r} in {config_path!r}: invalid {where}: {message}") from None
+    return configs
+
+
 def serve_start_options(config_path: str | None, host: str | None = None, port: int | None = None) -> dict:
     """`serve.start`'s proxy settings for `srd serve`: the config's `http_options` (all of them) and
     `proxy_location`, as `serve deploy` applies them; `--host` and `--port`, when given, replace the config's. Host
@@ -433,7 +448,8 @@ def run_local(config_path: str | None = None, preset: str = "toy", host: str | N
                     _deploy(application, name, start_timeout_s, route_prefix=route_prefix,
                             logging_config=QUIET_LOGGING)
                 print(f"srd serve: {', '.join(n for n, _, _ in apps)} ready on http://{host}:{port} "
-                      f"(API docs at /docs); Ctrl-C or SIGTERM stops", flush=True)
+                      f"(API docs at /docs, Prometheus metrics at http://{host}:{port}/metrics); Ctrl-C or SIGTERM "
+                      f"stops", flush=True)
                 while True:
                     signal.pause()
             finally:

@@ -4,6 +4,7 @@ The metrics go through Ray Serve's metrics API (`ray.serve.metrics`, which adds 
 application tags) to Ray's Prometheus endpoint (each node's metrics export port); Prometheus shows them with Ray's
 `ray_` prefix, e.g. `ray_srd_stage_step_seconds_bucket{stage="sketch",...}`. The Grafana dashboard
 (deployments/grafana_dashboard.json) is built for exactly these names; `test_metrics.py` keeps the two in step.
+The app's API port serves them too, at `GET /metrics` (`app_exposition`), so that no one needs Ray's port.
 
 A deployment records through one of the recorders below, a line per call site; a recorder is made inside the
 replica (Ray's metric objects belong to the process that records them). Ray drops a gauge's series once it has not
@@ -152,3 +153,64 @@ class GpuMetrics:
                 self._used.set(gpu["memory_used_mib"] * 2**20, tags=tags)
                 self._total.set(gpu["memory_total_mib"] * 2**20, tags=tags)
             time.sleep(self._interval_s)
+
+
+# -- GET /metrics on the API port (app_exposition) ---------------------------------------------------------------
+APP_FAMILY_PREFIX = PROMETHEUS_PREFIX + "srd_"
+NO_GPU_NOTE = ("# srd_gpu_* absent: no replica reports a GPU (NVML through nvidia-ml-py sees none: a CPU app, or "
+               "the fake GPUs of tests)\n")
+
+
+def _family(name: str, families: dict) -> str | None:
+    """The family a sample line's metric name belongs to (a histogram's _bucket/_sum/_count, a counter's _total)."""
+    candidates = [name] + [name.removesuffix(s) for s in ("_bucket", "_sum", "_count", "_total", "_created")
+                           if name.endswith(s)]
+    return next((base for base in candidates if base in families), None)
+
+
+def merge_app_families(bodies: list[str]) -> str:
+    """The app's families (`ray_srd_*`) of several Prometheus text expositions as one: each family's HELP and TYPE
+    once, then its samples from every body (Ray labels each sample with its node and replica, so none collide)."""
+    families: dict[str, dict] = {}
+    for body in bodies:
+        for line in body.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                _, kind, name, *_ = line.split(" ", 3)
+                if name.startswith(APP_FAMILY_PREFIX):
+                    families.setdefault(name, {"HELP": None, "TYPE": None, "samples": []})
+                    families[name][kind] = families[name][kind] or line
+            elif line and not line.startswith("#"):
+                family = _family(line.split("{", 1)[0].split(" ", 1)[0], families)
+                if family is not None:
+                    families[family]["samples"].append(line)
+    lines = [line for f in families.values() for line in (f["HELP"], f["TYPE"], *f["samples"]) if line]
+    text = "".join(f"{line}\n" for line in lines)
+    if not any(name.startswith(APP_FAMILY_PREFIX + "gpu_") for name in families):
+        text += NO_GPU_NOTE
+    return text
+
+
+def app_exposition(timeout_s: float = 5.0) -> str:
+    """`GET /metrics`: the app's series from every alive Ray node's metrics export port, merged (blocking: call it
+    off the event loop). A node that does not answer is named in a comment line instead of failing the scrape.
+
+    Why read Ray's export rather than keep a prometheus_client registry in the ingress: the series are recorded in
+    the replicas' processes (the stages, the orchestrator) and leave them only through each node's Ray metrics
+    agent, so a registry in the ingress would see the ingress's process alone. The nodes' export addresses are the
+    ones Ray's own Prometheus service discovery lists (ray._private.metrics_agent). Ray exports every few seconds:
+    a series appears on the export after its first record."""
+    import urllib.request
+
+    import ray
+
+    bodies, notes = [], []
+    for node in ray.nodes():
+        if not node.get("Alive", node.get("alive")):
+            continue
+        address = f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
+        try:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as response:
+                bodies.append(response.read().decode())
+        except OSError as e:
+            notes.append(f"# srd: Ray's metrics export at {address} did not answer: {type(e).__name__}: {e}\n")
+    return merge_app_families(bodies) + "".join(notes)

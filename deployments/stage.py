@@ -13,6 +13,7 @@ the replica, ranks and all.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from deployments.batching import StageRunner
@@ -31,6 +32,9 @@ from serve.pipeline.stage import Pipeline, Stage, Step, Task
 from serve.request import GenerationParams
 
 
+logger = logging.getLogger("ray.serve")  # Serve's logger: the line lands in the replica's log, with its tags
+
+
 class MissingArtifact(FileNotFoundError):
     """A step's input is not in the results location (deleted, or never written)."""
 
@@ -43,6 +47,9 @@ class StageDeployment:
             stage.name: stage.load(engine, models, **self._options(stage, engine, config))
             for stage in pipeline.deployments()[deployment]
         }
+        for stage in self.stages.values():  # a denoising stage's levers, and why one fell back: once per replica
+            if stage.role is not None and engine.stage_kernels(stage.role).any:
+                logger.log(logging.WARNING if stage.kernels.fell_back else logging.INFO, stage.kernels.line())
         self._results = ResultStore(jobs.results)
         self._runner = StageRunner(config.batching, jobs, self._compute)
         self._handoff_metrics = HandoffMetrics()

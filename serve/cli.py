@@ -1,4 +1,5 @@
-"""`srd generate | serve | plan`: the command line. Errors a user can cause print one line and exit 2."""
+"""`srd generate | serve | warm | plan | simulate`: the command line. Errors a user can cause print one line and
+exit 2."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def _toy_grammar() -> str:
 
 def _generate_parser(sub) -> None:
     from serve.models import PRESETS
+    from serve.speed import PROFILES
     from serve.switch import SWITCH_SYNTAX
     from toy import data
 
@@ -85,7 +87,15 @@ def _generate_parser(sub) -> None:
                                     "calibration measured at >= T of all-large's quality (default: "
                                     f"{_preset_defaults('switch')}).")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="Where the models run.")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="Weights and compute dtype.")
+    p.add_argument("--speed", choices=sorted(PROFILES), help="Speed profile (README, \"Speed levers\"): exact is "
+                   "float32 without levers (diffusers' output); fast is bfloat16 with FP8 attention and linear "
+                   "layers and regional compile on both denoising stages; fastest adds render step caching "
+                   "(default: fast on cuda, exact on cpu).")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="Weights and compute dtype; wins over the "
+                   "speed profile's (default: the profile's, float32 for exact, bfloat16 otherwise).")
+    p.add_argument("--render-cache", type=float, dest="render_cache", metavar="THRESHOLD",
+                   help="Render step caching threshold, 0 to 1 (0: off); wins over the speed profile's (default: "
+                        "the profile's, off except with fastest).")
     p.add_argument("--vae-tiling", action="store_true", help="Decode in tiles (lower peak memory).")
     p.add_argument("--out", required=True, help="Output mp4 path.")
     p.add_argument("--save-latents", help="Also save the final latents (float32 [1, C, F', H', W']) here "
@@ -122,6 +132,24 @@ def _serve_parser(sub) -> None:
                    help="How long a replica may wait for Ray to place it; then `srd serve` fails with one line naming "
                         "the deployment and the resources it asks for. Loading a placed replica's model is not "
                         "bounded (default: $SRD_START_TIMEOUT_S, else 60).")
+
+
+def _warm_parser(sub) -> None:
+    from serve.models import PRESETS
+    from serve.speed import PROFILES
+
+    p = sub.add_parser("warm", help="Fill the compile cache of each denoising stage (its levers, one forward at its "
+                                    "warm-up shape) ahead of a deployment, so that replicas start warm.",
+                       formatter_class=_HelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", help="Serve config YAML (as for `srd serve`): warm each application's engine "
+                                         "(default: none, the engine of --preset and the flags below).")
+    source.add_argument("--preset", choices=sorted(PRESETS), default="toy", help="Models of the engine to warm.")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda", help="With --preset: where the models run.")
+    p.add_argument("--speed", choices=sorted(PROFILES), help="With --preset: the speed profile (default: by "
+                                                             "--device, fast on cuda, exact on cpu).")
+    p.add_argument("--compile-cache-dir", metavar="DIR", help="The persistent compile cache to fill; wins over the "
+                   "config's `engine.compile_cache_dir` (default: the config's, else torch's per-user directory).")
 
 
 def _plan_parser(sub) -> None:
@@ -191,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _serve_parser(sub)
+    _warm_parser(sub)
     _plan_parser(sub)
     _simulate_parser(sub)
     return parser
@@ -208,15 +237,18 @@ def warn_outside_toy_grammar(prompt: str, command: str = "generate") -> None:
 
 
 def generate(args) -> None:
-    from serve.models import PRESETS
     from serve.request import VideoRequest
 
     if bool(args.sketch) != bool(args.render):
         raise ValueError("--sketch and --render must be given together")
     request = VideoRequest(**{name: getattr(args, name) for name in VideoRequest.model_fields
                               if getattr(args, name, None) is not None})
+    from serve.config import EngineConfig  # torch and pydantic, not diffusers
+
+    config = EngineConfig(preset=args.preset, sketch=args.sketch, render=args.render, device=args.device,
+                          speed=args.speed, dtype=args.dtype, vae_tiling=args.vae_tiling)
     # Every check on the request runs before diffusers is even imported, let alone any weights loaded.
-    params = request.resolve(PRESETS[args.preset].defaults)
+    params = request.resolve(config.defaults)
     for flag, path in (("--out", args.out), ("--save-latents", args.save_latents)):
         if path and not Path(path).expanduser().absolute().parent.is_dir():
             raise ValueError(f"{flag} {path!r}: its directory does not exist")
@@ -225,12 +257,10 @@ def generate(args) -> None:
     from diffusers.utils import logging as diffusers_logging
     from tqdm import tqdm
 
-    from serve.engine import Engine, EngineConfig
+    from serve.engine import Engine
     from serve.video import Clip
 
     diffusers_logging.disable_progress_bar()  # our own bars are per stage
-    config = EngineConfig(preset=args.preset, sketch=args.sketch, render=args.render, device=args.device,
-                          dtype=args.dtype, vae_tiling=args.vae_tiling)
     config.family().check_request(params)  # the family's own limits (a config file read, no weights)
     config.check_switch(params)  # quality:T needs the pair's calibration
     toy_prompt_check = args.preset == "toy" and not args.sketch  # after every error a user can cause, once
@@ -240,6 +270,9 @@ def generate(args) -> None:
         _generate_via_serve(args, request.model_copy(update={"seed": params.seed}), params, config)
         return
     engine = Engine(config)
+    for role in ("sketch", "render"):  # what a stage with levers runs, and why a lever fell back: once each
+        if config.stage_kernels(role).any:
+            print(engine.stages[role].kernels.line(), flush=True)
     if toy_prompt_check:
         warn_outside_toy_grammar(request.prompt)
 
@@ -306,6 +339,27 @@ def _generate_via_serve(args, request, params, config) -> None:
           f"(Serve app, job {job.id}); {timing}")
 
 
+def warm_command(args) -> None:
+    from serve.config import EngineConfig
+    from serve.warm import warm
+
+    if args.config:
+        given = [name for name, default in (("--device", "cuda"), ("--speed", None)) if
+                 getattr(args, name.removeprefix("--")) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)}: give the engine's settings in --config's `engine:` section")
+        from deployments.local import engine_configs
+
+        configs = engine_configs(args.config)
+    else:
+        configs = [(args.preset, EngineConfig(preset=args.preset, device=args.device, speed=args.speed))]
+    if args.compile_cache_dir:
+        configs = [(name, c.model_copy(update={"compile_cache_dir": args.compile_cache_dir})) for name, c in configs]
+    for name, config in configs:
+        print(f"srd warm: {name}: speed {config.speed_name} on {config.device}", flush=True)
+        warm(config, lambda line: print(f"srd warm: {name}: {line}", flush=True))
+
+
 def serve_command(args) -> None:
     from deployments.local import run_local
 
@@ -340,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             plan_command(args)
         elif args.command == "simulate":
             simulate_command(args)
+        elif args.command == "warm":
+            warm_command(args)
         else:
             serve_command(args)
     except (ValueError, ValidationError, ModelError, OSError) as e:

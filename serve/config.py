@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
@@ -12,6 +13,7 @@ from serve.denoise import DEFAULT_MAX_TOKENS_PER_FORWARD
 from serve.families.base import Family, family_of
 from serve.models import PRESETS, ModelPair, Weights, is_pipeline, preset_models
 from serve.request import GenerationDefaults, GenerationParams, InvalidRequest
+from serve.speed import PROFILES, SpeedName, SpeedProfile, default_speed
 from serve.switch import make_plan
 from srd_kernels.config import KernelConfig
 
@@ -62,7 +64,15 @@ class EngineConfig(BaseModel):
         None, description="Render pipeline or transformer (hub id or dir); overrides the preset. A full pipeline "
         "renders with the preset's render transformer (Wan2.2-A14B: `transformer_2`).")
     device: str = Field("cpu", description="torch device of the stage models.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and activations dtype.")
+    speed: SpeedName | None = Field(
+        None, description="Speed profile, one word for a stack of levers (serve/speed.py): exact (float32, no "
+        "lever: diffusers' output), fast (bfloat16, FP8 attention and linear layers, regional compile on both "
+        "denoising stages), fastest (fast, and requests cache render steps unless they set `render_cache`). None: "
+        "by `device`, fast on cuda, exact elsewhere. `dtype`, `sketch_kernels` and `render_kernels`, where given, "
+        "win over the profile's.")
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="Weights and activations dtype; None: the speed profile's (float32 for exact, bfloat16 "
+        "for fast and fastest). Given, it wins over the profile.")
     max_tokens_per_forward: int = Field(
         DEFAULT_MAX_TOKENS_PER_FORWARD, ge=1,
         description="Rows (CFG halves, batched requests) share one transformer forward while under this many tokens.",
@@ -77,11 +87,17 @@ class EngineConfig(BaseModel):
     calibration: str | None = Field(
         None, description="The model pair's calibration file (`switch: quality:T`); default: the preset's, when its "
         "models are the preset's.")
-    sketch_kernels: KernelConfig = Field(
-        default_factory=KernelConfig, description="Speed levers of the sketch transformer (attention backend, FP8 "
-        "linear layers, regional compile); all off by default.")
-    render_kernels: KernelConfig = Field(
-        default_factory=KernelConfig, description="Speed levers of the render transformer; all off by default.")
+    sketch_kernels: KernelConfig | None = Field(
+        None, description="Speed levers of the sketch transformer (attention backend, FP8 linear layers, regional "
+        "compile). None: the speed profile's, warmed up at the preset's default shape. Given, it replaces the "
+        "profile's levers for this stage (a lever it leaves out is off).")
+    render_kernels: KernelConfig | None = Field(
+        None, description="Speed levers of the render transformer; None: the speed profile's (as `sketch_kernels`).")
+    compile_cache_dir: str | None = Field(
+        None, description="Persistent directory of TorchInductor's and Triton's compile caches for both denoising "
+        "stages (a stage's own `compile_cache_dir` wins), so that a restarted replica loads compiled kernels "
+        "instead of compiling for minutes; `srd warm` fills it ahead of a deployment. None: torch's default (a "
+        "per-user temporary directory).")
 
     @field_validator("preset")
     @classmethod
@@ -102,12 +118,27 @@ class EngineConfig(BaseModel):
         return value
 
     @property
+    def speed_name(self) -> SpeedName:
+        """The speed profile in force: `speed`, else the device's default."""
+        return self.speed or default_speed(self.device)
+
+    @property
+    def speed_profile(self) -> SpeedProfile:
+        return PROFILES[self.speed_name]
+
+    @property
+    def compute_dtype(self) -> str:
+        """`dtype`, else the speed profile's."""
+        return self.dtype or self.speed_profile.dtype
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[self.compute_dtype]
 
     @property
     def defaults(self) -> GenerationDefaults:
-        return PRESETS[self.preset].defaults
+        """The preset's request defaults, with the speed profile's render caching."""
+        return dataclasses.replace(PRESETS[self.preset].defaults, render_cache=self.speed_profile.render_cache)
 
     def models(self) -> ModelPair:
         """The preset's model pair with `sketch` and `render` put in its place. A render source that is a full
@@ -142,11 +173,30 @@ class EngineConfig(BaseModel):
         """The model family adapter, from the sketch pipeline's model_index.json (no weights load)."""
         return family_of(self.models().sketch)
 
-    def kernels_for(self, role: str, family: Family) -> KernelConfig:
-        """The stage's kernel levers, refused before any weights load where the family's transformer has no
-        support for them (the levers address Wan's blocks and self-attention layers)."""
-        config = getattr(self, f"{role}_kernels")
-        if config.any and family.name != "wan":
+    def stage_kernels(self, role: str) -> KernelConfig:
+        """The stage's levers: `{role}_kernels` where given, else the speed profile's, warmed up at the preset's
+        default shape so that the compile happens at load; `compile_cache_dir` where the stage names none."""
+        levers = getattr(self, f"{role}_kernels")
+        if levers is None:
+            d = self.defaults
+            levers = self.speed_profile.kernels(role)
+            if levers.compile:
+                levers = levers.model_copy(update={"warmup_frames": d.num_frames, "warmup_height": d.height,
+                                                   "warmup_width": d.width})
+        if self.compile_cache_dir and levers.compile_cache_dir is None:
+            levers = levers.model_copy(update={"compile_cache_dir": self.compile_cache_dir})
+        return levers
+
+    def kernels_for(self, role: str, family: Family) -> tuple[KernelConfig, str | None]:
+        """The stage's levers for this family, and why the speed profile's were dropped (None: they were not).
+        Levers given in `{role}_kernels` are refused before any weights load where the family's transformer has
+        no support for them (the levers address Wan's blocks and self-attention layers); the profile's are
+        dropped there, with the reason."""
+        levers = self.stage_kernels(role)
+        if not levers.any or family.name == "wan":
+            return levers, None
+        if getattr(self, f"{role}_kernels") is not None:
             raise ValueError(f"`{role}_kernels` sets speed levers, which support the wan family only; the model "
                              f"pair is {family.name}")
-        return config
+        return KernelConfig(), (f"speed {self.speed_name}: its levers support the wan family only, the model pair "
+                                f"is {family.name}")

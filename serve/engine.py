@@ -61,7 +61,7 @@ class Engine:
         family = config.family()
         family.check_compatible(config.models())  # a wrong model pair fails before any weights load
         for role in ("sketch", "render"):
-            config.kernels_for(role, family)  # so do levers the family cannot take
+            config.kernels_for(role, family)  # so do levers given that the family cannot take
         self.config = config
         self.pipeline = pipeline
         self.planner = Planner(config, pipeline)

@@ -42,6 +42,7 @@ class GenerationDefaults:
     switch: str
     fps: int = 16
     guidance_scale_2: float | None = None  # the render stage's guidance; None: the same as guidance_scale
+    render_cache: float = 0.0  # render step caching; EngineConfig.defaults sets its speed profile's
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,11 @@ class VideoRequest(BaseModel):
     switch: str | None = Field(
         None, description=f"Which model denoises which steps: {SWITCH_SYNTAX} (README, \"Switch policies\")."
     )
-    render_cache: float = Field(
-        0.0, ge=0.0, le=1.0, description="Render step caching: a render step reuses the last transformer output "
+    render_cache: float | None = Field(
+        None, ge=0.0, le=1.0, description="Render step caching: a render step reuses the last transformer output "
         "while the accumulated relative change of its input latents stays below this (0: off, the exact output; "
-        "larger skips more steps, at a cost in quality).")
+        "larger skips more steps, at a cost in quality). Default: the server's speed profile's (off, except with "
+        "`fastest`).")
 
     @field_validator("prompt")
     @classmethod
@@ -282,7 +284,7 @@ class VideoRequest(BaseModel):
             switch=switch,
             fps=defaults.fps,
             guidance_scale_2=defaults.guidance_scale_2 if self.guidance_scale_2 is None else self.guidance_scale_2,
-            render_cache=self.render_cache,
+            render_cache=defaults.render_cache if self.render_cache is None else self.render_cache,
         )
 
 

@@ -49,6 +49,7 @@ TIERS: dict[str, str] = {
     "test_kuberay": "fast",  # the RayService manifest against the Serve YAML and Serve's schema
     "test_metrics": "fast",  # the Grafana dashboard against the metric names (test_app scrapes the metrics)
     "test_bench_vae_tiling": "fast",
+    "test_speed": "fast",  # speed profiles in the configs, the request defaults and `srd generate --speed`
     # ray: starts Ray or the Serve app
     "test_app": "ray",
     "test_app_api": "fast",  # the HTTP API through FastAPI's TestClient, jobs driven in-process
@@ -135,7 +136,7 @@ def tiny_models(srd_cache):
 def tiny_config(tiny_models):
     from serve.engine import EngineConfig
 
-    return EngineConfig(preset="tiny")
+    return EngineConfig(preset="tiny", speed="exact")  # the parity oracle, whatever the device's default
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import io
 import json
 import re
 import time
-import urllib.request
 from types import SimpleNamespace
 
 import numpy as np
@@ -343,9 +342,11 @@ def test_srd_generate_via_serve_on_a_cluster(app, engine, rel_err, tmp_path):
     assert app.http.get("/healthz").status_code == 200
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return response.read().decode()
+def scrape(http) -> str:
+    """GET /metrics on the API port (the app's series, read from Ray's metrics export), as Prometheus scrapes it."""
+    response = http.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain"), response.text
+    return response.text
 
 
 def series(body: str, name: str) -> list[str]:
@@ -361,16 +362,15 @@ def label(line: str, key: str) -> str | None:
 
 
 def test_a_job_publishes_per_stage_metrics(app):
-    """After a job, Ray's Prometheus endpoint (the node's metrics export port) carries the stages' series; Ray's
-    exporter publishes every few seconds, so the scrape is repeated until they are there (bounded)."""
+    """After a job, `GET /metrics` on the API port carries the stages' series (read from Ray's Prometheus export,
+    which publishes every few seconds, so the scrape is repeated until they are there, bounded)."""
     result = app.handle.generate.remote({"prompt": "a red ball", "height": 32, "width": 32, "num_frames": 5,
                                          "num_inference_steps": 4, "switch": "step:1", "seed": 0}).result()
     assert result.job.status == "completed", result.job
-    port = ray.nodes()[0]["MetricsExportPort"]
     wanted = {"srd_stage_queue_depth", "srd_stage_batch_size", "srd_stage_step_seconds", "srd_stage_seconds"}
     deadline, body = time.monotonic() + 90, ""
     while time.monotonic() < deadline:
-        body = scrape(port)
+        body = scrape(app.http)
         stages = {name: {label(line, "stage") for line in series(body, name)} for name in wanted}
         if all({"encode", "sketch", "render", "decode"} <= found for found in stages.values()) \
                 and series(body, "srd_jobs"):
@@ -390,4 +390,6 @@ def test_a_job_publishes_per_stage_metrics(app):
     completed = [line for line in series(body, "srd_jobs") if label(line, "status") == "completed"]
     assert completed and float(completed[0].rsplit(" ", 1)[1]) >= 1
     assert series(body, "srd_job_queue_wait_seconds") and series(body, "srd_job_compute_seconds")
-    assert not series(body, "srd_gpu_utilization_percent")  # fake GPUs: NVML stays quiet
+    assert not series(body, "srd_gpu_utilization_percent")  # fake GPUs: NVML stays quiet, and the text says so
+    assert "# srd_gpu_* absent: no replica reports a GPU" in body
+    assert not [line for line in body.splitlines() if line.startswith("ray_") and "srd_" not in line]

@@ -104,9 +104,9 @@ def test_engine_and_serve_configs_take_levers_per_stage():
     from serve.engine import EngineConfig
 
     config = EngineConfig(preset="tiny", render_kernels={"attention": "cudnn-fp8", "compile": True})
-    assert config.render_kernels.attention == "cudnn-fp8" and config.sketch_kernels == KernelConfig()
+    assert config.stage_kernels("render").attention == "cudnn-fp8" and config.stage_kernels("sketch") == KernelConfig()
     app = AppConfig(engine={"preset": "tiny", "render_kernels": {"fp8_linear": True}})
-    assert app.engine.render_kernels.fp8_linear and not app.engine.sketch_kernels.any
+    assert app.engine.stage_kernels("render").fp8_linear and not app.engine.stage_kernels("sketch").any
     with pytest.raises(ValueError, match="attention"):
         EngineConfig(render_kernels={"attention": "fp4"})
 

@@ -175,7 +175,8 @@ def test_same_transformer_in_both_stages_gives_single_model_result(tiny_models, 
     """Render with the sketch pipeline's own transformer directory: every K gives the one-model trajectory, so the
     hand-off (latent, step index, sampler state) loses nothing."""
     steps = 5
-    same = Engine(EngineConfig(sketch=tiny_models.sketch, render=f"{tiny_models.sketch}/transformer"))
+    same = Engine(EngineConfig(sketch=tiny_models.sketch, render=f"{tiny_models.sketch}/transformer",
+                               speed="exact"))
     single = oracle(make_params(num_inference_steps=steps, seed=8))
     for k in range(1, steps + 1):
         result = same.generate(make_params(num_inference_steps=steps, seed=8, switch=f"step:{k}"), decode=False)

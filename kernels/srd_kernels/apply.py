@@ -30,12 +30,22 @@ class KernelReport:
     compiled: bool = False
     warmup_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
+    speed: str | None = None  # the engine's speed profile (serve/speed.py), named in the line when set
+
+    @property
+    def fell_back(self) -> bool:
+        """A lever that was asked for does not run (its reason says why)."""
+        reasons = (self.attention_reason, self.fp8_reason, self.norm_rope_reason)
+        return bool(self.notes) or any(r.startswith("fallback") for r in reasons)
 
     def line(self) -> str:
         warm = f", warm-up {self.warmup_seconds:.1f} s" if self.warmup_seconds is not None else ""
-        return (f"{self.stage} kernels: attention={self.attention} ({self.attention_reason}); "
+        speed = f" (speed {self.speed})" if self.speed else ""
+        notes = "".join(f"; {note}" for note in self.notes)
+        return (f"{self.stage} kernels{speed}: attention={self.attention} ({self.attention_reason}); "
                 f"fp8_linear={self.fp8_linear_layers} layers ({self.fp8_reason}); "
-                f"fused_norm_rope={self.fused_norm_rope} ({self.norm_rope_reason}); compiled={self.compiled}{warm}")
+                f"fused_norm_rope={self.fused_norm_rope} ({self.norm_rope_reason}); compiled={self.compiled}{warm}"
+                f"{notes}")
 
 
 def latent_shape(transformer, frames: int, height: int, width: int, spatial: int = 8, temporal: int = 4):

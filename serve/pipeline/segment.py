@@ -44,8 +44,10 @@ class DenoiseStage(Stage):
         family = config.family()
         pair = config.models()
         family.check_compatible(pair)  # a wrong pair fails here, before any weights load
-        levers = config.kernels_for(cls.role, family)
-        kernels = KernelReport(cls.role)
+        levers, dropped = config.kernels_for(cls.role, family)
+        from_profile = getattr(config, f"{cls.role}_kernels") is None  # the report then names the profile
+        kernels = KernelReport(cls.role, speed=config.speed_name if from_profile else None,
+                               notes=[dropped] if dropped else [])
         if denoiser is None:
             source, subfolder = pair.transformer(cls.role)
             transformer = family.load_transformer(source, cls.role, config.device, config.torch_dtype,
@@ -53,6 +55,9 @@ class DenoiseStage(Stage):
             denoiser = family.denoiser(transformer, config.max_tokens_per_forward)
             if levers.any:
                 kernels = apply_kernels(transformer, levers, cls.role)
+                kernels.speed = config.speed_name if from_profile else None
+        elif levers.any:  # the ranks load their own transformers (serve/parallel/worker.py) without levers
+            kernels.notes.append("levers not applied: a parallel stage's ranks run without them")
         return cls(family, denoiser, family.scheduler_config(pair.sketch), family.latent_spec(pair.sketch),
                    config.device, kernels, config.pair_calibration())
 
