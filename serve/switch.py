@@ -201,16 +201,6 @@ def make_plan(params: GenerationParams, timesteps: torch.Tensor | None = None,
     return Plan(tuple(segments), n, expected)
 
 
-def large_step_equivalents(plan: Plan, step_cost_ratio: float) -> float:
-    """A plan's cost in large-model steps: its large steps plus c x its small steps (c: a small step's time over
-    a large step's); None-bounded (open) segments count at their expected span."""
-    steps = {"sketch": 0, "render": 0}
-    for index, segment in enumerate(plan.segments):
-        start, stop = plan.expected_span(index)
-        steps[segment.role] += stop - start
-    return steps["sketch"] + step_cost_ratio * steps["render"]
-
-
 class SwitchTracker:
     """The adaptive rule's per-request state. `after_step(i, output)` is called once the sketch model's output for
     step i (0-based) is known and returns True when steps i+1.. belong to the next segment.

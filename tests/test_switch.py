@@ -190,10 +190,3 @@ def test_quality_target_needs_a_calibration_that_reaches_it():
                                          r"\(best measured: 0.97\)"):
         make_plan(params, calibration=calibration_of(*CALIBRATION[:2]))
 
-
-def test_large_step_equivalents_count_every_segment():
-    from serve.switch import large_step_equivalents
-
-    assert large_step_equivalents(plan_of("step:2:6", 8), 0.25) == 2 + 2 + 0.25 * 4
-    assert large_step_equivalents(plan_of("step:8", 8), 0.25) == 8
-    assert large_step_equivalents(plan_of("boundary:1", 8, TIMESTEPS_N4.repeat(2)), 0.25) == 2
