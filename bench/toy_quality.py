@@ -483,8 +483,8 @@ def plot(result: dict, path: str) -> None:
                    if is_fixed_k(name))
     ax.errorbar([f[0] for f in fixed], [f[1] for f in fixed], yerr=[f[2] for f in fixed], fmt="o-", color="0.35",
                 capsize=3, label="large for the first K steps, then small (fixed K)")
-    for lse, adherence, _, name in fixed:
-        ax.annotate(name.removeprefix("SR "), (lse, adherence), textcoords="offset points", xytext=(4, -12),
+    for lse, score_, _, name in fixed:
+        ax.annotate(name.removeprefix("SR "), (lse, score_), textcoords="offset points", xytext=(4, -12),
                     fontsize=7, color="0.35")
     groups = {"three segments: large, small, large (step:A:B)": ("step:", "tab:blue", "s"),
               "adaptive (the paper's rule)": ("adaptive:", "tab:orange", "^"),
@@ -496,8 +496,8 @@ def plot(result: dict, path: str) -> None:
             continue
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], fmt=marker,
                     color=colour, capsize=3, markersize=9 if marker == "*" else 6, label=label)
-        for lse, adherence, _, name in points:
-            ax.annotate(name, (lse, adherence), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
+        for lse, score_, _, name in points:
+            ax.annotate(name, (lse, score_), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
     ax.set_xlabel(f"cost per video: large-model step equivalents (large + {m['step_cost_ratio']:.2f} x small steps, "
                   f"N = {m['N']})")
     ax.set_ylabel("prompt adherence: colour, shape and direction all right (%)")

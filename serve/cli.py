@@ -83,8 +83,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="Seed of the initial noise, drawn as diffusers does (default: random, "
                                             "and printed).")
     p.add_argument("--switch", help=f"Which model denoises which steps: {SWITCH_SYNTAX}; step:A:B and ratio:RA:RB "
-                                    "sketch steps < A, render A..B-1 and sketch again from B; quality:T the cheapest schedule the pair's "
-                                    "calibration measured at >= T of all-large's quality (default: "
+                                    "sketch steps < A, render A..B-1 and sketch again from B; quality:T the "
+                                    "cheapest schedule the pair's calibration measured at >= T of all-large's "
+                                    "quality (default: "
                                     f"{_preset_defaults('switch')}).")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="Where the models run.")
     p.add_argument("--speed", choices=sorted(PROFILES), help="Speed profile (README, \"Speed levers\"): exact is "

@@ -75,9 +75,9 @@ def _drop_specks(mask: np.ndarray) -> np.ndarray:
 
 def _template_misfits(alpha: np.ndarray, solid: np.ndarray) -> dict[str, float]:
     """Per shape, how far each frame's coverage alpha [F, H, W] (inside its solid part's box grown by
-    WINDOW_MARGIN_PX, so that background noise far away does not count) lies from that shape drawn as the renderer draws it
-    (toy.data's signed distances) at the frame's measured centre and size: the median over frames of the summed
-    |template - alpha| over the summed alpha, at the best of a few radii around the measured one.
+    WINDOW_MARGIN_PX, so that background noise far away does not count) lies from that shape drawn as the renderer
+    draws it (toy.data's signed distances) at the frame's measured centre and size: the median over frames of the
+    summed |template - alpha| over the summed alpha, at the best of a few radii around the measured one.
 
     Centre and half-extent come from the per-column (per-row) peak coverage, whose sums are the box's width
     (height) for all three shapes: each spans +-r on both axes around its centre. Matching whole templates reads a
@@ -163,7 +163,8 @@ def detect(frames: np.ndarray) -> Detection:
     mask = _drop_specks(distance > FOREGROUND_DISTANCE)
     present = mask.sum(axis=(1, 2)) >= MIN_FOREGROUND_PIXELS
     if not present.any():
-        return Detection(NONE, NONE, NONE, background, shape_misfit=float("nan"), motion_px=0.0, colour_error=float("nan"))
+        return Detection(NONE, NONE, NONE, background, shape_misfit=float("nan"), motion_px=0.0,
+                         colour_error=float("nan"))
     mask[~present] = False
 
     # The shape's own colour is in its core: blurred edge pixels are mixed with the background.
