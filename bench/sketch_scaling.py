@@ -68,8 +68,8 @@ from bench.harness import GIB, fmt, markdown, meta, rel_err, sync, timed, write_
 from serve.handoff import PromptEmbeds
 from serve.parallel import ParallelConfig, ParallelWorker
 
-# Kept in the environment of this process and so of every spawned rank (the device tool's KINDS.md: no NVLink SHARP
-# multicast on these hosts).
+# Kept in the environment of this process and so of every spawned rank: the lent multi-GPU hosts have no NVLink
+# SHARP multicast, so NCCL must not try it.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 SEED = 0  # weights: the same draw on every rank and for the 1-GPU model
 GUIDANCE = 5.0
