@@ -298,7 +298,7 @@ def main(argv=None) -> dict:
                 "small_s": step_cost(e, "render", probe, args.cost_runs)}
 
     cost = bench.meta["step_cost"] = costs(engine)
-    c = bench.meta["step_cost_ratio"] = cost["small_s"] / cost["large_s"]
+    bench.meta["step_cost_ratio"] = cost["small_s"] / cost["large_s"]
     c_wan = bench.meta["wan_step_cost_ratio"] = wan_step_cost_ratio()
 
     def setting(row: dict, name, e: Engine, switch: str, step: dict, render_cache: float = 0.0) -> None:
@@ -339,12 +339,7 @@ def main(argv=None) -> dict:
 
     run_settings(engine, fixed + adaptive)
     if args.calibrate:
-        m = bench.meta
-        cal = calibration(bench.doc, [name for name, _ in fixed], c,
-                          f"{m['gpu'] or args.device}, {m['date_utc']}, commit {m['commit']}: {m['command']}")
-        with open(args.calibrate, "w") as f:
-            f.write(cal.model_dump_json(indent=1) + "\n")
-        print(f"calibration of {len(cal.schedules)} schedules written to {args.calibrate}")
+        calibrate_from([bench.doc], args.calibrate)
     if targets:  # the same models, reading the calibration just written if there is one
         run_settings(Engine(config.model_copy(update={"calibration": args.calibrate})) if args.calibrate else engine,
                      targets)
@@ -396,7 +391,8 @@ def main(argv=None) -> dict:
 
 
 def calibrate_from(results: list[dict], path: str) -> dict:
-    """Write the calibration of earlier runs' rows (one run's meta, every run's scored fixed schedules)."""
+    """Write the calibration of runs' rows (this run's, or saved ones): every run's scored fixed schedules, the
+    first run's N and step-cost ratio."""
     seeds = {r["meta"]["seed"] for r in results}
     if len(seeds) != 1:
         raise SystemExit(f"--from-results: the runs used different seeds {sorted(seeds)}: their rows do not compare")
@@ -404,8 +400,8 @@ def calibrate_from(results: list[dict], path: str) -> dict:
     names = [name for name, row in merged["parts"].items() if "lever" not in row and "adherence" in row
              and (is_fixed_k(name) or name.startswith("step:"))]
     cal = calibration(merged, names, results[0]["meta"]["step_cost_ratio"],
-                      "; ".join(f"{r['meta']['gpu']}, {r['meta']['date_utc']}, commit {r['meta']['commit']}: "
-                                f"{r['meta']['command']}" for r in results))
+                      "; ".join(f"{r['meta']['gpu'] or r['meta']['device']}, {r['meta']['date_utc']}, commit "
+                                f"{r['meta']['commit']}: {r['meta']['command']}" for r in results))
     with open(path, "w") as f:
         f.write(cal.model_dump_json(indent=1) + "\n")
     print(f"calibration of {len(cal.schedules)} schedules written to {path}")
