@@ -53,6 +53,21 @@ class Calibration(BaseModel):
                              f"quality (best measured: {best})")
         return min(fits, key=lambda s: (s.cost, -s.quality))
 
+    def front(self, target: float) -> list[ScheduleQuality]:
+        """The schedules of quality >= `target` that beat every cheaper one in quality, cheapest first: its first is
+        `schedule_for(target)`, its last the best quality measured (load-elastic `floor:T`, serve/switch.py)."""
+        front: list[ScheduleQuality] = []
+        for schedule in sorted(self.schedules, key=lambda s: (s.cost, -s.quality)):
+            if schedule.quality >= target and (not front or schedule.quality > front[-1].quality):
+                front.append(schedule)
+        if not front:
+            self.schedule_for(target)  # raises, naming the switch and the best quality measured
+        return front
+
+    def quality_of(self, switch: str) -> float | None:
+        """The measured quality of schedule `switch` (a spec as the calibration writes it), None if unmeasured."""
+        return next((s.quality for s in self.schedules if s.switch == switch), None)
+
 
 @functools.lru_cache(maxsize=8)
 def load_calibration(path: str) -> Calibration:

@@ -85,7 +85,10 @@ def _generate_parser(sub) -> None:
     p.add_argument("--switch", help=f"Which model denoises which steps: {SWITCH_SYNTAX}; step:A:B and ratio:RA:RB "
                                     "sketch steps < A, render A..B-1 and sketch again from B; quality:T the "
                                     "cheapest schedule the pair's calibration measured at >= T of all-large's "
-                                    "quality (default: "
+                                    "quality; range:LO:HI and floor:T are load-elastic (a served job's switch "
+                                    "moves from its idle choice, K=HI or the best calibrated quality, towards its "
+                                    "floor, K=LO or quality:T's schedule, as the sketchers fall behind; here, "
+                                    "alone, the idle choice) (default: "
                                     f"{_preset_defaults('switch')}).")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="Where the models run.")
     p.add_argument("--speed", choices=sorted(PROFILES), help="Speed profile (README, \"Speed levers\"): exact is "
@@ -97,6 +100,11 @@ def _generate_parser(sub) -> None:
     p.add_argument("--render-cache", type=float, dest="render_cache", metavar="THRESHOLD",
                    help="Render step caching threshold, 0 to 1 (0: off); wins over the speed profile's (default: "
                         "the profile's, off except with fastest).")
+    for role, model in (("sketch", "large"), ("render", "small")):
+        p.add_argument(f"--{role}-lora", action="append", default=[], metavar="PATH[:SCALE]",
+                       help=f"A LoRA adapter of the {role} ({model}) model: a .safetensors file or a directory "
+                            "holding one, optionally with its scale (default 1); repeat for several (README, "
+                            "\"LoRA adapters\").")
     p.add_argument("--vae-tiling", action="store_true", help="Decode in tiles (lower peak memory).")
     p.add_argument("--out", required=True, help="Output mp4 path.")
     p.add_argument("--save-latents", help="Also save the final latents (float32 [1, C, F', H', W']) here "
@@ -237,19 +245,44 @@ def warn_outside_toy_grammar(prompt: str, command: str = "generate") -> None:
               file=sys.stderr, flush=True)
 
 
+def _lora_flags(args) -> tuple[dict, dict]:
+    """`--sketch-lora`/`--render-lora PATH[:SCALE]` as a registry (each adapter named after its file) and the
+    request's `sketch_loras`/`render_loras`."""
+    import re
+
+    registry, chosen = {}, {}
+    for role in ("sketch", "render"):
+        for flag in getattr(args, f"{role}_lora"):
+            path, _, scale = flag.rpartition(":")
+            try:
+                scale = float(scale) if path else 1.0
+            except ValueError:
+                path, scale = flag, 1.0  # a colon of the path itself
+            path = path or flag
+            if not Path(path).expanduser().exists():
+                raise ValueError(f"--{role}-lora {flag!r}: {path!r} does not exist")
+            stem = re.sub(r"[^A-Za-z0-9_-]", "-", Path(path).stem)[:60] or "lora"
+            name = next(n for n in (stem, *(f"{stem}-{i}" for i in range(2, 100))) if n not in registry)
+            registry[name] = {"path": path, "stage": role}
+            chosen.setdefault(f"{role}_loras", []).append({"name": name, "scale": scale})
+    return registry, chosen
+
+
 def generate(args) -> None:
     from serve.request import VideoRequest
 
     if bool(args.sketch) != bool(args.render):
         raise ValueError("--sketch and --render must be given together")
+    loras, chosen = _lora_flags(args)
     request = VideoRequest(**{name: getattr(args, name) for name in VideoRequest.model_fields
-                              if getattr(args, name, None) is not None})
+                              if getattr(args, name, None) is not None}, **chosen)
     from serve.config import EngineConfig  # torch and pydantic, not diffusers
 
     config = EngineConfig(preset=args.preset, sketch=args.sketch, render=args.render, device=args.device,
-                          speed=args.speed, dtype=args.dtype, vae_tiling=args.vae_tiling)
+                          speed=args.speed, dtype=args.dtype, vae_tiling=args.vae_tiling, loras=loras,
+                          max_loaded_loras=max([4, *(len(c) for c in chosen.values())]))
     # Every check on the request runs before diffusers is even imported, let alone any weights loaded.
-    params = request.resolve(config.defaults)
+    params = request.resolve(config.defaults, loras=config.loras, max_loras=config.max_loaded_loras)
     for flag, path in (("--out", args.out), ("--save-latents", args.save_latents)):
         if path and not Path(path).expanduser().absolute().parent.is_dir():
             raise ValueError(f"{flag} {path!r}: its directory does not exist")

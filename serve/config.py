@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from serve.calibration import Calibration, load_calibration
 from serve.denoise import DEFAULT_MAX_TOKENS_PER_FORWARD
 from serve.families.base import Family, family_of
+from serve.lora import LoraSpec, adapter_state_dict, check_adapter, check_registry_names, meta_model
 from serve.models import PRESETS, ModelPair, Weights, is_pipeline, preset_models
 from serve.request import GenerationDefaults, GenerationParams, InvalidRequest
 from serve.speed import PROFILES, SpeedName, SpeedProfile, default_speed
@@ -98,6 +99,19 @@ class EngineConfig(BaseModel):
         "stages (a stage's own `compile_cache_dir` wins), so that a restarted replica loads compiled kernels "
         "instead of compiling for minutes; `srd warm` fills it ahead of a deployment. None: torch's default (a "
         "per-user temporary directory).")
+    loras: dict[str, LoraSpec] = Field(
+        default_factory=dict, description="LoRA adapters requests may name (`sketch_loras`, `render_loras`), by "
+        "name: each a file, directory or hub id, the stage whose model it fits, and optional request defaults "
+        "(serve/lora.py). Checked against the stage model's config before anything loads.")
+    max_loaded_loras: int = Field(
+        4, ge=1, description="Adapters a denoising stage keeps loaded in its transformer (per replica, least "
+        "recently used evicted first); also the most adapters one request applies to a stage.")
+
+    @field_validator("loras")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, LoraSpec]) -> dict[str, LoraSpec]:
+        check_registry_names(value)
+        return value
 
     @field_validator("preset")
     @classmethod
@@ -163,11 +177,35 @@ class EngineConfig(BaseModel):
     def check_switch(self, params: GenerationParams) -> None:
         """InvalidRequest naming `switch` when `quality:T` cannot be met here: no calibration of these models, or none
         of its schedules of that quality (a JSON file read, no weights; the family checks the rest)."""
-        if params.switch.kind == "quality":
+        if params.switch.kind in ("quality", "floor"):
             try:
                 make_plan(params, calibration=self.pair_calibration())
             except ValueError as e:
                 raise InvalidRequest("switch", str(e)) from None
+
+    def stage_loras(self, role: str) -> dict[str, LoraSpec]:
+        """The registry's adapters of the `role` model."""
+        return {name: spec for name, spec in self.loras.items() if spec.stage == role}
+
+    def check_loras(self, roles: tuple[str, ...] = ("sketch", "render")) -> None:
+        """Raise ValueError naming the adapter and the module where a registered adapter does not fit its stage's
+        model: each adapter's LoRA matrices against the model built from its config on the meta device (the
+        adapter files are read, no model weights load)."""
+        from serve.models import ModelError
+
+        family, pair = self.family(), self.models()
+        for role in roles:
+            adapters = self.stage_loras(role)
+            if not adapters:
+                continue
+            source, subfolder = pair.transformer(role)
+            model = meta_model(family.transformer_config(source, role, subfolder))
+            for name, spec in adapters.items():
+                try:
+                    state_dict, _ = adapter_state_dict(family.pipeline_class, spec)
+                    check_adapter(name, state_dict, model)
+                except (OSError, ValueError, ModelError) as e:
+                    raise ValueError(f"`loras.{name}` (stage {role}): {e}") from e
 
     def family(self) -> Family:
         """The model family adapter, from the sketch pipeline's model_index.json (no weights load)."""
@@ -191,12 +229,26 @@ class EngineConfig(BaseModel):
         """The stage's levers for this family, and why the speed profile's were dropped (None: they were not).
         Levers given in `{role}_kernels` are refused before any weights load where the family's transformer has
         no support for them (the levers address Wan's blocks and self-attention layers); the profile's are
-        dropped there, with the reason."""
+        dropped there, with the reason. So is compile on a stage that serves LoRA adapters (`_without_compile`)."""
         levers = self.stage_kernels(role)
-        if not levers.any or family.name == "wan":
-            return levers, None
+        if levers.any and family.name != "wan":
+            if getattr(self, f"{role}_kernels") is not None:
+                raise ValueError(f"`{role}_kernels` sets speed levers, which support the wan family only; the model "
+                                 f"pair is {family.name}")
+            return KernelConfig(), (f"speed {self.speed_name}: its levers support the wan family only, the model "
+                                    f"pair is {family.name}")
+        if levers.compile and self.stage_loras(role):
+            return self._without_compile(role, levers)
+        return levers, None
+
+    def _without_compile(self, role: str, levers: KernelConfig) -> tuple[KernelConfig, str | None]:
+        """A stage with LoRA adapters runs its blocks uncompiled: PEFT's layers change the compiled blocks' modules,
+        so every new adapter set recompiles them, and with fullgraph compile the block's 8th graph (dynamo's
+        recompile_limit) is a hard error (README, "LoRA adapters"). Levers given with `compile` are refused; the
+        profile's lose `compile` and `fp8_linear` (which pays only compiled), with the reason."""
         if getattr(self, f"{role}_kernels") is not None:
-            raise ValueError(f"`{role}_kernels` sets speed levers, which support the wan family only; the model "
-                             f"pair is {family.name}")
-        return KernelConfig(), (f"speed {self.speed_name}: its levers support the wan family only, the model pair "
-                                f"is {family.name}")
+            raise ValueError(f"`{role}_kernels.compile` cannot serve the {role} stage's LoRA adapters (`loras`): "
+                             "each adapter set recompiles the blocks, up to dynamo's recompile limit; turn it off")
+        kept = levers.model_copy(update={"compile": False, "fp8_linear": False})
+        return kept, (f"speed {self.speed_name}: compile and fp8_linear dropped, the {role} stage serves LoRA "
+                      "adapters (compiled blocks recompile per adapter set)")

@@ -25,8 +25,9 @@ from serve.switch import Plan, SwitchTracker
 from srd_kernels.step_cache import StepCache
 
 # (index of the request in the call, denoising steps done so far (all segments together), N)
-# -> False to cancel that request at this step boundary.
-StepCallback = Callable[[int, int, int], bool]
+# -> False to cancel that request at this step boundary, PREEMPT to stop it there and keep its trajectory.
+StepCallback = Callable[[int, int, int], object]
+PREEMPT = "preempt"  # an on_step answer: yield the device; a preemptible trajectory leaves the loop to resume later
 
 # Rows are stacked into one forward only while they stay under about one 480p/81-frame Wan video: at that size a
 # batch of two is no faster than two calls (bench/RESULTS.md, run 1).
@@ -36,6 +37,14 @@ DEFAULT_MAX_TOKENS_PER_FORWARD = 32_768
 @dataclass(frozen=True)
 class Cancelled:
     """Returned in place of a result for a request whose callback asked to stop."""
+
+    step_index: int
+
+
+@dataclass(frozen=True)
+class Preempted:
+    """Returned by a stage deployment for a job whose segment yielded after `step_index` steps: its trajectory is
+    stored (the step's `resume` artifact), and the step's next call continues it from exactly there."""
 
     step_index: int
 
@@ -198,11 +207,18 @@ class Trajectory:
     segment: int = 0
     cache: StepCache | None = None  # render step caching (params.render_cache > 0)
     cancelled: bool = False
+    preempted: bool = False  # it yielded before its segment's end; its state resumes it exactly (a hand-off)
     seconds: float = 0.0
 
     @property
     def running(self) -> bool:
         return not self.cancelled and self.step < self.stop
+
+    @property
+    def preemptible(self) -> bool:
+        """Whether all of its state is what a hand-off carries: not while an adaptive rule (its past outputs) or a
+        step cache (its cached output) is part of it; those run to their segment's end."""
+        return self.tracker is None and self.cache is None
 
 
 def run(denoiser, trajectories: list[Trajectory], sampler: Sampler, on_step: StepCallback | None = None) -> None:
@@ -236,6 +252,9 @@ def run(denoiser, trajectories: list[Trajectory], sampler: Sampler, on_step: Ste
                     tr.step += 1
                     if tr.tracker is not None and tr.tracker.after_step(tr.step - 1, out):
                         tr.stop = tr.step
-                    if on_step is not None and on_step(i, tr.step, tr.params.num_inference_steps) is False:
+                    verdict = None if on_step is None else on_step(i, tr.step, tr.params.num_inference_steps)
+                    if verdict is False:
                         tr.cancelled = True
+                    elif verdict == PREEMPT and tr.running and tr.preemptible:
+                        tr.stop, tr.preempted = tr.step, True
                     tr.seconds = time.perf_counter() - start

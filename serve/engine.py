@@ -55,16 +55,19 @@ class GenerationResult:
 
 
 class Engine:
-    """All stages in one process, running each request's steps (serve/pipeline/stage.py) in order."""
+    """All stages in one process, running each request's steps (serve/pipeline/stage.py) in order. `backlog`, the
+    load signal of load-elastic requests (`range:LO:HI`, `floor:T`: jobs whose sketch is still to be done, however
+    the caller counts them), fixes their switch before their sketch; without it they run their idle choice."""
 
-    def __init__(self, config: EngineConfig, pipeline: Pipeline = PIPELINE):
+    def __init__(self, config: EngineConfig, pipeline: Pipeline = PIPELINE, backlog: Callable[[], int] | None = None):
         family = config.family()
         family.check_compatible(config.models())  # a wrong model pair fails before any weights load
+        config.check_loras()  # so does a registered LoRA adapter that does not fit its stage's model
         for role in ("sketch", "render"):
             config.kernels_for(role, family)  # so do levers given that the family cannot take
         self.config = config
         self.pipeline = pipeline
-        self.planner = Planner(config, pipeline)
+        self.planner = Planner(config, pipeline, backlog)
         models = ModelCache()
         self.stages: dict[str, Stage] = {stage.name: stage.load(config, models) for stage in pipeline.stages}
 
@@ -86,6 +89,7 @@ class Engine:
         as a stage deployment batches them. `on_step(request index, step name, steps done, N)`; `around(step
         name, call)` wraps each stage call (the benchmarks time it and take its memory peak)."""
         phases = {"prepare", "denoise"} | ({"finish"} if decode else set()) | ({"side"} if side_steps else set())
+        requests = [self.planner.fix(params)[0] for params in requests]  # a load-elastic switch, fixed once
         results = [GenerationResult(params, self.plan(params)) for params in requests]
         steps = [[step for step in self.pipeline.steps(r.plan) if step.phase in phases] for r in results]
         done = [0] * len(requests)

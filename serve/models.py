@@ -79,6 +79,9 @@ class Preset:
     # render pipeline's directory (EngineConfig.models)
     render_subfolder: str | None = None
     calibration: str | None = None  # the pair's calibration file (serve/calibration.py), for `switch: quality:T`
+    # "module:function" returning the one prompt grammar a pair was trained on ({"template", "example",
+    # "vocabulary": {slot: [words]}}), for clients that compose prompts (GET /v1/models); None: free text
+    prompt_grammar: str | None = None
 
 
 WAN21_T2V = Preset(
@@ -169,6 +172,7 @@ TOY = Preset(
     RequestLimits(max_tokens_per_video=4096, max_steps=100),
     summary="a small trained Wan pair, shipped",
     calibration=str(TOY_DIR / "calibration.json"),
+    prompt_grammar="toy.data:grammar",
 )
 PRESETS = {p.name: p for p in (WAN21_T2V, WAN22_T2V_A14B, COGVIDEOX, TOY, TINY, TINY_WAN22, TINY_COGVIDEOX)}
 
@@ -180,6 +184,14 @@ def preset_models(preset: Preset) -> ModelPair:
         module, _, function = preset.builder.partition(":")
         pair = getattr(importlib.import_module(module), function)()
     return dataclasses.replace(pair, render_subfolder=preset.render_subfolder)
+
+
+def preset_grammar(preset: Preset) -> dict | None:
+    """The prompt grammar the preset's pair was trained on (`Preset.prompt_grammar`), or None for free text."""
+    if preset.prompt_grammar is None:
+        return None
+    module, _, function = preset.prompt_grammar.partition(":")
+    return getattr(importlib.import_module(module), function)()
 
 
 def _looks_like_path(source: str) -> bool:

@@ -7,18 +7,21 @@ returns a frozen `GenerationParams` that every stage reads.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve.priority import DEFAULT_PRIORITY, Priority
 from serve.switch import SWITCH_SYNTAX, SwitchPolicy, parse_switch
 
 if TYPE_CHECKING:
     from serve.denoise import LatentSpec
+    from serve.lora import LoraSpec
 
 
 class InvalidRequest(ValueError):
@@ -114,6 +117,16 @@ def frames_for_seconds(seconds: float, fps: int) -> int:
     return 4 * max(0, round(seconds * fps / 4)) + 1
 
 
+class LoraChoice(BaseModel):
+    """One adapter a request applies to a stage's model: a name from the server's registry (GET /v1/models) and
+    its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    name: str = Field(description="The adapter's name in the server's registry.")
+    scale: float = Field(1.0, description="Its weight: the LoRA's output times this (finite; 0 turns it off).")
+
+
 class VideoRequest(BaseModel):
     """A video request. OpenAI's Video API fields (`model`, `size`, `seconds`) and diffusers' names (`width`,
     `height`, `num_frames`, ...) are both accepted; a field given both ways must agree."""
@@ -150,6 +163,17 @@ class VideoRequest(BaseModel):
         "while the accumulated relative change of its input latents stays below this (0: off, the exact output; "
         "larger skips more steps, at a cost in quality). Default: the server's speed profile's (off, except with "
         "`fastest`).")
+    priority: Priority | None = Field(
+        None, description="Latency class: interactive, standard or batch. Each stage serves waiting work by class, "
+        "then by age; a running batch of a lower class yields to a higher one at a denoising step boundary and "
+        "later resumes exactly (README, \"Latency classes\"). Default: the bearer token's, else the server's.")
+    sketch_loras: list[LoraChoice] | None = Field(
+        None, description="LoRA adapters of the sketch (large) model, by name from GET /v1/models, each with its "
+        "scale. An adapter's registry entry may bring default steps and sketch guidance, which fields given here "
+        "win over.")
+    render_loras: list[LoraChoice] | None = Field(
+        None, description="LoRA adapters of the render (small) model, as `sketch_loras`; an adapter's default "
+        "guidance is the render's (`guidance_scale_2`).")
 
     @field_validator("prompt")
     @classmethod
@@ -252,8 +276,22 @@ class VideoRequest(BaseModel):
             parse_switch(value)
         return value
 
-    def resolve(self, defaults: GenerationDefaults) -> GenerationParams:
-        """Fill unset fields from `defaults`; raise InvalidRequest for combinations that cannot run."""
+    def resolve(self, defaults: GenerationDefaults, priority: str = DEFAULT_PRIORITY,
+                loras: Mapping[str, LoraSpec] | None = None, max_loras: int | None = None) -> GenerationParams:
+        """Fill unset fields from `defaults` (and the latency class from `priority`, the caller's default); raise
+        InvalidRequest for combinations that cannot run. `loras` is the server's adapter registry (serve/lora.py):
+        the adapters a request names must be there, of the stage it names them for, at most `max_loras` a stage
+        (the config's `max_loaded_loras`; None: no bound); their defaults (steps, guidance) come before
+        `defaults`."""
+        chosen: dict[str, tuple] = {}
+        if self.sketch_loras or self.render_loras:
+            from serve.lora import resolve_loras
+
+            chosen, filled = resolve_loras(
+                defaults, loras or {}, {"sketch_loras": self.sketch_loras, "render_loras": self.render_loras},
+                {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                 "guidance_scale_2": self.guidance_scale_2}, max_loras)
+            defaults = dataclasses.replace(defaults, **filled)
         steps = self.num_inference_steps or defaults.num_inference_steps
         switch = parse_switch(self.switch or defaults.switch)
         try:
@@ -285,6 +323,9 @@ class VideoRequest(BaseModel):
             fps=defaults.fps,
             guidance_scale_2=defaults.guidance_scale_2 if self.guidance_scale_2 is None else self.guidance_scale_2,
             render_cache=defaults.render_cache if self.render_cache is None else self.render_cache,
+            priority=self.priority or priority,
+            sketch_loras=chosen.get("sketch_loras", ()),
+            render_loras=chosen.get("render_loras", ()),
         )
 
 
@@ -309,6 +350,11 @@ class GenerationParams:
     guidance_scale_2: float | None = None
     # Render step caching threshold (kernels/srd_kernels/step_cache.py); 0 is off: the output equals the uncached one.
     render_cache: float = 0.0
+    priority: str = DEFAULT_PRIORITY  # latency class (serve/priority.py): how its stages' queues order it
+    # LoRA adapters per stage, ((name, scale), ...) in the request's order (serve/lora.py): part of the denoising
+    # stages' batch key, and of the job record and the hand-off, so a resumed job applies the same set.
+    sketch_loras: tuple[tuple[str, float], ...] = ()
+    render_loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def render_guidance(self) -> float:
@@ -328,6 +374,8 @@ class GenerationParams:
         """Plain JSON-able data (the switch policy as its spec string), for checkpoints that must not be pickles."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["switch"] = str(self.switch)
+        for name in ("sketch_loras", "render_loras"):
+            data[name] = [{"name": n, "scale": s} for n, s in data[name]]
         return data
 
     @classmethod
@@ -338,4 +386,10 @@ class GenerationParams:
         missing, unknown = sorted(required - set(data)), sorted(set(data) - names)
         if missing or unknown:
             raise ValueError(f"GenerationParams data has missing keys {missing} and unknown keys {unknown}")
-        return cls(**{**data, "switch": parse_switch(data["switch"])})
+        loras = {name: tuple((c["name"], float(c["scale"])) for c in data.get(name, ()))
+                 for name in ("sketch_loras", "render_loras")}
+        return cls(**{**data, "switch": parse_switch(data["switch"]), **loras})
+
+    def loras(self, role: str) -> tuple[tuple[str, float], ...]:
+        """The adapters (name, scale) the request applies to the `role` model's stage (sketch or render)."""
+        return self.sketch_loras if role == "sketch" else self.render_loras

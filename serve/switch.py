@@ -11,6 +11,10 @@ A policy is parsed from a short spec string (the CLI flag, the HTTP field):
                               as in diffusers: then the render model runs every step)
     quality:T                 the cheapest schedule the model pair's calibration (serve/calibration.py) measured
                               at T or more of all-large's quality, 0 < T <= 1
+    range:LO:HI               load-elastic: K = HI when the sketchers are idle, down to LO (its floor) as the
+                              jobs waiting for their sketch grow (serve/priority.py; 1 <= LO <= HI <= N)
+    floor:T                   load-elastic over the calibration: idle, the best-quality schedule measured; under
+                              load cheaper ones, down to quality:T's (the floor), 0 < T <= 1
 
 `make_plan` turns a policy into the request's `Plan`: an ordered list of denoising segments, each a model role
 ("sketch": the large model, "render": the small one), a step range and a guidance scale. This module is the one
@@ -31,7 +35,9 @@ if TYPE_CHECKING:
     from serve.calibration import Calibration
     from serve.request import GenerationParams
 
-SWITCH_SYNTAX = "step:K | step:A:B | ratio:R | ratio:RA:RB | adaptive:THR[:MIN:MAX] | boundary:R | quality:T"
+SWITCH_SYNTAX = ("step:K | step:A:B | ratio:R | ratio:RA:RB | adaptive:THR[:MIN:MAX] | boundary:R | quality:T | "
+                 "range:LO:HI | floor:T")
+ELASTIC = ("range", "floor")  # policies whose schedule the load picks within the request's floor
 Role = Literal["sketch", "render"]
 
 
@@ -43,23 +49,28 @@ def _number(value: float) -> str:
 
 @dataclass(frozen=True)
 class SwitchPolicy:
-    kind: str  # "step" | "ratio" | "adaptive" | "boundary" | "quality"
-    value: float  # K, R, THR, R or T
+    kind: str  # "step" | "ratio" | "adaptive" | "boundary" | "quality" | "range" | "floor"
+    value: float  # K, R, THR, R, T, LO or T
     min_step: int = 5
     max_step: int = 30
-    back: float | None = None  # step:A:B's B or ratio:RA:RB's RB: where the large model takes over again
+    back: float | None = None  # step:A:B's B or ratio:RA:RB's RB: where the large model takes over again; range's HI
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the load picks this request's schedule (within its floor) when its sketch is about to start."""
+        return self.kind in ELASTIC
 
     def __str__(self) -> str:
         """The spec string; `parse_switch(str(policy)) == policy` (checkpoints store the policy this way)."""
         if self.kind == "adaptive":
             return f"adaptive:{_number(self.value)}:{self.min_step}:{self.max_step}"
-        number = (lambda v: str(int(v))) if self.kind == "step" else _number
+        number = (lambda v: str(int(v))) if self.kind in ("step", "range") else _number
         back = "" if self.back is None else f":{number(self.back)}"
         return f"{self.kind}:{number(self.value)}{back}"
 
     def check_steps(self, num_steps: int) -> None:
         """Raise ValueError if this policy cannot run with `num_steps` denoising steps."""
-        if self.kind == "step" and not 1 <= (self.back or self.value) <= num_steps:
+        if self.kind in ("step", "range") and not 1 <= (self.back or self.value) <= num_steps:
             raise ValueError(
                 f"`switch` {self} must lie in 1..num_inference_steps={num_steps} (K = N means no rendering)"
             )
@@ -97,10 +108,14 @@ def parse_switch(spec: str) -> SwitchPolicy:
         if len(numbers) == 2 and not numbers[0] < numbers[1]:
             raise bad("RA must be less than RB")
         return SwitchPolicy("ratio", numbers[0], back=numbers[1] if len(numbers) == 2 else None)
-    if kind in ("boundary", "quality"):
+    if kind in ("boundary", "quality", "floor"):
         if len(numbers) != 1 or not 0.0 < numbers[0] <= 1.0:
             raise bad(f"{'R' if kind == 'boundary' else 'T'} must be one number in (0, 1]")
         return SwitchPolicy(kind, numbers[0])
+    if kind == "range":
+        if len(numbers) != 2 or any(n != int(n) or n < 1 for n in numbers) or numbers[0] > numbers[1]:
+            raise bad("give LO:HI, integers with 1 <= LO <= HI")
+        return SwitchPolicy("range", int(numbers[0]), back=int(numbers[1]))
     if kind == "adaptive":
         if len(numbers) not in (1, 3):
             raise bad("give THR or THR:MIN:MAX")
@@ -169,6 +184,8 @@ def make_plan(params: GenerationParams, timesteps: torch.Tensor | None = None,
     sampler's (diffusers' `scheduler.timesteps`); without them a boundary switch stays open like an adaptive one.
     `quality:T` takes its schedule from the pair's `calibration` (ValueError naming the switch without one)."""
     policy, n = params.switch, params.num_inference_steps
+    if policy.elastic:  # its idle choice: the Planner fixes the switch from the load before the sketch starts
+        policy = ladder(policy, calibration)[0]
     if policy.kind == "quality":
         if calibration is None:
             raise ValueError(f"`switch` {policy} needs the model pair's calibration, and this pair has none "
@@ -199,6 +216,21 @@ def make_plan(params: GenerationParams, timesteps: torch.Tensor | None = None,
     else:
         expected = n // 2
     return Plan(tuple(segments), n, expected)
+
+
+def ladder(policy: SwitchPolicy, calibration: Calibration | None = None) -> tuple[SwitchPolicy, ...]:
+    """A load-elastic policy's schedules, from its idle choice (rung 0) down to its floor (the last rung), each
+    cheaper in large-model steps than the one before: range:LO:HI gives step:HI .. step:LO; floor:T the
+    calibration's schedules of quality >= T that no cheaper one matches (its quality-cost front), best first, down
+    to quality:T's. A fixed policy is its own one-rung ladder."""
+    if policy.kind == "range":
+        return tuple(SwitchPolicy("step", k) for k in range(int(policy.back), int(policy.value) - 1, -1))
+    if policy.kind == "floor":
+        if calibration is None:
+            raise ValueError(f"`switch` {policy} needs the model pair's calibration, and this pair has none "
+                             "(`python -m bench.toy_quality --calibrate FILE` measures one)")
+        return tuple(parse_switch(s.switch) for s in reversed(calibration.front(policy.value)))
+    return (policy,)
 
 
 class SwitchTracker:

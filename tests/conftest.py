@@ -50,6 +50,7 @@ TIERS: dict[str, str] = {
     "test_metrics": "fast",  # the Grafana dashboard against the metric names (test_app scrapes the metrics)
     "test_bench_vae_tiling": "fast",
     "test_speed": "fast",  # speed profiles in the configs, the request defaults and `srd generate --speed`
+    "test_lora": "fast",  # LoRA adapters per stage and request: parity with diffusers, batching, LRU, bad input
     # ray: starts Ray or the Serve app
     "test_app": "ray",
     "test_app_api": "fast",  # the HTTP API through FastAPI's TestClient, jobs driven in-process
@@ -57,11 +58,14 @@ TIERS: dict[str, str] = {
     "test_app_faults": "ray",
     "test_app_parts": "fast",  # the progress reporter, in-process
     "test_drive": "fast",  # the drive loop over the stage deployments, in-process: retry, cancel, takeover
+    "test_latency_classes": "fast",  # class order, aging, preemption with exact resume, elastic switch, in-process
     "test_pipeline": "fast",  # the declared pipeline, its steps, and a stage added to it
     "test_parallel_ray": "ray",
     "test_parallel_groups": "ray",  # the process and the Ray worker group under one test (a killed rank)
     "test_frontdoor_serve": "ray",
     "test_autoscaling_ray": "ray",  # the cost-aware policy driving the app (fake GPUs)
+    "test_app_lora": "ray",  # LoRA adapters over HTTP: per-stage sets, the LRU in the metrics, a killed Renderer
+    "test_playground": "ray",  # the web playground in headless Chromium against the app on the toy preset
     # slow: training, quality, the benchmarks' smoke runs
     "test_toy_preset": "slow",
     "test_schedules_served": "slow",  # toy-preset schedules over HTTP, in-process (20-step 64x64 videos)
@@ -71,6 +75,7 @@ TIERS: dict[str, str] = {
     "test_bench_families": "slow",
     "test_bench_scaling": "slow",
     "test_bench_serve": "slow",
+    "test_bench_classes": "slow",  # the latency-class benchmark's smoke run (~35 s)
     "test_bench_kernels": "slow",
     # families of modules (fnmatch patterns), for modules not named above
     "test_app_*": "ray",
@@ -79,6 +84,7 @@ TIERS: dict[str, str] = {
     # single tests outside their module's tier ("module::test")
     "test_kernels::test_a_restarted_stage_loads_its_compiled_blocks_from_the_cache": "slow",  # two CPU compiles
     "test_app_config::test_serve_build_accepts_the_app": "ray",  # Ray's `serve build` CLI in a subprocess
+    "test_playground::test_the_page_and_what_it_reads_from_the_api": "fast",  # the page's files and /v1/models
 }
 DEFAULT_TIER = "slow"
 

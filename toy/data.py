@@ -99,6 +99,13 @@ def vocabulary() -> str:
     return "; ".join(f"{plural[key]}: {', '.join(_VOCABULARY[key])}" for key in _PROMPT_FIELDS)
 
 
+def grammar() -> dict:
+    """The grammar as data, for clients that compose prompts (the API's `GET /v1/models`, the playground): the
+    template, an example and each slot's words, slots in prompt order."""
+    return {"template": PROMPT_TEMPLATE, "example": EXAMPLE_PROMPT,
+            "vocabulary": {key: list(_VOCABULARY[key]) for key in _PROMPT_FIELDS}}
+
+
 def parse_prompt(prompt: str) -> dict[str, str]:
     """Invert `Scene.prompt`: attribute -> word. ValueError for a prompt outside the grammar or vocabulary."""
     match = _PROMPT.fullmatch(prompt.strip())

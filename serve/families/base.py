@@ -15,7 +15,6 @@ serve/models.py.
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,7 +55,7 @@ class Family:
     pipeline_class: str  # diffusers class named by model_index.json's `_class_name`
     transformer_class: str
     capabilities: ModelCapabilities
-    switch_kinds: tuple[str, ...] = ("step", "ratio", "adaptive", "boundary", "quality")
+    switch_kinds: tuple[str, ...] = ("step", "ratio", "adaptive", "boundary", "quality", "range", "floor")
     sampler: Sampler
     # model_index.json entries that are transformers: skipped by the stages that do not denoise
     transformer_components: tuple[str, ...] = ("transformer",)

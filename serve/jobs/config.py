@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve.priority import ClassesConfig
+
 
 def default_data_dir() -> str:
     return os.environ.get("SRD_DATA_DIR") or str(Path("~/.local/share/srd").expanduser())
@@ -40,6 +42,8 @@ class JobsConfig(BaseModel):
     max_unfinished_jobs: int = Field(1000, ge=1, description="Queued plus running jobs; beyond it POST /v1/videos "
                                                              "answers 429 with Retry-After.")
     retry_after_s: int = Field(30, ge=1, description="Retry-After of a 429.")
+    classes: ClassesConfig = Field(default_factory=ClassesConfig, description="Latency classes: the default class, "
+                                   "aging, preemption and load-elastic switching (serve/priority.py).")
 
     @field_validator("data_dir")
     @classmethod

@@ -22,17 +22,19 @@ mid-way from its last hand-off. The job store already is the durable queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from serve.denoise import Cancelled
+from serve.denoise import Cancelled, Preempted
 from serve.jobs import state
 from serve.jobs.config import JobsConfig
 from serve.jobs.store import JobStore
 from serve.pipeline.stage import Step
 from serve.request import GenerationParams
+from serve.switch import parse_switch
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,16 @@ class StepDone:
     steps_done: int | None = None  # denoising steps: the segment's stop
 
 
-StepCall = Callable[[Step, str, GenerationParams], Awaitable[StepDone | Cancelled]]
+StepCall = Callable[[Step, str, GenerationParams], Awaitable[StepDone | Cancelled | Preempted]]
+# A load-elastic request -> the same with its switch fixed from the load now, and the rungs it moved (Planner.fix)
+FixSwitch = Callable[[GenerationParams], tuple[GenerationParams, int]]
+
+
+def sketch_backlog(store: JobStore) -> int:
+    """The load signal of load-elastic switching (serve/priority.py), asked by a job about to start its sketch: the
+    other unfinished jobs whose sketch is still to be done (all of them but the asking one), read from the store, so
+    that every orchestrator replica sees every replica's jobs."""
+    return max(0, sum(1 for job in store.unfinished() if not job.finished("sketch")) - 1)
 
 
 def error_message(error: BaseException) -> str:
@@ -66,12 +77,18 @@ def retry_delay_s(attempts: int) -> float:
 
 class Driver:
     """Drives jobs of `store` through the steps `steps_of(params)` gives them, calling `call(step, job_id, params)`
-    for each; at most `max_running_jobs` at once. `on_finished(job)` sees every job this driver ended."""
+    for each; at most `max_running_jobs` at once. `on_finished(job)` sees every job this driver ended.
+
+    Latency classes (serve/priority.py): jobs are claimed by class, then age; a step its stage preempted
+    (`Preempted`) is recorded as the job's mid-step checkpoint and called again, reading that checkpoint. A
+    load-elastic request's switch is fixed by `fix_switch` (the Planner's, with its load signal) just before its
+    first denoising step; without `fix_switch` it runs its idle choice."""
 
     def __init__(self, store: JobStore, steps_of: Callable[[GenerationParams], tuple[Step, ...]], call: StepCall,
                  jobs: JobsConfig, worker: str, max_running_jobs: int = 256,
-                 on_finished: Callable[[state.JobRecord], None] | None = None):
+                 on_finished: Callable[[state.JobRecord], None] | None = None, fix_switch: FixSwitch | None = None):
         self.store = store
+        self._fix_switch = fix_switch
         self.worker = worker
         self._steps_of = steps_of
         self._call = call
@@ -109,7 +126,8 @@ class Driver:
         room = self._max_running - len(self._driving)
         if room <= 0:
             return []
-        claimed = await asyncio.to_thread(self.store.claim, self.worker, self._jobs.lease_s, room)
+        claimed = await asyncio.to_thread(self.store.claim, self.worker, self._jobs.lease_s, room,
+                                          aging_s=self._jobs.classes.aging_s)
         for job in claimed:
             if job.id not in self._driving:
                 task = asyncio.create_task(self.drive(job.id))
@@ -152,6 +170,8 @@ class Driver:
                     await self._update(job_id, lambda j: state.cancelled(j, j.steps_done))
                     return
                 params = GenerationParams.from_dict(job.request)
+                if job.switch_fixed is not None:
+                    params = dataclasses.replace(params, switch=parse_switch(job.switch_fixed))
                 steps = self._steps_of(params)
                 self._start_side_steps(job, steps, params, side)
                 step = job.next_step(steps)
@@ -160,12 +180,21 @@ class Driver:
                         await asyncio.wait(side.values())
                     await self._update(job_id, state.complete)
                     return
+                if step.phase == "denoise" and params.switch.elastic and self._fix_switch is not None:
+                    fixed, shift = await asyncio.to_thread(self._fix_switch, params)
+                    await self._update(job_id, lambda j: state.fix_switch(j, str(fixed.switch), shift))
+                    continue  # planned again with the fixed schedule
                 if await self._update(job_id, lambda j: state.start_step(j, step, time.time())) is None:
                     continue
-                outcome = await self._attempt(job_id, step, params)
+                record = job.stages.get(step.name)
+                call = step.resumed() if record is not None and record.resume_at is not None else step
+                outcome = await self._attempt(job_id, call, params)
                 if isinstance(outcome, Cancelled):
                     await self._update(job_id, lambda j: state.cancelled(j, outcome.step_index))
                     return
+                if isinstance(outcome, Preempted):
+                    await self._update(job_id, lambda j: state.preempted(j, step, outcome.step_index))
+                    continue  # back to its stage's queue, to resume from the checkpoint just stored
                 if outcome is not None:
                     await self._update(job_id, lambda j: state.finish_step(
                         j, step, outcome.end, outcome.batch_id, outcome.batch_size, outcome.steps_done))
@@ -178,7 +207,8 @@ class Driver:
             for task in side.values():
                 task.cancel()
 
-    async def _attempt(self, job_id: str, step: Step, params: GenerationParams) -> StepDone | Cancelled | None:
+    async def _attempt(self, job_id: str, step: Step, params: GenerationParams
+                       ) -> StepDone | Cancelled | Preempted | None:
         """One attempt of `step`: its outcome, or None after recording the failure (and waiting a little before the
         next attempt, which the caller makes if the job is still running)."""
         try:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
+from serve.priority import DEFAULT_PRIORITY
+
 if TYPE_CHECKING:
     from serve.pipeline.stage import Step
 
@@ -52,6 +54,10 @@ class StageRecord(BaseModel):
     error: str | None = Field(None, description="The last attempt's failure, one line.")
     denoised: tuple[int, int] | None = Field(
         None, description="A denoising step's steps: the first and one past the last it took.")
+    preemptions: int = Field(0, description="Times the step yielded its stage to more urgent work mid-segment.")
+    resume_at: int | None = Field(
+        None, description="A preempted denoising step's checkpoint: the denoising steps its `resume` artifact holds; "
+        "the step's next call continues from there (cleared once the step finishes).")
 
 
 class JobError(BaseModel):
@@ -73,6 +79,11 @@ class JobRecord(BaseModel):
     progress: int = Field(0, ge=0, le=100)
     steps_done: int = Field(0, description="Denoising steps done, all segments together.")
     switch_step: int | None = Field(None, description="K: steps the sketch model took (once sketching ended).")
+    switch_fixed: str | None = Field(
+        None, description="A load-elastic request's schedule (`range:LO:HI`, `floor:T`), fixed from the load when its "
+        "sketch was about to start; every later step runs it.")
+    switch_shift: int | None = Field(
+        None, description="Rungs that schedule lies below the request's idle choice (0: none; its floor is the last).")
     request: dict = Field(description="The resolved request (GenerationParams as data), seed included.")
     created_at: float
     started_at: float | None = None
@@ -94,6 +105,15 @@ class JobRecord(BaseModel):
     @property
     def num_steps(self) -> int:
         return int(self.request["num_inference_steps"])
+
+    @property
+    def priority(self) -> str:
+        """The job's latency class (serve/priority.py), as its request resolved it."""
+        return self.request.get("priority", DEFAULT_PRIORITY)
+
+    @property
+    def preemptions(self) -> int:
+        return sum(record.preemptions for record in self.stages.values())
 
     def finished(self, step: str) -> bool:
         """Whether step `step` stored its outputs."""
@@ -146,7 +166,7 @@ def finish_step(job: JobRecord, step: Step, end: float, batch_id: str | None = N
                 batch_size: int | None = None, steps_done: int | None = None) -> JobRecord:
     """`step` stored its outputs: a main step becomes the job's checkpoint; a denoising step's `steps_done` moves
     progress (and the first segment's is the switch step K)."""
-    update: dict = {"end": end, "batch_id": batch_id, "batch_size": batch_size}
+    update: dict = {"end": end, "batch_id": batch_id, "batch_size": batch_size, "resume_at": None}
     if step.phase == "denoise" and steps_done is not None:
         first = max((r.denoised[1] for r in job.stages.values() if r.denoised), default=0)
         update["denoised"] = (first, steps_done)
@@ -162,6 +182,22 @@ def finish_step(job: JobRecord, step: Step, end: float, batch_id: str | None = N
             fields["switch_step"] = steps_done
         fields.update(with_progress(job, steps_done).model_dump(include={"steps_done", "progress"}))
     return job.model_copy(update=fields)
+
+
+def preempted(job: JobRecord, step: Step, at_step: int) -> JobRecord:
+    """A denoising step yielded its stage after `at_step` denoising steps and stored its trajectory: it stays the
+    next step, resumes from `at_step`, and the call does not count as an attempt (it did not fail)."""
+    record = job.stages.get(step.name, StageRecord())
+    record = record.model_copy(update={"attempts": max(0, record.attempts - 1), "start": None,
+                                       "preemptions": record.preemptions + 1, "resume_at": at_step})
+    job = with_progress(job, at_step)
+    return job.model_copy(update={"stages": {**job.stages, step.name: record}})
+
+
+def fix_switch(job: JobRecord, switch: str, shift: int) -> JobRecord:
+    """A load-elastic request's schedule is fixed (before its sketch starts): `switch`, `shift` rungs below its
+    idle choice."""
+    return job.model_copy(update={"switch_fixed": switch, "switch_shift": shift})
 
 
 def fail_attempt(job: JobRecord, step: Step, message: str, max_attempts: int) -> JobRecord:

@@ -19,14 +19,22 @@ are copies of its fields, written together with it.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from serve.jobs.state import TERMINAL, JobRecord
+from serve.priority import DEFAULT_PRIORITY, Waiting, order
+
+
+@dataclass(frozen=True)
+class _Claimable(Waiting):
+    job_id: str = ""
 
 
 class StoreConflict(RuntimeError):
@@ -123,18 +131,24 @@ class JobStore:
         with self._engine.begin() as connection:
             return connection.execute(self._jobs.delete().where(self._jobs.c.id == job_id)).rowcount == 1
 
-    def claim(self, worker: str, lease_s: float, limit: int, now: float | None = None) -> list[JobRecord]:
-        """Up to `limit` unfinished jobs, oldest first, whose lease is free or expired, now leased to `worker`."""
+    def claim(self, worker: str, lease_s: float, limit: int, now: float | None = None,
+              aging_s: float | None = None) -> list[JobRecord]:
+        """Up to `limit` unfinished jobs whose lease is free or expired, now leased to `worker`: oldest first, or
+        with `aging_s`, by latency class and then age (serve/priority.py `order`, the class rising with the time
+        since the job's creation)."""
         now = time.time() if now is None else now
         jobs = self._jobs.c
-        query = (
-            sa.select(jobs.id).where(
-                jobs.status.in_(("queued", "in_progress")),
-                sa.or_(jobs.lease_expires_at.is_(None), jobs.lease_expires_at < now, jobs.lease_owner == worker),
-            ).order_by(jobs.created_at).limit(limit)
-        )
+        free = sa.and_(jobs.status.in_(("queued", "in_progress")),
+                       sa.or_(jobs.lease_expires_at.is_(None), jobs.lease_expires_at < now, jobs.lease_owner == worker))
         with self._engine.connect() as connection:
-            candidates = list(connection.execute(query).scalars())
+            if aging_s is None:
+                query = sa.select(jobs.id).where(free).order_by(jobs.created_at).limit(limit)
+                candidates = list(connection.execute(query).scalars())
+            else:  # the class is in the record alone: read the free jobs', order them here
+                rows = connection.execute(sa.select(jobs.id, jobs.created_at, jobs.record).where(free))
+                waiting = [_Claimable(json.loads(record)["request"].get("priority", DEFAULT_PRIORITY), created, id_)
+                           for id_, created, record in rows]
+                candidates = [w.job_id for w in order(waiting, now, aging_s)[:limit]]
         claimed = []
         for job_id in candidates:
             def take(job: JobRecord) -> JobRecord | None:
@@ -193,6 +207,13 @@ class JobStore:
         with self._engine.connect() as connection:
             rows = list(connection.execute(query.order_by(*ordering).limit(limit + 1)).scalars())
         return [JobRecord.model_validate_json(r) for r in rows[:limit]], len(rows) > limit
+
+    def unfinished(self) -> list[JobRecord]:
+        """Every job queued or in progress (at most `jobs.max_unfinished_jobs`), oldest first."""
+        with self._engine.connect() as connection:
+            rows = connection.execute(sa.select(self._jobs.c.record).where(
+                self._jobs.c.status.not_in(tuple(TERMINAL))).order_by(self._jobs.c.created_at))
+            return [JobRecord.model_validate_json(r[0]) for r in rows]
 
     def count_unfinished(self) -> int:
         """Jobs queued or in progress: what the admission bound counts."""

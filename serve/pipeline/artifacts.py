@@ -6,6 +6,7 @@
     VIDEO         Clip (frames, fps)   decode -> the mp4 a client downloads
     THUMBNAIL     uint8 image          decode -> the video's first frame, PNG
     PREVIEW       uint8 image          preview -> the sketch's estimate of the first frame, PNG
+    resume(i)     Handoff              segment i, preempted mid-way -> the same segment's next call
 
 In one process (the Engine) artifacts stay values; a stage deployment reads its inputs' files and writes its
 outputs' through the codecs, so a stage call carries only a job id and its parameters. The file names are part of
@@ -48,3 +49,10 @@ def handoff(index: int) -> Artifact:
 
 
 HANDOFF = handoff(0)
+
+
+def resume(index: int) -> Artifact:
+    """Denoising segment `index` stopped mid-way (its stage yielded to more urgent work): the trajectory so far, a
+    hand-off that continues the same segment (`resume.1.safetensors` for the first segment, ...)."""
+    return Artifact(f"resume.{index + 1}.safetensors", "handoff", checkpoint.handoff_to_bytes,
+                    checkpoint.handoff_from_bytes)

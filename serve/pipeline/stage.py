@@ -15,15 +15,17 @@ batching, checkpoint I/O through the declared artifacts) and the benchmarks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from serve.denoise import Cancelled, StepCallback
-from serve.pipeline.artifacts import Artifact, handoff
+from serve.pipeline.artifacts import Artifact, handoff, resume
 from serve.request import GenerationParams
-from serve.switch import Plan, make_plan
+from serve.priority import elastic_rung
+from serve.switch import Plan, ladder, make_plan
 
 if TYPE_CHECKING:
     from serve.config import EngineConfig
@@ -44,6 +46,17 @@ class Step:
     segment: int | None = None  # denoising steps: the index of their segment in the plan
     span: tuple[int, int] = (0, 1)  # denoising steps: (first step, one past the last), expected where not known
 
+    @property
+    def resume(self) -> Artifact | None:
+        """A denoising step's mid-segment checkpoint, written when it is preempted (None for other steps)."""
+        return None if self.segment is None else resume(self.segment)
+
+    def resumed(self) -> Step:
+        """This step continuing from its mid-segment checkpoint instead of its first input."""
+        if self.resume is None:
+            raise ValueError(f"step {self.name!r} is not a denoising step: it has no mid-segment checkpoint")
+        return dataclasses.replace(self, reads=(self.resume,))
+
 
 @dataclass
 class Task:
@@ -57,11 +70,13 @@ class Task:
 @dataclass
 class Output:
     """What a step produced for one job: a value per artifact it writes and, for a denoising step, the denoising
-    steps done once it ended (its segment's stop) and how many of its steps reused a cached output."""
+    steps done once it ended (its segment's stop, or where it yielded) and how many of its steps reused a cached
+    output."""
 
     values: dict[Artifact, Any]
     steps_done: int | None = None
     cached_steps: int = 0
+    preempted: bool = False  # it yielded mid-segment: `values` holds the step's `resume` checkpoint alone
 
 
 class Stage:
@@ -87,7 +102,8 @@ class Stage:
 
     def run(self, tasks: list[Task], on_step: StepCallback | None = None) -> list[Output | Cancelled]:
         """One output per task, in order; `on_step(index, steps_done, N)` at every denoising step boundary may
-        cancel a task by returning False (its output is then `Cancelled`)."""
+        cancel a task by returning False (its output is then `Cancelled`), or ask it to yield with PREEMPT (a
+        preemptible denoising task's output is then its step's `resume` checkpoint, `preempted` set)."""
         raise NotImplementedError
 
     def stats(self) -> dict:
@@ -164,15 +180,32 @@ def _check_inputs(step: Step, written: set[Artifact]) -> None:
 class Planner:
     """A request's plan and steps from configs alone (no weights), so that the orchestrator, the stage deployments
     and the Engine agree on them. Only the boundary policy needs the sampler's own timesteps; the family and its
-    scheduler (diffusers, seconds to import) are loaded for the first such request, not before."""
+    scheduler (diffusers, seconds to import) are loaded for the first such request, not before.
 
-    def __init__(self, config: EngineConfig, pipeline: Pipeline):
+    A load-elastic request (`range:LO:HI`, `floor:T`) is planned at its idle choice until `fix` picks its rung from
+    `backlog()`, the load signal its runner injects (the jobs whose sketch is still to be done; the engine knows no
+    Ray); the runner fixes it once, before the sketch starts, and every later step runs the fixed schedule."""
+
+    def __init__(self, config: EngineConfig, pipeline: Pipeline, backlog: Callable[[], int] | None = None,
+                 backlog_per_shift: int = 2):
         self.pipeline = pipeline
         self._config = config
         self._sampler = None
+        self._backlog = backlog
+        self._backlog_per_shift = backlog_per_shift
+
+    def fix(self, params: GenerationParams) -> tuple[GenerationParams, int]:
+        """`params` with its switch fixed, and the rungs it moved from its idle choice: a load-elastic request's
+        rung for the backlog now (serve/priority.py `elastic_rung`); any other request as it is, 0."""
+        if not params.switch.elastic:
+            return params, 0
+        calibration = self._config.pair_calibration() if params.switch.kind == "floor" else None
+        rungs = ladder(params.switch, calibration)
+        rung = elastic_rung(self._backlog() if self._backlog else 0, len(rungs), self._backlog_per_shift)
+        return dataclasses.replace(params, switch=rungs[rung]), rung
 
     def plan(self, params: GenerationParams) -> Plan:
-        calibration = self._config.pair_calibration() if params.switch.kind == "quality" else None
+        calibration = self._config.pair_calibration() if params.switch.kind in ("quality", "floor") else None
         if params.switch.kind != "boundary":
             return make_plan(params, calibration=calibration)
         if self._sampler is None:
