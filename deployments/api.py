@@ -44,6 +44,12 @@ class Video(BaseModel):
                                                 "(sketch.2: a plan's second sketch segment).")
     steps_done: int = Field(0, description="Denoising steps done, all segments together.")
     switch_step: int | None = Field(None, description="K: steps the sketch model took (once sketching ended).")
+    priority: str = Field("standard", description="Latency class: interactive, standard or batch.")
+    switch_fixed: str | None = Field(None, description="A load-elastic request's schedule (`range:LO:HI`, "
+                                                       "`floor:T`), fixed from the load as its sketch started.")
+    switch_shift: int | None = Field(None, description="Rungs that schedule lies below the request's idle choice.")
+    preemptions: int = Field(0, description="Times a stage paused the job mid-segment for a higher class (it "
+                                            "resumed exactly where it stopped).")
     segments: list[Segment] = Field(default_factory=list, description="The denoising segments done so far.")
     num_frames: int
     fps: int
@@ -71,7 +77,8 @@ class Video(BaseModel):
             size=f"{request['width']}x{request['height']}",
             seconds=f"{(request['num_frames'] - 1) / request['fps']:g}", prompt=request["prompt"],
             error=job.error, cancelled=job.status == "cancelled", stage=job.stage, steps_done=job.steps_done,
-            switch_step=job.switch_step,
+            switch_step=job.switch_step, priority=job.priority, switch_fixed=job.switch_fixed,
+            switch_shift=job.switch_shift, preemptions=job.preemptions,
             segments=[Segment(stage=name, start=s.denoised[0], stop=s.denoised[1])
                       for name, s in job.stages.items() if s.denoised is not None],
             num_frames=request["num_frames"], fps=request["fps"], request=request,
@@ -104,6 +111,82 @@ class VideoResult:
     latents: object | None  # torch float32 [1, C, F', H', W'], before VAE decode
     preview: bytes | None  # PNG of the sketch's estimate of the first frame
     thumbnail: bytes | None  # PNG of the video's first frame
+
+
+class RequestDefaults(BaseModel):
+    """What a request gets for each field it leaves out: the preset's defaults, with the server's speed profile."""
+
+    width: int
+    height: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_scale_2: float | None = Field(None, description="The render stage's; null: the same as guidance_scale.")
+    flow_shift: float
+    switch: str
+    render_cache: float
+    fps: int = Field(description="Frames per second of the video (not a request field: `seconds` is read at it).")
+
+
+class ModelLimits(BaseModel):
+    """What one request may cost here; beyond it a 422 names the field (413 for the body)."""
+
+    max_tokens_per_video: int = Field(description="((frames-1)//4+1)*(height/16)*(width/16) for Wan.")
+    max_steps: int
+    max_prompt_chars: int
+    max_body_bytes: int
+
+
+class PromptGrammar(BaseModel):
+    """The one sentence pattern a model pair was trained on (the toy pair): other prompts run, but it cannot draw
+    them."""
+
+    template: str = Field(description="The pattern, each slot as <slot>.")
+    example: str
+    vocabulary: dict[str, list[str]] = Field(description="Each slot's words, slots in prompt order.")
+
+
+class Schedule(BaseModel):
+    """A schedule the pair's calibration measured: what `switch: quality:T` chooses from."""
+
+    switch: str
+    cost: float = Field(description="Large-model step equivalents per step.")
+    quality: float = Field(description="Quality relative to all-large.")
+
+
+class Adapter(BaseModel):
+    """A LoRA adapter of the server's registry: a request names it in the field of its stage."""
+
+    name: str
+    stage: Literal["sketch", "render"] = Field(description="The model it fits: sketch (large) or render (small).")
+    field: Literal["sketch_loras", "render_loras"] = Field(description="The request field that names it.")
+    num_inference_steps: int | None = Field(None, description="Steps a request naming it takes unless it sets "
+                                                              "them; null: the model's.")
+    guidance_scale: float | None = Field(None, description="Guidance of its stage unless the request sets it "
+                                                           "(render: `guidance_scale_2`); null: the model's.")
+
+
+class Model(BaseModel):
+    """A served model (OpenAI's Model object), with what a client needs to build a request for it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "srd"
+    # -- extras ------------------------------------------------------------------------------------------------
+    preset: str = Field(description="The model preset the server runs.")
+    speed: str = Field(description="The server's speed profile: exact, fast or fastest.")
+    defaults: RequestDefaults
+    limits: ModelLimits
+    prompt_grammar: PromptGrammar | None = Field(None, description="The pair's prompt grammar; null: free text.")
+    schedules: list[Schedule] = Field(default_factory=list, description="Calibrated schedules, for quality:T.")
+    loras: list[Adapter] = Field(default_factory=list, description="LoRA adapters requests may name per stage "
+                                                                   "(`sketch_loras`, `render_loras`).")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
 
 
 class ErrorObject(BaseModel):

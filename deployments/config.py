@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from serve.config import EngineConfig
 from serve.jobs.config import JobsConfig
+from serve.priority import Priority
 from serve.models import PRESETS
 from serve.request import RequestLimits
 from serve.parallel import ParallelConfig  # degrees and attention backend of a stage's worker group (validated there)
@@ -209,6 +210,13 @@ class LimitsConfig(_Config):
         return dataclasses.replace(preset, **{k: v for k, v in self.model_dump().items() if v is not None})
 
 
+class TokenPriority(_Config):
+    """A bearer token's default latency class."""
+
+    token: SecretStr = Field(description="One of the accepted tokens (`tokens`, or the environment's).")
+    priority: Priority = Field(description="The class of its requests that name none: interactive, standard, batch.")
+
+
 class AuthConfig(_Config):
     """Optional bearer-token auth of the HTTP API: on when any token is configured. A job is visible only to the
     token that created it."""
@@ -216,6 +224,9 @@ class AuthConfig(_Config):
     tokens: list[SecretStr] = Field(default_factory=list, description="Accepted bearer tokens.")
     tokens_env: str | None = Field("SRD_API_TOKENS", description="Environment variable (read in the ingress "
                                    "replica) with more tokens, comma-separated.")
+    token_priorities: list[TokenPriority] = Field(
+        default_factory=list, description="Per-token default latency class; other tokens' requests that name no "
+        "`priority` get `jobs.classes.default`.")
 
 
 class AppConfig(_Config):
@@ -258,4 +269,8 @@ class AppConfig(_Config):
                         f"`{name}.resources.num_gpus` is 0 but `engine.device` is {self.engine.device!r}: "
                         "a replica without a GPU reservation sees no CUDA device"
                     )
+        for name, role in (("sketcher", "sketch"), ("renderer", "render")):
+            if self.engine.stage_loras(role) and getattr(self, name).parallel.world_size > 1:
+                raise ValueError(f"`engine.loras` registers {role} adapters but `{name}.parallel` runs "
+                                 f"{getattr(self, name).parallel.world_size} ranks, which load no adapters")
         return self

@@ -29,6 +29,7 @@ JOB_BUCKETS = [0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 360
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16]
 SWITCH_BUCKETS = [1, 2, 3, 5, 8, 10, 12, 15, 20, 25, 30, 40, 50]
 BYTES_BUCKETS = [2.0**p for p in range(10, 33, 2)]  # 1 KiB .. 4 GiB
+SHIFT_BUCKETS = [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5]  # whole rungs or times (boundaries must be > 0)
 
 # name -> (kind, description); the dashboard and the tests read this table. Ray exports a counter as NAME_total.
 METRICS: dict[str, tuple[str, str]] = {
@@ -44,6 +45,17 @@ METRICS: dict[str, tuple[str, str]] = {
     "srd_job_compute_seconds": ("histogram", "Seconds a job spent in its stage calls (each from its call to its "
                                           "batch's end)."),
     "srd_job_seconds": ("histogram", "Seconds from a job's creation to its final status."),
+    "srd_stage_queue_wait_seconds": ("histogram", "Seconds a job's call waited at a stage replica before its batch "
+                                                  "took the device, by latency class."),
+    "srd_job_preemptions": ("histogram", "Times a completed job yielded a stage mid-segment to a higher class, by "
+                                         "its class."),
+    "srd_switch_shift": ("histogram", "Rungs a completed job's schedule was moved below its idle choice by the load "
+                                      "(load-elastic switches; 0 for a fixed switch), by class."),
+    "srd_lora_loads": ("counter", "LoRA adapters loaded into a stage replica's transformer (its LRU missed), by "
+                                  "stage and adapter."),
+    "srd_lora_hits": ("counter", "Batches that found their LoRA adapter loaded already, by stage and adapter."),
+    "srd_lora_evictions": ("counter", "LoRA adapters a stage replica unloaded to make room (least recently used "
+                                      "first), by stage and adapter."),
     "srd_gpu_utilization_percent": ("gauge", "NVML utilisation of a replica's GPU."),
     "srd_gpu_memory_used_bytes": ("gauge", "NVML memory in use on a replica's GPU."),
     "srd_gpu_memory_total_bytes": ("gauge", "NVML memory of a replica's GPU."),
@@ -68,6 +80,7 @@ class StageMetrics:
         self._batch_size = _histogram("srd_stage_batch_size", BATCH_BUCKETS, keys)
         self._step_seconds = _histogram("srd_stage_step_seconds", STEP_BUCKETS, keys)
         self._stage_seconds = _histogram("srd_stage_seconds", STAGE_BUCKETS, keys)
+        self._queue_wait = _histogram("srd_stage_queue_wait_seconds", JOB_BUCKETS, ("stage", "priority"))
         self._jobs = 0
         threading.Thread(target=self._refresh, name="stage-metrics", daemon=True).start()
 
@@ -86,6 +99,11 @@ class StageMetrics:
 
     def step(self, seconds: float) -> None:
         self._step_seconds.observe(seconds, tags=self._tags)
+
+    def queue_wait(self, jobs, now: float) -> None:
+        """A batch took the device: each job's wait since its call arrived (serve.priority.Waiting, monotonic)."""
+        for job in jobs:
+            self._queue_wait.observe(max(0.0, now - job.since), tags={**self._tags, "priority": job.priority})
 
 
 class HandoffMetrics:
@@ -111,21 +129,47 @@ class JobMetrics:
     def __init__(self):
         self._jobs = metrics.Counter("srd_jobs", description=METRICS["srd_jobs"][1],
                                      tag_keys=("status",))
-        self._queue_wait = _histogram("srd_job_queue_wait_seconds", JOB_BUCKETS, ())
+        self._queue_wait = _histogram("srd_job_queue_wait_seconds", JOB_BUCKETS, ("priority",))
         self._compute = _histogram("srd_job_compute_seconds", JOB_BUCKETS, ())
-        self._total = _histogram("srd_job_seconds", JOB_BUCKETS, ())
+        self._total = _histogram("srd_job_seconds", JOB_BUCKETS, ("priority",))
+        self._shift = _histogram("srd_switch_shift", SHIFT_BUCKETS, ("priority",))
+        # histograms over every completed job, not counters of events: each series exists from the first job on
+        self._preemptions = _histogram("srd_job_preemptions", SHIFT_BUCKETS, ("priority",))
 
     def finished(self, job) -> None:
         """A job record (serve.jobs.JobRecord) that reached its final status."""
         self._jobs.inc(tags={"status": job.status})
         if job.status != "completed":
             return
+        tags = {"priority": job.priority}
         if job.started_at is not None:
-            self._queue_wait.observe(max(0.0, job.started_at - job.created_at))
+            self._queue_wait.observe(max(0.0, job.started_at - job.created_at), tags=tags)
         self._compute.observe(sum(s.end - s.start for s in job.stages.values()
                                   if s.start is not None and s.end is not None))
         if job.completed_at is not None:
-            self._total.observe(max(0.0, job.completed_at - job.created_at))
+            self._total.observe(max(0.0, job.completed_at - job.created_at), tags=tags)
+        self._shift.observe(job.switch_shift or 0, tags=tags)
+        self._preemptions.observe(job.preemptions, tags=tags)
+
+
+class LoraMetrics:
+    """A denoising stage's LoRA LRU: loads, hits and evictions per adapter. The stage counts them itself (the
+    engine knows no Ray: `LoadedAdapters.stats`); `record` adds what its counts grew by since the last batch."""
+
+    def __init__(self, stage: str):
+        self._stage = stage
+        self._counters = {kind: metrics.Counter(f"srd_lora_{kind}", description=METRICS[f"srd_lora_{kind}"][1],
+                                                tag_keys=("stage", "adapter"))
+                          for kind in ("loads", "hits", "evictions")}
+        self._seen: dict[tuple[str, str], int] = {}
+
+    def record(self, counts: dict) -> None:
+        for kind, counter in self._counters.items():
+            for adapter, total in counts.get(kind, {}).items():
+                grown = total - self._seen.get((kind, adapter), 0)
+                if grown > 0:
+                    counter.inc(grown, tags={"stage": self._stage, "adapter": adapter})
+                    self._seen[(kind, adapter)] = total
 
 
 class GpuMetrics:

@@ -14,7 +14,7 @@ from deployments.config import OrchestratorConfig
 from deployments.metrics import JobMetrics
 from serve.config import EngineConfig
 from serve.jobs.config import JobsConfig
-from serve.jobs.drive import Driver
+from serve.jobs.drive import Driver, sketch_backlog
 from serve.jobs.store import JobStore
 from serve.pipeline.registry import PIPELINE
 from serve.pipeline.stage import Pipeline, Planner, Step
@@ -32,9 +32,13 @@ class Orchestrator:
         async def call(step: Step, job_id: str, params: GenerationParams):
             return await hosts[step.stage].run.remote(step, job_id, params)
 
-        self.driver = Driver(JobStore(jobs.store, jobs.store_table), Planner(engine, pipeline).steps, call, jobs,
+        store = JobStore(jobs.store, jobs.store_table)
+        planner = Planner(engine, pipeline, backlog=lambda: sketch_backlog(store),
+                          backlog_per_shift=jobs.classes.backlog_per_shift)
+        self.driver = Driver(store, planner.steps, call, jobs,
                              worker=f"orchestrator-{os.getpid()}-{uuid.uuid4().hex[:8]}",
-                             max_running_jobs=config.max_running_jobs, on_finished=JobMetrics().finished)
+                             max_running_jobs=config.max_running_jobs, on_finished=JobMetrics().finished,
+                             fix_switch=planner.fix)
         self._loop = asyncio.get_running_loop().create_task(self.driver.run())
 
     def __del__(self):  # Serve calls it when the replica shuts down

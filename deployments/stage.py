@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import time
 
-from deployments.batching import StageRunner
+from deployments.batching import DeviceTurns, StageRunner
 from deployments.config import StageConfig
-from deployments.metrics import HandoffMetrics
+from deployments.metrics import HandoffMetrics, LoraMetrics
 from deployments.worker_group import parallel_denoiser
 from serve.config import EngineConfig
-from serve.denoise import Cancelled
+from serve.denoise import Cancelled, Preempted
 from serve.jobs.config import JobsConfig
 from serve.jobs.drive import StepDone
 from serve.jobs.results import ResultStore
@@ -41,7 +41,7 @@ class MissingArtifact(FileNotFoundError):
 
 class StageDeployment:
     def __init__(self, deployment: str, engine: EngineConfig, config: StageConfig, jobs: JobsConfig,
-                 pipeline: Pipeline = PIPELINE):
+                 pipeline: Pipeline = PIPELINE, device: DeviceTurns | None = None):
         models = ModelCache()
         self.stages: dict[str, Stage] = {
             stage.name: stage.load(engine, models, **self._options(stage, engine, config))
@@ -51,8 +51,10 @@ class StageDeployment:
             if stage.role is not None and engine.stage_kernels(stage.role).any:
                 logger.log(logging.WARNING if stage.kernels.fell_back else logging.INFO, stage.kernels.line())
         self._results = ResultStore(jobs.results)
-        self._runner = StageRunner(config.batching, jobs, self._compute)
+        self._runner = StageRunner(config.batching, jobs, self._compute, device)
         self._handoff_metrics = HandoffMetrics()
+        self._lora_metrics = {name: LoraMetrics(name) for name, stage in self.stages.items()
+                              if getattr(stage, "adapters", None) is not None}
 
     @staticmethod
     def _options(stage: type[Stage], engine: EngineConfig, config: StageConfig) -> dict:
@@ -64,13 +66,15 @@ class StageDeployment:
             options["denoiser"] = parallel_denoiser(engine, parallel, stage.role)
         return options
 
-    async def run(self, step: Step, job_id: str, params: GenerationParams) -> StepDone | Cancelled:
-        """Run `step` of job `job_id` (batched with other jobs' calls of the same stage and batch key)."""
+    async def run(self, step: Step, job_id: str, params: GenerationParams) -> StepDone | Cancelled | Preempted:
+        """Run `step` of job `job_id` (batched with other jobs' calls of the same stage, batch key and latency class);
+        `Preempted` once it yielded to a higher class mid-segment, its trajectory stored as the step's `resume`."""
         stage = self.stages.get(step.stage)
         if stage is None:
             raise ValueError(f"step {step.name!r} needs stage {step.stage!r}, which this deployment does not host "
                              f"({', '.join(self.stages)})")
-        return await self._runner.run(step.stage, job_id, (step, params), stage.batch_key(params), step.span)
+        return await self._runner.run(step.stage, job_id, (step, params), stage.batch_key(params), step.span,
+                                      params.priority)
 
     def _compute(self, stage_name: str, job_ids: list[str], payloads: list, on_step) -> list:
         """One batch: each job's inputs read (a job whose inputs cannot be read fails alone), one `run`, each job's
@@ -85,13 +89,20 @@ class StageDeployment:
                 outputs[i] = error
         if not tasks:
             return outputs
-        results = self.stages[stage_name].run(tasks, lambda index, done, n: on_step(indices[index], done, n))
+        try:
+            results = self.stages[stage_name].run(tasks, lambda index, done, n: on_step(indices[index], done, n))
+        finally:
+            if stage_name in self._lora_metrics:
+                self._lora_metrics[stage_name].record(self.stages[stage_name].adapters.stats())
         for i, task, result in zip(indices, tasks, results):
             if isinstance(result, Cancelled):
                 outputs[i] = result
                 continue
             for artifact, value in result.values.items():
                 self._write(job_ids[i], artifact, value)
+            if result.preempted:  # its checkpoint is stored: the step goes back to its queue
+                outputs[i] = Preempted(result.steps_done)
+                continue
             if task.step.segment == 0:
                 self._handoff_metrics.switched(result.steps_done)
             outputs[i] = {"steps_done": result.steps_done}

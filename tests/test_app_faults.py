@@ -10,7 +10,8 @@ it). The job still completes, with final latents equal to the in-process engine'
 stage shows a second attempt, and a stage after the hand-off never re-runs the sketch. A stage that keeps failing
 fails the job after `jobs.max_attempts` with one line naming the stage. Deleting the app while a job renders and
 deploying it again on the same data dir / store keeps every finished job (listed, same bytes) and finishes the
-running one from its hand-off checkpoint.
+running one from its hand-off checkpoint. A batch-class job preempted by an interactive one survives the death of
+the Sketcher while it waits, and resumes exactly from its mid-segment checkpoint.
 
 How a kill is made to land inside a stage, without timing luck:
 - encode and decode: their batches wait `WINDOW_S` for more requests, so a call sits in the replica that long;
@@ -331,6 +332,32 @@ def test_sketcher_killed_in_the_third_segment_keeps_the_first_two(app, reference
     assert job["stages"]["sketch"]["attempts"] == 1 and job["stages"]["render"]["attempts"] == 1
     assert [(s["stage"], s["start"], s["stop"]) for s in job["segments"]] == [
         ("sketch", 0, 3), ("render", 3, 6), ("sketch.2", 6, 100)]
+
+
+@SQLITE
+def test_a_preempted_job_resumes_exactly_after_its_stage_replica_is_killed(app, reference, rel_err):
+    """Latency classes (serve/priority.py): a batch-class job is sketching when an interactive one arrives; the
+    Sketcher preempts it at a step boundary (its trajectory stored as the step's `resume` checkpoint) and, while it
+    waits in its queue, the Sketcher's replica is killed. Both jobs complete; the preempted one resumes from its
+    checkpoint on the new replica, with the uninterrupted run's final latents (rel err <= 1e-6)."""
+    batch = {**long_job("step:396", 31), "num_inference_steps": 400, "priority": "batch"}  # seconds of sketching
+    interactive = {**batch, "seed": 32, "priority": "interactive"}
+    batch_id = submit(app.http, batch)
+    wait_for(app.http, batch_id, until=in_stage("sketch", min_steps=2))
+    interactive_id = submit(app.http, interactive)
+    preempted = wait_for(app.http, batch_id, until=lambda j: j["stages"]["sketch"]["preemptions"] >= 1)
+    assert preempted["stages"]["sketch"]["resume_at"] >= 3 and preempted["status"] == "in_progress"
+    assert get(app.http, f"/v1/videos/{interactive_id}").json()["stage"] in ("encode", "sketch")
+
+    killed = kill("Sketcher")
+    jobs = {job_id: wait_for(app.http, job_id) for job_id in (batch_id, interactive_id)}
+    assert replaced(killed)
+    assert jobs[interactive_id]["status"] == "completed", jobs[interactive_id]
+    assert_reference(app, jobs[batch_id], batch, reference, rel_err)
+    assert rel_err(latents_over_http(app.http, batch_id), reference(batch)) <= 1e-6
+    sketch = jobs[batch_id]["stages"]["sketch"]
+    assert sketch["attempts"] == 2 and sketch["resume_at"] is None  # the killed call, then the resumed one
+    assert jobs[batch_id]["priority"] == "batch" and jobs[batch_id]["switch_step"] == 396
 
 
 @SQLITE
