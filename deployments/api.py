@@ -8,11 +8,14 @@ Status: OpenAI knows queued, in_progress, completed and failed. A cancelled job 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
 from serve.jobs.state import JobError, JobRecord, StageRecord
+
+if TYPE_CHECKING:
+    from deployments.config import AppConfig
 
 
 class Segment(BaseModel):
@@ -187,6 +190,28 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
+
+    @classmethod
+    def of(cls, config: AppConfig) -> ModelList:
+        """The served model with what a client needs to build its requests: the defaults, the limits, the prompt
+        grammar and the calibrated schedules of the preset's own pair (not of models put in its place)."""
+        from serve.models import PRESETS, preset_grammar
+
+        engine = config.engine
+        calibration = engine.pair_calibration()
+        grammar = None if engine.sketch or engine.render else preset_grammar(PRESETS[engine.preset])
+        defaults = engine.defaults
+        model = Model(
+            id=config.served_model, preset=engine.preset, speed=engine.speed_name,
+            defaults=RequestDefaults(**{name: getattr(defaults, name) for name in RequestDefaults.model_fields}),
+            limits=ModelLimits(**dataclasses.asdict(config.request_limits)),
+            prompt_grammar=None if grammar is None else PromptGrammar(**grammar),
+            schedules=[Schedule(switch=s.switch, cost=s.cost, quality=s.quality)
+                       for s in (calibration.schedules if calibration else [])],
+            loras=[Adapter(name=name, stage=spec.stage, field=f"{spec.stage}_loras",
+                           num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale)
+                   for name, spec in sorted(engine.loras.items())])
+        return cls(data=[model])
 
 
 class ErrorObject(BaseModel):

@@ -27,7 +27,6 @@ builder makes `Ingress`, which adds only the app's deployment health, a Serve in
 # No `from __future__ import annotations`: Serve rebuilds the route signatures, and FastAPI must see the real
 # `Request` class there, not a string.
 import asyncio
-import dataclasses
 import hashlib
 import hmac
 import io
@@ -40,31 +39,23 @@ from typing import Literal
 import numpy as np
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 
-from deployments.api import (Adapter, ErrorResponse, Health, Model, ModelLimits, ModelList, PromptGrammar,
-                             RequestDefaults, Schedule, Video, VideoDeleted, VideoList, VideoResult, error_body)
+from deployments import playground
+from deployments.api import ErrorResponse, Health, ModelList, Video, VideoDeleted, VideoList, VideoResult, error_body
 from deployments.config import AppConfig
 from serve.jobs import state
 from serve.jobs.results import ResultStore
 from serve.jobs.store import JobStore
-from serve.models import PRESETS, preset_grammar
 from serve.pipeline.artifacts import LATENTS, PREVIEW, THUMBNAIL, VIDEO
 from serve.request import InvalidRequest, VideoRequest
 
 SSE_POLL_S = 0.25
 SSE_KEEPALIVE_S = 15.0
 EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format, for GET /metrics
-PLAYGROUND_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playground")
-# The browser enforces what the playground promises: it loads and calls this origin only (blob: holds the media it
-# fetched with the bearer token, which <video> and <img> cannot send themselves).
-PLAYGROUND_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-                  "img-src 'self' blob: data:; media-src 'self' blob:; base-uri 'none'; form-action 'none'; "
-                  "frame-ancestors 'none'")
 
 
 class ApiError(Exception):
@@ -252,22 +243,7 @@ class VideoService:
         return await asyncio.to_thread(self._metrics)
 
     def models(self) -> ModelList:
-        """The served model with what a client needs to build its requests: the defaults, the limits, the prompt
-        grammar and the calibrated schedules of the preset's own pair (not of models put in its place)."""
-        engine = self._config.engine
-        calibration = engine.pair_calibration()
-        grammar = None if engine.sketch or engine.render else preset_grammar(PRESETS[engine.preset])
-        model = Model(
-            id=self._config.served_model, preset=engine.preset, speed=engine.speed_name,
-            defaults=RequestDefaults(**{name: getattr(self._defaults, name) for name in RequestDefaults.model_fields}),
-            limits=ModelLimits(**dataclasses.asdict(self._limits)),
-            prompt_grammar=None if grammar is None else PromptGrammar(**grammar),
-            schedules=[Schedule(switch=s.switch, cost=s.cost, quality=s.quality)
-                       for s in (calibration.schedules if calibration else [])],
-            loras=[Adapter(name=name, stage=spec.stage, field=f"{spec.stage}_loras",
-                           num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale)
-                   for name, spec in sorted(engine.loras.items())])
-        return ModelList(data=[model])
+        return ModelList.of(self._config)
 
     async def read_request(self, request: Request) -> dict:
         """The create body as a dict: JSON, or form fields (the openai SDK posts multipart/form-data)."""
@@ -499,14 +475,7 @@ def make_api(service: VideoService) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(await service.metrics(), media_type=EXPOSITION_CONTENT_TYPE)
 
-    # The playground: static files that call the routes above and nothing else, so no part of the API's schema.
-    # Open like /healthz (it holds no job's content); the token it sends is the user's own.
-    @api.get("/", include_in_schema=False)
-    async def playground() -> FileResponse:
-        return FileResponse(os.path.join(PLAYGROUND_DIR, "index.html"),
-                            headers={"Content-Security-Policy": PLAYGROUND_CSP})
-
-    api.mount("/playground", StaticFiles(directory=PLAYGROUND_DIR), name="playground")
+    playground.mount(api)  # the page at `/`, a client of the routes above
     return api
 
 
